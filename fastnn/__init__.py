@@ -1,0 +1,27 @@
+"""fastnn: one model code, three array backends (NumPy, Numba, CuPy).
+
+The public surface is exactly ../shared/API.md; everything else is internal.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .backends import (
+    Backend,
+    asarray,
+    available_backends,
+    get_backend,
+    get_default_dtype,
+    set_default_dtype,
+    to_numpy,
+    use_backend,
+)
+from .errors import (
+    BackendUnavailable,
+    DTypeError,
+    FastnnError,
+    InputError,
+    ShapeError,
+    TrainingDiverged,
+)
+from .threads import get_num_threads, set_num_threads

@@ -1,0 +1,188 @@
+"""Backend registry: which array backend runs fastnn's math right now.
+
+``import fastnn`` never imports Numba or CuPy: each is probed lazily, the
+first time a backend is resolved or listed, and any failure becomes a one-line
+reason instead of an exception.
+"""
+from __future__ import annotations
+
+import contextvars
+import importlib.util
+import os
+import threading
+
+import numpy as np
+
+from ..errors import BackendUnavailable
+from .base import Backend, host_array
+
+BACKEND_NAMES = ("numpy", "numba", "cupy")
+
+_lock = threading.Lock()
+_instances: dict[str, Backend] = {}
+_reasons: dict[str, str | None] = {}
+_current: contextvars.ContextVar[Backend | None] = contextvars.ContextVar(
+    "fastnn_backend", default=None
+)
+# Backends to restore when a ``with use_backend(...)`` block exits (LIFO).
+_restore: contextvars.ContextVar[tuple] = contextvars.ContextVar(
+    "fastnn_backend_restore", default=()
+)
+_default_dtype = np.dtype(np.float32)
+
+
+def _create(name: str) -> Backend:
+    if name == "numpy":
+        from .numpy_backend import NumpyBackend
+
+        return NumpyBackend()
+    if name == "numba":
+        if importlib.util.find_spec("numba") is None:
+            raise BackendUnavailable("numba: not installed (pip install 'fastnn[numba]')")
+        from .numba_backend import NumbaBackend
+
+        return NumbaBackend()
+    if name == "cupy":
+        if importlib.util.find_spec("cupy") is None:
+            raise BackendUnavailable(
+                "cupy: not installed (pip install 'fastnn[cuda12]' or 'fastnn[cuda13]')"
+            )
+        from .cupy_backend import CupyBackend
+
+        return CupyBackend()
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES + ('auto',)}")
+
+
+def _instance(name: str) -> Backend:
+    """The cached backend, or BackendUnavailable with the cached reason."""
+    with _lock:
+        if name in _instances:
+            return _instances[name]
+        if _reasons.get(name):
+            raise BackendUnavailable(_reasons[name])
+        try:
+            backend = _create(name)
+        except BackendUnavailable as exc:
+            _reasons[name] = str(exc)
+            raise
+        except ValueError:
+            raise
+        except Exception as exc:  # a broken install must never escape as a crash
+            reason = f"{name}: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            _reasons[name] = reason.rstrip(": ")
+            raise BackendUnavailable(_reasons[name]) from exc
+        _instances[name] = backend
+        _reasons[name] = None
+        return backend
+
+
+def available_backends() -> dict[str, str | None]:
+    """``{name: None}`` for usable backends, ``{name: reason}`` for the others."""
+    result = {}
+    for name in BACKEND_NAMES:
+        try:
+            _instance(name)
+            result[name] = None
+        except BackendUnavailable as exc:
+            result[name] = str(exc)
+    return result
+
+
+def _resolve(name: str) -> Backend:
+    name = str(name).lower().strip()
+    if name != "auto":
+        return _instance(name)
+    for candidate in ("cupy", "numba"):
+        try:
+            return _instance(candidate)
+        except BackendUnavailable:
+            pass
+    return _instance("numpy")
+
+
+def use_backend(name: str = "auto") -> Backend:
+    """Make ``name`` the current backend (for this thread/context) and return it.
+
+    Also a context manager: ``with fn.use_backend("numpy"): ...`` restores the
+    previous backend on exit.
+    """
+    if isinstance(name, Backend):
+        backend = name
+    else:
+        backend = _resolve(name)
+    previous = _current.get()
+    _current.set(backend)
+    _restore.set(_restore.get() + ((backend, previous),))
+    return backend
+
+
+def _exit_backend(backend: Backend) -> None:
+    stack = _restore.get()
+    for i in range(len(stack) - 1, -1, -1):
+        if stack[i][0] is backend:
+            _current.set(stack[i][1])
+            _restore.set(stack[:i])
+            return
+
+
+def get_backend() -> Backend:
+    """The current backend (resolving ``FASTNN_BACKEND``, default auto, on first use)."""
+    backend = _current.get()
+    if backend is None:
+        backend = _initial_backend()
+        _current.set(backend)
+    return backend
+
+
+_initial: Backend | None = None
+
+
+def _initial_backend() -> Backend:
+    global _initial
+    if _initial is None:
+        _initial = _resolve(os.environ.get("FASTNN_BACKEND", "auto") or "auto")
+    return _initial
+
+
+def set_default_dtype(dtype) -> None:
+    global _default_dtype
+    dt = np.dtype(dtype)
+    if dt.kind != "f":
+        raise TypeError(f"set_default_dtype: expected a floating dtype, got {dt}")
+    _default_dtype = dt
+
+
+def get_default_dtype() -> np.dtype:
+    return _default_dtype
+
+
+def asarray(x, dtype=None):
+    """``x`` as an array of the current backend; floats -> default dtype, ints kept."""
+    backend = get_backend()
+    if dtype is None:
+        if backend.is_array(x):
+            if x.dtype.kind == "f" and x.dtype != _default_dtype:
+                return x.astype(_default_dtype)
+            return x
+        host = host_array(x)
+        if host.dtype.kind == "f" or host.dtype == object:
+            dtype = _default_dtype
+        return backend.asarray(host, dtype=dtype)
+    return backend.asarray(x, dtype=dtype)
+
+
+def to_numpy(x) -> np.ndarray:
+    return host_array(x)
+
+
+__all__ = [
+    "Backend",
+    "BACKEND_NAMES",
+    "available_backends",
+    "use_backend",
+    "get_backend",
+    "asarray",
+    "to_numpy",
+    "set_default_dtype",
+    "get_default_dtype",
+]

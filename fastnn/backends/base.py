@@ -1,0 +1,198 @@
+"""Backend: the array-module abstraction.
+
+Every op is implemented here once, generically, against ``self.xp`` (NumPy's
+API, which CuPy mirrors), so a new backend works on day one. Backends that can
+fuse override only the hot ops and fall back to ``super()`` for shapes or
+dtypes their kernels do not handle (the Thinc ``Ops`` pattern).
+
+Rules every op keeps: shapes are checked by the caller (the layer), float32
+stays float32, and ``out=`` (when given) is written in place and returned.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import get_activation
+
+
+class Backend:
+    """Generic implementation of the backend contract; also the NumPy backend."""
+
+    name = "base"
+
+    def __init__(self, xp=np):
+        self.xp = xp
+
+    # ------------------------------------------------------------ arrays
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def __repr__(self) -> str:
+        return f"<fastnn backend {self.name!r} on {self.device}>"
+
+    # ``with fn.use_backend(name):`` restores the previous backend on exit.
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        from . import _exit_backend
+
+        _exit_backend(self)
+        return False
+
+    def asarray(self, x, dtype=None):
+        """Array on this backend's device; see ``fastnn.asarray`` for dtype rules."""
+        return self.xp.asarray(host_array(x), dtype=dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        return host_array(x)
+
+    def is_array(self, x) -> bool:
+        return isinstance(x, self.xp.ndarray)
+
+    def rng(self, seed=None) -> np.random.Generator:
+        """Host generator for parameter init and shuffling (same draws on every backend)."""
+        return np.random.default_rng(seed)
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (no-op on the CPU)."""
+
+    def empty(self, shape, dtype):
+        return self.xp.empty(shape, dtype=dtype)
+
+    def zeros(self, shape, dtype):
+        return self.xp.zeros(shape, dtype=dtype)
+
+    # ------------------------------------------------------------ linear algebra
+    def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
+        """``out = op(a) @ op(b)``; op transposes when asked (no copy: BLAS flags)."""
+        if trans_a:
+            a = a.T
+        if trans_b:
+            b = b.T
+        return self.xp.matmul(a, b, out=out)
+
+    def bias_grad(self, dz, out=None):
+        """Sum of ``dz`` (N, F) over the batch -> (F,)."""
+        return dz.sum(axis=0, out=out)
+
+    # ------------------------------------------------------------ activations
+    def bias_act(self, z, bias, act: str, alpha: float = 0.0, out=None):
+        """``out = act(z + bias)`` for z (N, F), bias (F,) or None.
+
+        ``z`` itself receives ``z + bias`` (it is scratch from the GEMM and
+        becomes the pre-activation that GELU's backward needs); ``out``
+        defaults to ``z`` (fully in place).
+        """
+        if bias is not None:
+            z += bias
+        y = get_activation(act).forward(self.xp, z, alpha)
+        if out is None:
+            out = z
+        out[...] = y
+        return out
+
+    def act_backward(self, dy, y, act: str, pre=None, alpha: float = 0.0, out=None):
+        """``out = dy * act'(x)``, from the saved output ``y`` where exact,
+        else from the pre-activation ``pre``; ``out`` defaults to ``dy``."""
+        spec = get_activation(act)
+        if spec.needs_pre(alpha) and pre is None:
+            raise ValueError(f"act_backward({act!r}) needs the pre-activation")
+        dz = spec.backward(self.xp, dy, y, pre, alpha)
+        if out is None:
+            out = dy
+        out[...] = dz
+        return out
+
+    # ------------------------------------------------------------ losses
+    def softmax_xent(self, logits, labels, grad_out=None):
+        """Mean cross-entropy of logits (N, C) against int labels (N,).
+
+        Returns ``(loss, dlogits)``: loss a 0-d array of logits' dtype (left on
+        the device), dlogits = (softmax - onehot) / N, written to ``grad_out``.
+        Stable for any finite logits (shifted by the row max).
+        """
+        xp = self.xp
+        n = logits.shape[0]
+        rows = xp.arange(n)
+        shifted = logits - logits.max(axis=1, keepdims=True)
+        e = xp.exp(shifted)
+        s = e.sum(axis=1, keepdims=True)
+        picked = shifted[rows, labels] - xp.log(s[:, 0])
+        loss = -picked.mean()
+        grad = e if grad_out is None else grad_out
+        xp.divide(e, s, out=grad)
+        grad[rows, labels] -= 1
+        grad *= logits.dtype.type(1.0 / n)
+        return loss, grad
+
+    # ------------------------------------------------------------ optimizers
+    # Each update is one pass over flat 1-D buffers, following torch.optim's
+    # single-tensor code path step by step so trajectories match.
+    def sgd_step(self, param, grad, buf, *, lr, momentum, dampening, nesterov,
+                 weight_decay, first_step):
+        t = param.dtype.type
+        if weight_decay:
+            grad = grad + t(weight_decay) * param
+        if momentum:
+            if first_step:
+                buf[...] = grad
+            else:
+                buf *= t(momentum)
+                buf += t(1 - dampening) * grad
+            grad = grad + t(momentum) * buf if nesterov else buf
+        param -= t(lr) * grad
+
+    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
+                  beta2, eps, weight_decay, decoupled):
+        t = param.dtype.type
+        xp = self.xp
+        if decoupled:
+            param *= t(1 - lr * weight_decay)
+        elif weight_decay:
+            grad = grad + t(weight_decay) * param
+        exp_avg += t(1 - beta1) * (grad - exp_avg)
+        exp_avg_sq *= t(beta2)
+        exp_avg_sq += t(1 - beta2) * grad * grad
+        step_size = lr / (1 - beta1 ** step)
+        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        denom = xp.sqrt(exp_avg_sq) / t(bc2_sqrt) + t(eps)
+        param -= t(step_size) * (exp_avg / denom)
+
+    def rmsprop_step(self, param, grad, square_avg, *, lr, alpha, eps,
+                     weight_decay, momentum, buf, centered, grad_avg):
+        t = param.dtype.type
+        xp = self.xp
+        if weight_decay:
+            grad = grad + t(weight_decay) * param
+        square_avg *= t(alpha)
+        square_avg += t(1 - alpha) * grad * grad
+        if centered:
+            grad_avg += t(1 - alpha) * (grad - grad_avg)
+            avg = xp.sqrt(square_avg - grad_avg * grad_avg) + t(eps)
+        else:
+            avg = xp.sqrt(square_avg) + t(eps)
+        if momentum > 0:
+            buf *= t(momentum)
+            buf += grad / avg
+            param -= t(lr) * buf
+        else:
+            param -= t(lr) * (grad / avg)
+
+
+def host_array(x) -> np.ndarray:
+    """A NumPy view/copy of any array-like: NumPy, CuPy, DLPack producers, lists."""
+    if isinstance(x, np.ndarray):
+        return x
+    module = type(x).__module__.split(".")[0]
+    if module == "cupy":
+        return x.get()
+    if module == "torch":
+        return x.detach().cpu().numpy()
+    if hasattr(x, "__dlpack__") and not np.isscalar(x):
+        try:
+            return np.from_dlpack(x)
+        except (TypeError, RuntimeError, BufferError, ValueError):
+            pass
+    return np.asarray(x)

@@ -1,0 +1,117 @@
+"""Numba backend: NumPy arrays, fused JIT kernels for the hot elementwise ops.
+
+Only this module (and numba_kernels) imports numba, and only when the backend
+is first used. Shapes or layouts the kernels do not cover fall back to the
+NumPy implementation.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import get_activation
+from .numpy_backend import NumpyBackend
+
+_FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
+_FUSED_BACKWARD = {"identity", "relu", "leaky_relu", "sigmoid", "tanh"}
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def _flat(a):
+    """1-D view of a C-contiguous array, or None when that would need a copy."""
+    return a.reshape(-1) if a.flags.c_contiguous else None
+
+
+class NumbaBackend(NumpyBackend):
+    name = "numba"
+
+    def __init__(self):
+        super().__init__()
+        from . import numba_kernels  # imports numba: only now
+
+        self.k = numba_kernels
+        from .. import threads
+
+        threads.apply()
+
+    @property
+    def device(self) -> str:
+        return "cpu (numba jit)"
+
+    # ------------------------------------------------------------ activations
+    def bias_act(self, z, bias, act, alpha=0.0, out=None):
+        if out is None:
+            out = z
+        if (
+            act in _FUSED_FORWARD
+            and z.ndim == 2
+            and z.dtype in _FLOATS
+            and out.dtype == z.dtype
+            and out.shape == z.shape
+            and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
+        ):
+            t = z.dtype.type
+            b = bias if bias is not None else z[0, :0]
+            self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
+            return out
+        return super().bias_act(z, bias, act, alpha, out)
+
+    def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):
+        if out is None:
+            out = dy
+        use_pre = pre is not None
+        if act in _FUSED_BACKWARD and dy.dtype in _FLOATS and not (
+            act == "leaky_relu" and alpha <= 0 and not use_pre
+        ):
+            arrays = (dy, y, pre if use_pre else y, out)
+            flats = [_flat(a) for a in arrays]
+            if all(f is not None for f in flats) and all(
+                a.shape == dy.shape and a.dtype == dy.dtype for a in arrays
+            ):
+                self.k.act_backward_1d(
+                    flats[0], flats[1], flats[2], flats[3],
+                    self.k_code(act), dy.dtype.type(alpha), use_pre,
+                )
+                return out
+        return super().act_backward(dy, y, act, pre, alpha, out)
+
+    @staticmethod
+    def k_code(act: str) -> int:
+        return get_activation(act).code
+
+    # ------------------------------------------------------------ losses
+    def softmax_xent(self, logits, labels, grad_out=None):
+        if logits.ndim != 2 or logits.dtype not in _FLOATS or not logits.flags.c_contiguous:
+            return super().softmax_xent(logits, labels, grad_out)
+        n = logits.shape[0]
+        grad = np.empty_like(logits) if grad_out is None else grad_out
+        total = self.k.softmax_xent_2d(logits, labels, grad, logits.dtype.type(1.0 / n))
+        return logits.dtype.type(total / n), grad
+
+    # ------------------------------------------------------------ optimizers
+    def sgd_step(self, param, grad, buf, *, lr, momentum, dampening, nesterov,
+                 weight_decay, first_step):
+        t = param.dtype.type
+        self.k.sgd_1d(
+            param, grad, grad if buf is None else buf, t(lr), t(momentum),
+            t(1 - dampening), t(weight_decay), bool(nesterov), bool(first_step),
+            bool(momentum), bool(weight_decay),
+        )
+
+    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
+                  beta2, eps, weight_decay, decoupled):
+        t = param.dtype.type
+        self.k.adam_1d(
+            param, grad, exp_avg, exp_avg_sq, t(1 - beta1), t(beta2), t(1 - beta2),
+            t(lr / (1 - beta1 ** step)), t((1 - beta2 ** step) ** 0.5), t(eps),
+            t(weight_decay), t(1 - lr * weight_decay), bool(weight_decay), bool(decoupled),
+        )
+
+    def rmsprop_step(self, param, grad, square_avg, *, lr, alpha, eps,
+                     weight_decay, momentum, buf, centered, grad_avg):
+        t = param.dtype.type
+        self.k.rmsprop_1d(
+            param, grad, square_avg, param if buf is None else buf,
+            param if grad_avg is None else grad_avg, t(lr), t(alpha), t(1 - alpha),
+            t(eps), t(weight_decay), t(momentum), bool(weight_decay), bool(centered),
+            momentum > 0,
+        )

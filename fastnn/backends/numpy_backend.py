@@ -1,0 +1,113 @@
+"""NumPy backend: the generic ops, rewritten as in-place ufunc chains.
+
+Same math as ``Backend`` (the reference), with fewer temporaries: on a big
+MLP, elementwise passes and fresh allocations are what separates a step from
+the pure-GEMM floor.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .activations import GELU_C, GELU_K, get_activation
+from .base import Backend
+
+
+class NumpyBackend(Backend):
+    name = "numpy"
+
+    def __init__(self):
+        super().__init__(np)
+        self._ones: dict = {}
+        self._scratch: dict = {}
+
+    @property
+    def device(self) -> str:
+        return "cpu"
+
+    def scratch(self, tag: str, shape, dtype):
+        """A reusable work buffer (never returned to callers, never kept by them)."""
+        key = (tag, tuple(shape), np.dtype(dtype))
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = np.empty(shape, dtype=dtype)
+        return buf
+
+    def bias_grad(self, dz, out=None):
+        # ones @ dz runs on BLAS: 2-3x faster than dz.sum(axis=0) (measured).
+        if dz.ndim != 2:
+            return super().bias_grad(dz, out=out)
+        n = dz.shape[0]
+        key = (n, dz.dtype)
+        ones = self._ones.get(key)
+        if ones is None:
+            ones = self._ones[key] = np.ones(n, dtype=dz.dtype)
+        return np.matmul(ones, dz, out=out)
+
+    def bias_act(self, z, bias, act, alpha=0.0, out=None):
+        if bias is not None:
+            np.add(z, bias, out=z)
+        if out is None:
+            out = z
+        t = z.dtype.type
+        if act == "identity":
+            if out is not z:
+                np.copyto(out, z)
+        elif act == "relu":
+            np.maximum(z, t(0), out=out)
+        elif act == "leaky_relu":
+            if out is not z:
+                np.copyto(out, z)
+            np.multiply(out, t(alpha), out=out, where=z <= 0)
+        elif act == "sigmoid":
+            np.negative(z, out=out)
+            with np.errstate(over="ignore"):
+                np.exp(out, out=out)
+            out += t(1)
+            np.reciprocal(out, out=out)
+        elif act == "tanh":
+            np.tanh(z, out=out)
+        elif act == "gelu":
+            work = out if out is not z else self.scratch("gelu", z.shape, z.dtype)
+            np.multiply(z, z, out=work)
+            work *= t(GELU_K)
+            work += t(1)
+            work *= z
+            work *= t(GELU_C)
+            np.tanh(work, out=work)
+            work += t(1)
+            work *= z
+            work *= t(0.5)
+            if work is not out:
+                np.copyto(out, work)
+        else:
+            get_activation(act)  # raises for an unknown name
+            return super().bias_act(z, None, act, alpha, out)
+        return out
+
+    def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):
+        if out is None:
+            out = dy
+        t = dy.dtype.type
+        if act == "identity":
+            if out is not dy:
+                np.copyto(out, dy)
+        elif act == "relu":
+            np.multiply(dy, (pre if pre is not None else y) > 0, out=out)
+        elif act == "leaky_relu" and (pre is not None or alpha > 0):
+            ref = pre if pre is not None else y
+            if out is not dy:
+                np.copyto(out, dy)
+            np.multiply(out, t(alpha), out=out, where=ref <= 0)
+        elif act == "sigmoid":
+            work = self.scratch("act_bwd", y.shape, y.dtype)
+            np.subtract(t(1), y, out=work)
+            work *= y
+            np.multiply(dy, work, out=out)
+        elif act == "tanh":
+            work = self.scratch("act_bwd", y.shape, y.dtype)
+            np.multiply(y, y, out=work)
+            np.subtract(t(1), work, out=work)
+            np.multiply(dy, work, out=out)
+        else:
+            return super().act_backward(dy, y, act, pre, alpha, out)
+        return out

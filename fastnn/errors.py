@@ -1,0 +1,25 @@
+"""Exceptions users can catch. Bad input is a ValueError/TypeError as well."""
+
+
+class FastnnError(Exception):
+    """Base class of every error fastnn defines."""
+
+
+class BackendUnavailable(FastnnError, RuntimeError):
+    """A backend was asked for by name but cannot run here; the message says why."""
+
+
+class ShapeError(FastnnError, ValueError):
+    """An input has the wrong shape; the message names the layer and both shapes."""
+
+
+class InputError(FastnnError, ValueError):
+    """An input has a wrong value (range, non-finite data, unknown option)."""
+
+
+class DTypeError(FastnnError, TypeError):
+    """An input has the wrong dtype (e.g. float labels for CrossEntropyLoss)."""
+
+
+class TrainingDiverged(FastnnError, ArithmeticError):
+    """The training loss became NaN or infinite; the message names epoch and batch."""

@@ -25,3 +25,26 @@ from .errors import (
     TrainingDiverged,
 )
 from .threads import get_num_threads, set_num_threads
+from .random import manual_seed
+from .nn import (
+    BCELoss,
+    BCEWithLogitsLoss,
+    CrossEntropyLoss,
+    GELU,
+    LeakyReLU,
+    Linear,
+    Loss,
+    Module,
+    MSELoss,
+    Parameter,
+    ReLU,
+    Sequential,
+    Sigmoid,
+    Softmax,
+    Tanh,
+)
+from . import functional
+from .optim import SGD, Adam, AdamW, Optimizer, RMSprop
+from .train import History, evaluate, fit, predict
+from .gradcheck import gradcheck
+from .io import load, save

@@ -1,0 +1,129 @@
+"""Linear: ``y = x @ weight + bias`` with weight (in_features, out_features)."""
+from __future__ import annotations
+
+from ..backends import asarray, get_backend, get_default_dtype
+from ..errors import ShapeError
+from ..random import generator
+from .init import initial_weight
+from .module import Module
+from .parameter import Parameter
+
+
+class Linear(Module):
+    """Fully connected layer on inputs of shape ``(..., in_features)``.
+
+    Inside a Sequential, a following elementwise activation is fused into this
+    layer's GEMM output (``forward_fused``), so ``Linear -> ReLU`` costs one
+    GEMM plus one in-place pass.
+    """
+
+    activation = None  # reserved: a Linear never applies an activation on its own
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True,
+                 init="he", seed=None):
+        for label, v in (("in_features", in_features), ("out_features", out_features)):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"Linear: {label} must be a positive int, got {v!r}")
+        self.in_features = in_features
+        self.out_features = out_features
+        rng = generator() if seed is None else get_backend().rng(seed)
+        dtype = get_default_dtype()
+        w = initial_weight(init, (in_features, out_features), in_features, out_features,
+                           rng, dtype, self._label())
+        self.weight = Parameter(get_backend().asarray(w), name="weight")
+        self.bias = Parameter(get_backend().zeros((out_features,), dtype), name="bias") if bias else None
+        self._saved = None
+
+    def _label(self) -> str:
+        return f"Linear({self.in_features} -> {self.out_features})"
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}"
+
+    def _check_input(self, x):
+        backend = get_backend()
+        w = self.weight.data
+        if not backend.is_array(x):
+            if hasattr(x, "shape") and type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
+                raise TypeError(
+                    f"{self._label()}: input is a {type(x).__module__}.{type(x).__name__} but the "
+                    f"current backend is {backend.name}; convert it with fastnn.asarray(x)"
+                )
+            x = asarray(x)
+        if x.ndim < 1 or x.shape[-1] != self.in_features:
+            raise ShapeError(
+                f"{self._label()}: expected input (..., {self.in_features}), got {tuple(x.shape)}"
+            )
+        if x.dtype != w.dtype:
+            x = x.astype(w.dtype)  # ints/float64 data into a float32 net, as Keras does
+        return x
+
+    # ------------------------------------------------------------ forward
+    def forward(self, x):
+        return self.forward_fused(x, None, 0.0)
+
+    def forward_fused(self, x, act, alpha):
+        """``act(x @ W + b)`` with the bias and activation applied in place."""
+        from ..backends.activations import get_activation
+
+        x = self._check_input(x)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        backend = get_backend()
+        n = x2.shape[0]
+        w = self.weight.data
+        z = self._buffer("z", (n, self.out_features), w.dtype)
+        backend.gemm(x2, w, out=z)
+        bias = self.bias.data if self.bias is not None else None
+        pre = None
+        if act is None:
+            if bias is not None:
+                z += bias
+            y = z
+        else:
+            keep_pre = get_activation(act).needs_pre(alpha) and self.training
+            y = self._buffer("y", z.shape, w.dtype) if keep_pre else z
+            backend.bias_act(z, bias, act, alpha, out=y)
+            pre = z if keep_pre else None
+        self._saved = (x2, x.shape, y, pre, act, alpha)
+        return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
+
+    # ------------------------------------------------------------ backward
+    def backward(self, dy):
+        return self.backward_fused(dy, need_input_grad=True)
+
+    def backward_fused(self, dy, need_input_grad=True):
+        if self._saved is None:
+            raise RuntimeError(f"{self._label()}: backward() called before forward()")
+        x2, x_shape, y, pre, act, alpha = self._saved
+        backend = get_backend()
+        n = x2.shape[0]
+        if not backend.is_array(dy):
+            dy = asarray(dy)
+        if tuple(dy.shape) != tuple(x_shape[:-1]) + (self.out_features,):
+            raise ShapeError(
+                f"{self._label()}: backward expected dy {tuple(x_shape[:-1]) + (self.out_features,)}, "
+                f"got {tuple(dy.shape)}"
+            )
+        dy2 = dy.reshape(n, self.out_features)
+        if act is not None:
+            dz = self._buffer("dz", dy2.shape, y.dtype)
+            backend.act_backward(dy2, y, act, pre, alpha, out=dz)
+        else:
+            dz = dy2
+        w = self.weight
+        w.accumulate_grad(
+            lambda out: backend.gemm(x2, dz, out=out, trans_a=True),
+            scratch=self._buffer("dw", w.shape, w.dtype),
+        )
+        if self.bias is not None:
+            b = self.bias
+            b.accumulate_grad(
+                lambda out: backend.bias_grad(dz, out=out),
+                scratch=self._buffer("db", b.shape, b.dtype),
+            )
+        if not need_input_grad:
+            return None
+        dx = self._buffer("dx", (n, self.in_features), y.dtype)
+        backend.gemm(dz, w.data, out=dx, trans_b=True)
+        return dx.reshape(x_shape)

@@ -1,0 +1,166 @@
+"""Losses. ``loss_fn(pred, target)`` returns a Python float; ``loss_fn.backward()``
+returns d loss / d pred for that call. Reductions are means (as PyTorch), so
+gradients are divided by the number of elements (or samples, for
+CrossEntropyLoss)."""
+from __future__ import annotations
+
+from ..backends import asarray, get_backend
+from ..errors import DTypeError, InputError, ShapeError
+from .module import in_step_mode
+
+
+class Loss:
+    """Base: ``__call__`` = ``float(forward(pred, target))``.
+
+    ``forward`` leaves the loss on the device as a 0-d array (fit reads it
+    only when it must), ``backward`` returns the gradient of the last call.
+    """
+
+    name = "Loss"
+
+    def __call__(self, pred, target) -> float:
+        return float(self.forward(pred, target))
+
+    def forward(self, pred, target):
+        raise NotImplementedError
+
+    def backward(self):
+        grad = self.__dict__.get("_grad")
+        if grad is None:
+            raise RuntimeError(f"{self.name}: backward() called before the loss was computed")
+        return grad
+
+    # ------------------------------------------------------------ checks
+    def _pred(self, pred):
+        backend = get_backend()
+        if not backend.is_array(pred):
+            pred = asarray(pred)
+        if pred.dtype.kind != "f":
+            raise DTypeError(f"{self.name}: predictions must be floating point, got {pred.dtype}")
+        return pred
+
+    def _same_shape_target(self, pred, target):
+        backend = get_backend()
+        if not backend.is_array(target) or target.dtype != pred.dtype:
+            target = backend.asarray(target, dtype=pred.dtype) if not backend.is_array(target) \
+                else target.astype(pred.dtype)
+        if tuple(target.shape) != tuple(pred.shape):
+            hint = ""
+            if target.size == pred.size:
+                hint = f"; reshape the target to {tuple(pred.shape)}"
+            raise ShapeError(
+                f"{self.name}: target shape {tuple(target.shape)} does not match "
+                f"prediction shape {tuple(pred.shape)}{hint}"
+            )
+        if pred.size == 0:
+            raise InputError(f"{self.name}: empty prediction {tuple(pred.shape)}")
+        return target
+
+    def __repr__(self) -> str:
+        return f"{self.name}()"
+
+
+class MSELoss(Loss):
+    """mean((pred - target)^2) over all elements, as ``torch.nn.MSELoss``."""
+
+    name = "MSELoss"
+
+    def forward(self, pred, target):
+        pred = self._pred(pred)
+        target = self._same_shape_target(pred, target)
+        diff = pred - target
+        loss = (diff * diff).mean()
+        diff *= pred.dtype.type(2.0 / diff.size)
+        self._grad = diff
+        return loss
+
+
+class BCELoss(Loss):
+    """Binary cross-entropy on probabilities in [0, 1]; logs clamped at -100
+    as in torch, whose gradient ``(p - t) / max(p (1 - p), 1e-12) / N`` this
+    matches."""
+
+    name = "BCELoss"
+
+    def forward(self, pred, target):
+        xp = get_backend().xp
+        pred = self._pred(pred)
+        target = self._same_shape_target(pred, target)
+        lo, hi = float(pred.min()), float(pred.max())
+        if not (lo >= 0.0 and hi <= 1.0):
+            raise InputError(
+                f"{self.name}: predictions must be probabilities in [0, 1], got values in "
+                f"[{lo:g}, {hi:g}]; use BCEWithLogitsLoss for raw scores"
+            )
+        t = pred.dtype.type
+        log_p = xp.maximum(xp.log(pred), t(-100))
+        log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
+        loss = -(target * log_p + (t(1) - target) * log_1mp).mean()
+        denom = xp.maximum((t(1) - pred) * pred, t(1e-12))
+        self._grad = (pred - target) / denom * t(1.0 / pred.size)
+        return loss
+
+
+class BCEWithLogitsLoss(Loss):
+    """Binary cross-entropy on raw logits; stable for any logit:
+    ``max(x, 0) - x t + log1p(exp(-|x|))``."""
+
+    name = "BCEWithLogitsLoss"
+
+    def forward(self, logits, target):
+        xp = get_backend().xp
+        logits = self._pred(logits)
+        target = self._same_shape_target(logits, target)
+        t = logits.dtype.type
+        loss = (xp.maximum(logits, t(0)) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
+        prob = get_backend().bias_act(logits, None, "sigmoid", out=xp.empty_like(logits))
+        prob -= target
+        prob *= t(1.0 / logits.size)
+        self._grad = prob
+        return loss
+
+
+class CrossEntropyLoss(Loss):
+    """Mean cross-entropy of logits (N, C) against integer labels (N,):
+    fused, stable log-softmax (``softmax_xent``); gradient (softmax - onehot) / N."""
+
+    name = "CrossEntropyLoss"
+
+    def __init__(self, check_labels: bool = True):
+        self.check_labels = check_labels
+
+    def forward(self, logits, labels):
+        backend = get_backend()
+        logits = self._pred(logits)
+        if logits.ndim != 2:
+            raise ShapeError(f"{self.name}: expected logits (N, C), got {tuple(logits.shape)}")
+        if not backend.is_array(labels):
+            labels = asarray(labels)
+        if labels.dtype.kind not in "iu":
+            raise DTypeError(
+                f"{self.name}: labels must be integer class indices of shape (N,), got dtype "
+                f"{labels.dtype}" + (" (one-hot targets? pass labels.argmax(1))" if labels.ndim == 2 else "")
+            )
+        n, c = logits.shape
+        if tuple(labels.shape) != (n,):
+            raise ShapeError(
+                f"{self.name}: expected labels ({n},) for logits {tuple(logits.shape)}, "
+                f"got {tuple(labels.shape)}"
+            )
+        if n == 0:
+            raise InputError(f"{self.name}: empty batch")
+        if self.check_labels:
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < 0 or hi >= c:
+                raise InputError(
+                    f"{self.name}: labels must be in [0, {c - 1}] for {c} classes, got values in [{lo}, {hi}]"
+                )
+        # Inside fit the gradient buffer is reused; a caller outside it may keep
+        # what backward() returned, so it gets a fresh one.
+        grad = self.__dict__.get("_grad") if in_step_mode() else None
+        if grad is None or grad.shape != logits.shape or grad.dtype != logits.dtype \
+                or not backend.is_array(grad):
+            grad = backend.empty(logits.shape, logits.dtype)
+        loss, grad = backend.softmax_xent(logits, labels, grad_out=grad)
+        self._grad = grad
+        return loss

@@ -1,0 +1,270 @@
+"""Module and Sequential.
+
+A module's ``forward`` keeps what its ``backward`` needs; ``backward(dy)``
+returns ``dx`` and *accumulates* into each parameter's ``grad``.
+
+Inside ``fit`` (``training_step_mode``) layers reuse their work buffers from
+step to step and the first layer skips the input gradient nobody reads. Outside
+it every call returns fresh arrays, so ``a = model(x1); b = model(x2)`` never
+overwrites ``a``.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections import OrderedDict
+from typing import Iterator
+
+import numpy as np
+
+from ..backends import get_backend, host_array
+from ..errors import ShapeError
+from .parameter import Parameter
+
+_step_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnn_step_mode", default=False)
+# The model whose input gradient nobody reads (fit's top-level model).
+_no_input_grad: contextvars.ContextVar[object] = contextvars.ContextVar(
+    "fastnn_no_input_grad", default=None
+)
+
+
+@contextlib.contextmanager
+def training_step_mode(model=None):
+    """Let layers reuse buffers across calls (used by fit/predict); ``model``'s
+    own input gradient is not computed."""
+    token = _step_mode.set(True)
+    token2 = _no_input_grad.set(model)
+    try:
+        yield
+    finally:
+        _no_input_grad.reset(token2)
+        _step_mode.reset(token)
+
+
+def in_step_mode() -> bool:
+    return _step_mode.get()
+
+
+class Module:
+    """Base class: subclasses define ``forward`` and ``backward``.
+
+    Parameters and sub-modules assigned as attributes are registered in
+    assignment order (PyTorch-style), so subclasses need not call
+    ``super().__init__()``.
+    """
+
+    training = True
+
+    def __setattr__(self, name, value):
+        d = self.__dict__
+        if isinstance(value, Parameter):
+            d.setdefault("_parameters", OrderedDict())[name] = value
+            d.get("_modules", {}).pop(name, None)
+        elif isinstance(value, Module):
+            d.setdefault("_modules", OrderedDict())[name] = value
+            d.get("_parameters", {}).pop(name, None)
+        else:
+            d.get("_parameters", {}).pop(name, None)
+            d.get("_modules", {}).pop(name, None)
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        self.__dict__.get("_parameters", {}).pop(name, None)
+        self.__dict__.get("_modules", {}).pop(name, None)
+        object.__delattr__(self, name)
+
+    # ------------------------------------------------------------ computation
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        raise NotImplementedError(f"{type(self).__name__} does not define forward()")
+
+    def backward(self, dy):
+        raise NotImplementedError(f"{type(self).__name__} does not define backward()")
+
+    # ------------------------------------------------------------ tree
+    def named_children(self) -> Iterator[tuple[str, "Module"]]:
+        yield from self.__dict__.get("_modules", {}).items()
+
+    def children(self) -> list["Module"]:
+        return [m for _, m in self.named_children()]
+
+    def modules(self) -> Iterator["Module"]:
+        yield self
+        for _, child in self.named_children():
+            yield from child.modules()
+
+    def named_parameters(self, prefix: str = "") -> Iterator[tuple[str, Parameter]]:
+        seen: set[int] = set()
+        for name, p in self._named_parameters_all(prefix):
+            if id(p) not in seen:
+                seen.add(id(p))
+                yield name, p
+
+    def _named_parameters_all(self, prefix):
+        for name, p in self.__dict__.get("_parameters", {}).items():
+            yield prefix + name, p
+        for name, child in self.named_children():
+            yield from child._named_parameters_all(prefix + name + ".")
+
+    def parameters(self) -> list[Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad = None
+
+    def train(self, mode: bool = True) -> "Module":
+        for m in self.modules():
+            object.__setattr__(m, "training", bool(mode))
+        return self
+
+    def eval(self) -> "Module":
+        return self.train(False)
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, np.ndarray]:
+        """``{dotted name: numpy copy}`` of every parameter."""
+        return {name: np.array(host_array(p.data), copy=True) for name, p in self.named_parameters()}
+
+    def load_state_dict(self, state: dict, strict: bool = True) -> None:
+        """Copy arrays into the parameters in place (shapes must match)."""
+        params = dict(self.named_parameters())
+        missing = [k for k in params if k not in state]
+        unexpected = [k for k in state if k not in params]
+        if strict and (missing or unexpected):
+            raise KeyError(
+                f"{type(self).__name__}.load_state_dict: missing keys {missing}, "
+                f"unexpected keys {unexpected}"
+            )
+        for name, p in params.items():
+            if name not in state:
+                continue
+            value = host_array(state[name])
+            if tuple(value.shape) != p.shape:
+                raise ShapeError(
+                    f"{type(self).__name__}.load_state_dict: {name!r} expects shape "
+                    f"{p.shape}, got {tuple(value.shape)}"
+                )
+            p.data[...] = get_backend().asarray(value, dtype=p.data.dtype)
+
+    def to(self, backend) -> "Module":
+        """Move every parameter to ``backend`` (a name or a Backend); grads are dropped."""
+        from ..backends import use_backend
+
+        with use_backend(backend) as target:
+            for p in self.parameters():
+                p.data = target.asarray(host_array(p.data), dtype=p.data.dtype)
+                p.grad = None
+        for m in self.modules():
+            m.__dict__.pop("_buffers", None)
+        return self
+
+    def astype(self, dtype) -> "Module":
+        """Cast every parameter (e.g. to float64 for a gradient check)."""
+        for p in self.parameters():
+            p.data = p.data.astype(dtype)
+            p.grad = None
+        return self
+
+    # ------------------------------------------------------------ helpers
+    def _buffer(self, tag: str, shape: tuple, dtype):
+        """Work buffer: reused across steps inside fit, fresh outside it."""
+        backend = get_backend()
+        if not _step_mode.get():
+            return backend.empty(shape, dtype)
+        buffers = self.__dict__.get("_buffers")
+        if buffers is None:
+            buffers = self.__dict__["_buffers"] = {}
+        key = (tag, shape, np.dtype(dtype).str, backend.name)
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = backend.empty(shape, dtype)
+        return buf
+
+    def extra_repr(self) -> str:
+        return ""
+
+    def __repr__(self) -> str:
+        children = list(self.named_children())
+        if not children:
+            return f"{type(self).__name__}({self.extra_repr()})"
+        lines = [f"{type(self).__name__}("]
+        for name, child in children:
+            lines.append("  (" + name + "): " + repr(child).replace("\n", "\n  "))
+        lines.append(")")
+        return "\n".join(lines)
+
+
+class Sequential(Module):
+    """Modules applied in order; indexable, iterable, ``len()``.
+
+    A ``Linear`` directly followed by one of fastnn's elementwise activations
+    runs as one fused step: the bias and the activation are applied in place on
+    the GEMM output (``bias_act``) and undone in one pass (``act_backward``).
+    """
+
+    def __init__(self, *modules: Module):
+        for i, m in enumerate(modules):
+            if not isinstance(m, Module):
+                raise TypeError(
+                    f"Sequential: item {i} is a {type(m).__name__}, expected a fastnn Module"
+                )
+            setattr(self, str(i), m)
+        self._plan = None
+
+    def __len__(self) -> int:
+        return len(self.__dict__.get("_modules", {}))
+
+    def __iter__(self):
+        return iter(self.children())
+
+    def __getitem__(self, index):
+        items = self.children()
+        if isinstance(index, slice):
+            return Sequential(*items[index])
+        return items[index]
+
+    def _steps(self):
+        """[(module, fused activation or None)], computed once."""
+        if self._plan is None:
+            from .activation import ElementwiseActivation
+            from .linear import Linear
+
+            items = self.children()
+            steps, i = [], 0
+            while i < len(items):
+                m = items[i]
+                nxt = items[i + 1] if i + 1 < len(items) else None
+                if (
+                    type(m) is Linear and m.activation is None
+                    and isinstance(nxt, ElementwiseActivation) and nxt.fusable
+                ):
+                    steps.append((m, nxt))
+                    i += 2
+                else:
+                    steps.append((m, None))
+                    i += 1
+            object.__setattr__(self, "_plan", steps)
+        return self._plan
+
+    def forward(self, x):
+        for module, act in self._steps():
+            if act is None:
+                x = module.forward(x)
+            else:
+                x = module.forward_fused(x, act.act_name, act.alpha)
+        return x
+
+    def backward(self, dy):
+        steps = self._steps()
+        last = len(steps) - 1
+        for i in range(last, -1, -1):
+            module, act = steps[i]
+            skip_dx = i == 0 and _no_input_grad.get() is self and hasattr(module, "backward_fused")
+            if act is not None or skip_dx:
+                dy = module.backward_fused(dy, need_input_grad=not skip_dx)
+            else:
+                dy = module.backward(dy)
+        return dy

@@ -1,0 +1,256 @@
+"""Optimizers with torch.optim's update rules and defaults.
+
+Each optimizer packs its parameters into one flat buffer per dtype (each
+``Parameter.data`` / ``.grad`` becomes a view into it), so an update is a
+single backend op over contiguous memory, and ``zero_grad`` is one fill.
+If a user rebinds ``p.data`` or ``p.grad`` to a new array, ``step`` copies it
+back into the buffer first, so the views never go stale silently.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backends import get_backend, host_array
+from .errors import InputError
+from .nn.parameter import Parameter
+
+_ALIGN = 16  # elements: keeps every view 64-byte aligned for SIMD
+
+
+class _FlatGroup:
+    """The parameters of one dtype, packed into flat data/grad buffers."""
+
+    def __init__(self, params: list[Parameter], backend, state_names: tuple):
+        self.backend = backend
+        self.params = params
+        self.dtype = params[0].data.dtype
+        offsets, total = [], 0
+        for p in params:
+            offsets.append(total)
+            total += -(-p.size // _ALIGN) * _ALIGN
+        self.size = total
+        self.data = backend.zeros((total,), self.dtype)
+        self.grad = backend.zeros((total,), self.dtype)
+        self.data_views, self.grad_views = [], []
+        for p, off in zip(params, offsets):
+            dv = self.data[off:off + p.size].reshape(p.shape)
+            gv = self.grad[off:off + p.size].reshape(p.shape)
+            dv[...] = p.data
+            if p.grad is not None:
+                gv[...] = p.grad
+            p.data = dv
+            p.grad = gv
+            self.data_views.append(dv)
+            self.grad_views.append(gv)
+        self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
+
+    def sync(self) -> None:
+        """Copy back any data/grad array a user rebound since the last step."""
+        for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
+            if p.data is not dv:
+                if not self.backend.is_array(p.data):
+                    raise TypeError(
+                        f"optimizer: parameter {p.name or ''} {p.shape} is no longer on the "
+                        f"{self.backend.name} backend; create the optimizer after moving the model"
+                    )
+                dv[...] = p.data
+                p.data = dv
+            if p.grad is not gv:
+                zero = p._grad_zero
+                if p.grad is None:
+                    gv.fill(0)
+                else:
+                    gv[...] = p.grad
+                p.grad = gv
+                p._grad_zero = zero
+
+    def zero_grad(self) -> None:
+        self.grad.fill(0)
+        for p, gv in zip(self.params, self.grad_views):
+            if p.grad is not gv:
+                p.grad = gv
+            p._grad_zero = True
+
+
+class Optimizer:
+    """Base class: flat buffers, ``step`` / ``zero_grad`` / state dicts."""
+
+    state_names: tuple = ()
+    hyper_names: tuple = ()
+
+    def __init__(self, params):
+        if isinstance(params, Parameter):
+            raise TypeError(f"{type(self).__name__}: params must be an iterable of Parameters "
+                            "(e.g. model.parameters()), got a single Parameter")
+        params = list(params)
+        if not params:
+            raise InputError(f"{type(self).__name__}: got an empty parameter list")
+        seen, unique = set(), []
+        for i, p in enumerate(params):
+            if not isinstance(p, Parameter):
+                raise TypeError(f"{type(self).__name__}: item {i} is a {type(p).__name__}, expected a Parameter")
+            if id(p) not in seen:
+                seen.add(id(p))
+                unique.append(p)
+        backend = get_backend()
+        by_dtype: dict = {}
+        for p in unique:
+            by_dtype.setdefault(np.dtype(p.data.dtype).str, []).append(p)
+        self.groups = [_FlatGroup(ps, backend, self.state_names) for ps in by_dtype.values()]
+        self.step_count = 0
+
+    def _check_hyper(self, **values) -> None:
+        for name, v in values.items():
+            if v is None or not np.isfinite(v) or v < 0:
+                raise InputError(f"{type(self).__name__}: {name} must be a finite number >= 0, got {v!r}")
+
+    def zero_grad(self) -> None:
+        for g in self.groups:
+            g.zero_grad()
+
+    def step(self) -> None:
+        self.step_count += 1
+        for g in self.groups:
+            g.sync()
+            self._update(g)
+
+    def _update(self, group: _FlatGroup) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Hyper-parameters, step count and flat state buffers (numpy, no pickle)."""
+        state = {"type": np.array(type(self).__name__), "step": np.array(self.step_count)}
+        for name in self.hyper_names:
+            state[name] = np.array(getattr(self, name))
+        for gi, g in enumerate(self.groups):
+            for name, buf in g.state.items():
+                state[f"{name}.{gi}"] = np.array(host_array(buf), copy=True)
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        kind = str(host_array(state.get("type", type(self).__name__)))
+        if kind != type(self).__name__:
+            raise InputError(f"{type(self).__name__}.load_state_dict: state is from {kind}")
+        self.step_count = int(host_array(state["step"]))
+        for name in self.hyper_names:
+            if name in state:
+                value = host_array(state[name])
+                setattr(self, name, value.item() if value.ndim == 0 else tuple(value.tolist()))
+        for gi, g in enumerate(self.groups):
+            for name, buf in g.state.items():
+                value = host_array(state[f"{name}.{gi}"])
+                if value.shape != buf.shape:
+                    raise InputError(
+                        f"{type(self).__name__}.load_state_dict: {name}.{gi} has shape "
+                        f"{value.shape}, expected {buf.shape} (different model?)"
+                    )
+                buf[...] = g.backend.asarray(value, dtype=buf.dtype)
+
+    def __repr__(self) -> str:
+        hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.hyper_names)
+        return f"{type(self).__name__}({hyper})"
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent, as ``torch.optim.SGD``::
+
+        g = grad + weight_decay * param
+        if momentum != 0:
+            buf = g                                      (first step)
+            buf = momentum * buf + (1 - dampening) * g   (later steps)
+            g = g + momentum * buf if nesterov else buf
+        param = param - lr * g
+    """
+
+    state_names = ("momentum_buffer",)
+    hyper_names = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
+        self._check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening)
+        if nesterov and (momentum <= 0 or dampening != 0):
+            raise InputError("SGD: nesterov momentum requires momentum > 0 and dampening = 0")
+        self.lr, self.momentum, self.dampening = lr, momentum, dampening
+        self.nesterov, self.weight_decay = bool(nesterov), weight_decay
+        super().__init__(params)
+
+    def _update(self, g):
+        g.backend.sgd_step(
+            g.data, g.grad, g.state["momentum_buffer"], lr=self.lr, momentum=self.momentum,
+            dampening=self.dampening, nesterov=self.nesterov, weight_decay=self.weight_decay,
+            first_step=self.step_count == 1,
+        )
+
+
+class Adam(Optimizer):
+    """Adam with bias correction, as ``torch.optim.Adam``::
+
+        g = grad + weight_decay * param          (Adam; AdamW decays param instead)
+        m = m + (1 - beta1) * (g - m)
+        v = beta2 * v + (1 - beta2) * g * g
+        step_size = lr / (1 - beta1 ** t)
+        denom = sqrt(v) / sqrt(1 - beta2 ** t) + eps
+        param = param - step_size * m / denom
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    hyper_names = ("lr", "betas", "eps", "weight_decay")
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        self._check_hyper(lr=lr, eps=eps, weight_decay=weight_decay)
+        betas = tuple(float(b) for b in betas)
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise InputError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas}")
+        self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
+        super().__init__(params)
+
+    def _update(self, g):
+        beta1, beta2 = self.betas
+        g.backend.adam_step(
+            g.data, g.grad, g.state["exp_avg"], g.state["exp_avg_sq"], step=self.step_count,
+            lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps,
+            weight_decay=self.weight_decay, decoupled=self.decoupled,
+        )
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay, as ``torch.optim.AdamW``::
+
+        param = param * (1 - lr * weight_decay)
+        (then the Adam update without weight decay)
+    """
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+class RMSprop(Optimizer):
+    """RMSprop, as ``torch.optim.RMSprop``::
+
+        g = grad + weight_decay * param
+        v = alpha * v + (1 - alpha) * g * g
+        if centered: a = a + (1 - alpha) * (g - a); avg = sqrt(v - a * a) + eps
+        else:        avg = sqrt(v) + eps
+        if momentum > 0: buf = momentum * buf + g / avg; param = param - lr * buf
+        else:            param = param - lr * g / avg
+    """
+
+    state_names = ("square_avg", "momentum_buffer", "grad_avg")
+    hyper_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
+                 momentum=0.0, centered=False):
+        self._check_hyper(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
+        self.lr, self.alpha, self.eps = lr, alpha, eps
+        self.weight_decay, self.momentum, self.centered = weight_decay, momentum, bool(centered)
+        super().__init__(params)
+
+    def _update(self, g):
+        g.backend.rmsprop_step(
+            g.data, g.grad, g.state["square_avg"], lr=self.lr, alpha=self.alpha, eps=self.eps,
+            weight_decay=self.weight_decay, momentum=self.momentum,
+            buf=g.state["momentum_buffer"], centered=self.centered, grad_avg=g.state["grad_avg"],
+        )

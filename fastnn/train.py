@@ -1,0 +1,250 @@
+"""fit, predict and History."""
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backends import get_backend, host_array
+from .errors import DTypeError, InputError, ShapeError, TrainingDiverged
+from .nn.module import Module, training_step_mode
+from .random import generator
+
+
+@dataclass
+class History:
+    """What ``fit`` measured, one entry per epoch."""
+
+    loss: list = field(default_factory=list)
+    val_loss: list = field(default_factory=list)
+    epochs_run: int = 0
+    samples_per_second: float = 0.0
+    seconds: float = 0.0
+
+    def plot(self, path) -> None:
+        """Write the loss curve(s) as a PNG (needs matplotlib: ``pip install 'fastnn[plot]'``)."""
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError as exc:
+            raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'") from exc
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = range(1, len(self.loss) + 1)
+        ax.plot(epochs, self.loss, label="training loss")
+        if self.val_loss:
+            ax.plot(range(1, len(self.val_loss) + 1), self.val_loss, label="validation loss")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("loss")
+        if self.loss and min(self.loss) > 0 and max(self.loss) / min(self.loss) > 50:
+            ax.set_yscale("log")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(path, format="png")
+        plt.close(fig)
+
+
+def _model_dtype(model: Module):
+    params = model.parameters()
+    return params[0].data.dtype if params else np.dtype(np.float32)
+
+
+def _prepare(X, y, dtype, what: str):
+    """Validate (X, y) on the host, then move them to the device once."""
+    X = host_array(X)
+    y = host_array(y)
+    if X.ndim == 0 or len(X) == 0:
+        raise InputError(f"{what}: X is empty (shape {X.shape})")
+    if y.ndim == 0 or len(y) != len(X):
+        raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {y.shape}")
+    if X.dtype.kind not in "fiub":
+        raise DTypeError(f"{what}: X must be numeric, got dtype {X.dtype}")
+    if X.dtype.kind == "f" and not np.isfinite(X).all():
+        bad = np.argwhere(~np.isfinite(X))[0]
+        raise InputError(f"{what}: X contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
+    if y.dtype.kind == "f" and not np.isfinite(y).all():
+        raise InputError(f"{what}: y contains NaN or inf")
+    backend = get_backend()
+    Xd = backend.asarray(np.ascontiguousarray(X), dtype=dtype)
+    y_dtype = y.dtype if y.dtype.kind in "iu" else dtype
+    yd = backend.asarray(np.ascontiguousarray(y), dtype=y_dtype)
+    return Xd, yd
+
+
+def _check_positive_int(name, value, minimum=1):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InputError(f"fit: {name} must be an int >= {minimum}, got {value!r}")
+
+
+class _Progress:
+    """tqdm bar on a terminal only; loss read from the device at most ~5x/s."""
+
+    def __init__(self, enabled: bool, total: int, epochs: int):
+        self.bar = None
+        if enabled and sys.stderr.isatty():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, unit="sample", unit_scale=True, dynamic_ncols=True,
+                            leave=True, file=sys.stderr)
+        self.epochs = epochs
+        self.last = 0.0
+
+    def update(self, epoch: int, n: int, mean_loss) -> None:
+        """``mean_loss()`` is called only when the bar refreshes (a device read)."""
+        if self.bar is None:
+            return
+        self.bar.update(n)
+        now = time.perf_counter()
+        if now - self.last > 0.2:
+            self.last = now
+            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
+            self.bar.set_postfix(loss=f"{mean_loss():.4g}", refresh=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: int = 32,
+        shuffle: bool = True, seed=None, validation_data=None, stop_when=None,
+        progress: bool = True, initial_epoch: int = 0) -> History:
+    """Train ``model`` on (X, y) with minibatches; see API.md.
+
+    ``initial_epoch`` resumes a run: the batch order of epoch ``e`` depends
+    only on (seed, e), so training 2 epochs, saving, and fitting again with
+    ``initial_epoch=2`` gives the same result as 4 epochs in one go.
+    """
+    if not isinstance(model, Module):
+        raise TypeError(f"fit: model must be a fastnn Module, got {type(model).__name__}")
+    _check_positive_int("epochs", epochs, 0)
+    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("initial_epoch", initial_epoch, 0)
+    if stop_when is not None and not callable(stop_when):
+        raise TypeError("fit: stop_when must be a callable history -> bool")
+    backend = get_backend()
+    dtype = _model_dtype(model)
+    Xd, yd = _prepare(X, y, dtype, "fit")
+    val = None
+    if validation_data is not None:
+        if len(validation_data) != 2:
+            raise InputError("fit: validation_data must be a pair (X_val, y_val)")
+        val = _prepare(*validation_data, dtype, "fit(validation_data)")
+    if seed is None:
+        seed = int(generator().integers(2**63))
+    n = len(Xd)
+    batch_size = min(int(batch_size), n)
+    n_batches = -(-n // batch_size)
+    xb = backend.empty((batch_size,) + tuple(Xd.shape[1:]), Xd.dtype)
+    yb = backend.empty((batch_size,) + tuple(yd.shape[1:]), yd.dtype)
+    on_cpu = backend.device.startswith("cpu")
+    xp = backend.xp
+
+    history = History()
+    bar = _Progress(progress, n * epochs, initial_epoch + epochs)
+    train_seconds = 0.0
+    try:
+        for epoch in range(initial_epoch, initial_epoch + epochs):
+            start = time.perf_counter()
+            model.train()
+            if shuffle:
+                order = np.random.default_rng([seed, epoch]).permutation(n)
+                order_d = backend.asarray(order)
+            batch_losses = backend.zeros((n_batches,), dtype)
+            loss_sum = 0.0
+            with training_step_mode(model):
+                for b in range(n_batches):
+                    lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+                    m = hi - lo
+                    if shuffle:
+                        idx = order_d[lo:hi]
+                        xp.take(Xd, idx, axis=0, out=xb[:m])
+                        xp.take(yd, idx, axis=0, out=yb[:m])
+                        xs, ys = xb[:m], yb[:m]
+                    else:
+                        xs, ys = Xd[lo:hi], yd[lo:hi]
+                    optimizer.zero_grad()
+                    pred = model.forward(xs)
+                    loss = loss_fn.forward(pred, ys)
+                    if on_cpu:
+                        value = float(loss)
+                        if not math.isfinite(value):
+                            raise TrainingDiverged(
+                                f"fit: loss became {value} at epoch {epoch + 1}, batch {b + 1} of {n_batches}"
+                            )
+                        loss_sum += value * m
+                    else:
+                        batch_losses[b] = loss
+                    model.backward(loss_fn.backward())
+                    optimizer.step()
+                    if bar.bar is not None:
+                        bar.update(epoch, m, (lambda: loss_sum / hi) if on_cpu
+                                   else (lambda: float(batch_losses[:b + 1].mean())))
+            if not on_cpu:
+                losses = host_array(batch_losses)
+                bad = np.flatnonzero(~np.isfinite(losses))
+                if bad.size:
+                    raise TrainingDiverged(
+                        f"fit: loss became {losses[bad[0]]} at epoch {epoch + 1}, batch {bad[0] + 1} of {n_batches}"
+                    )
+                sizes = np.full(n_batches, batch_size, dtype=np.float64)
+                sizes[-1] = n - batch_size * (n_batches - 1)
+                loss_sum = float(np.dot(losses.astype(np.float64), sizes))
+            history.loss.append(loss_sum / n)
+            history.epochs_run += 1
+            train_seconds += time.perf_counter() - start  # validation is not counted
+            history.seconds = train_seconds
+            history.samples_per_second = n * history.epochs_run / train_seconds if train_seconds > 0 else 0.0
+            if val is not None:
+                history.val_loss.append(evaluate(model, loss_fn, *val, batch_size=max(batch_size, 1024)))
+            if stop_when is not None and stop_when(history):
+                break
+    finally:
+        bar.close()
+        model.train()
+    return history
+
+
+def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
+    """Mean loss over (X, y) in eval mode (weighted by samples)."""
+    backend = get_backend()
+    Xd, yd = (X, y) if backend.is_array(X) and backend.is_array(y) else _prepare(X, y, _model_dtype(model), "evaluate")
+    was_training = model.training
+    model.eval()
+    total, n = 0.0, len(Xd)
+    try:
+        with training_step_mode(model):
+            for lo in range(0, n, batch_size):
+                hi = min(lo + batch_size, n)
+                total += float(loss_fn.forward(model.forward(Xd[lo:hi]), yd[lo:hi])) * (hi - lo)
+    finally:
+        model.train(was_training)
+    return total / n
+
+
+def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
+    """Run ``model`` in eval mode over X in batches; returns a NumPy array."""
+    _check_positive_int("batch_size", batch_size)
+    backend = get_backend()
+    X = host_array(X) if not backend.is_array(X) else X
+    if X.ndim == 0 or len(X) == 0:
+        raise InputError(f"predict: X is empty (shape {tuple(X.shape)})")
+    Xd = backend.asarray(X, dtype=_model_dtype(model)) if not backend.is_array(X) else X
+    was_training = model.training
+    model.eval()
+    out = None
+    try:
+        with training_step_mode(model):
+            for lo in range(0, len(Xd), batch_size):
+                hi = min(lo + batch_size, len(Xd))
+                yb = host_array(model.forward(Xd[lo:hi]))
+                if out is None:
+                    out = np.empty((len(Xd),) + yb.shape[1:], dtype=yb.dtype)
+                out[lo:hi] = yb
+    finally:
+        model.train(was_training)
+    return out

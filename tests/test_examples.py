@@ -1,0 +1,32 @@
+"""Every script in examples/ runs and learns what it says it learns."""
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+# What each example must print for its problem to count as learned.
+EXPECT = {
+    "xor_relu.py": r"learned XOR: True",
+    "xor_sigmoid_until.py": r"stopped after \d+ epochs, squared error 0\.[0-2]",
+    "parity3_tanh.py": r"all correct: True",
+    "softmax_classifier.py": r"test accuracy 0\.(8[5-9]|9)",
+    "linear_regression.py": r"final loss 0\.00[23]",
+    "sum_of_squares.py": r"test MSE 0\.0[0-1]",
+}
+
+
+def test_every_example_is_listed():
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == sorted(EXPECT)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECT))
+def test_example_runs_and_learns(name):
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(EXPECT[name], result.stdout), result.stdout

@@ -146,15 +146,19 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
 
     history = History()
     bar = _Progress(progress, n * epochs, initial_epoch + epochs)
+    # Epoch e's batch order is the e-th permutation drawn from (seed): a
+    # resumed run (initial_epoch > 0) skips the ones already used.
+    shuffler = np.random.default_rng(seed)
+    for _ in range(initial_epoch if shuffle else 0):
+        shuffler.permutation(n)
+    batch_losses = None if on_cpu else backend.zeros((n_batches,), dtype)
     train_seconds = 0.0
+    model.train()
     try:
         for epoch in range(initial_epoch, initial_epoch + epochs):
             start = time.perf_counter()
-            model.train()
             if shuffle:
-                order = np.random.default_rng([seed, epoch]).permutation(n)
-                order_d = backend.asarray(order)
-            batch_losses = backend.zeros((n_batches,), dtype)
+                order_d = backend.asarray(shuffler.permutation(n))
             loss_sum = 0.0
             with training_step_mode(model):
                 for b in range(n_batches):
@@ -162,14 +166,13 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
                     m = hi - lo
                     if shuffle:
                         idx = order_d[lo:hi]
-                        xp.take(Xd, idx, axis=0, out=xb[:m])
-                        xp.take(yd, idx, axis=0, out=yb[:m])
-                        xs, ys = xb[:m], yb[:m]
+                        xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
+                        xp.take(Xd, idx, axis=0, out=xs)
+                        xp.take(yd, idx, axis=0, out=ys)
                     else:
                         xs, ys = Xd[lo:hi], yd[lo:hi]
                     optimizer.zero_grad()
-                    pred = model.forward(xs)
-                    loss = loss_fn.forward(pred, ys)
+                    loss = loss_fn.forward(model.forward(xs), ys)
                     if on_cpu:
                         value = float(loss)
                         if not math.isfinite(value):
@@ -178,7 +181,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
                             )
                         loss_sum += value * m
                     else:
-                        batch_losses[b] = loss
+                        batch_losses[b] = loss  # stays on the device: no sync per step
                     model.backward(loss_fn.backward())
                     optimizer.step()
                     if bar.bar is not None:
@@ -201,6 +204,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             history.samples_per_second = n * history.epochs_run / train_seconds if train_seconds > 0 else 0.0
             if val is not None:
                 history.val_loss.append(evaluate(model, loss_fn, *val, batch_size=max(batch_size, 1024)))
+                model.train()
             if stop_when is not None and stop_when(history):
                 break
     finally:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..backends import asarray, get_backend, get_default_dtype
+from ..backends.activations import get_activation
 from ..errors import ShapeError
 from ..random import generator
 from .init import initial_weight
@@ -64,8 +65,6 @@ class Linear(Module):
 
     def forward_fused(self, x, act, alpha):
         """``act(x @ W + b)`` with the bias and activation applied in place."""
-        from ..backends.activations import get_activation
-
         x = self._check_input(x)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)

@@ -30,6 +30,16 @@ class Loss:
             raise RuntimeError(f"{self.name}: backward() called before the loss was computed")
         return grad
 
+    def _grad_buffer(self, pred):
+        """Gradient buffer: reused inside fit; fresh outside it, since a caller
+        may keep what backward() returned."""
+        grad = self.__dict__.get("_grad") if in_step_mode() else None
+        backend = get_backend()
+        if grad is None or grad.shape != pred.shape or grad.dtype != pred.dtype \
+                or not backend.is_array(grad):
+            grad = backend.empty(pred.shape, pred.dtype)
+        return grad
+
     # ------------------------------------------------------------ checks
     def _pred(self, pred):
         backend = get_backend()
@@ -68,8 +78,11 @@ class MSELoss(Loss):
     def forward(self, pred, target):
         pred = self._pred(pred)
         target = self._same_shape_target(pred, target)
-        diff = pred - target
-        loss = (diff * diff).mean()
+        xp = get_backend().xp
+        diff = self._grad_buffer(pred)
+        xp.subtract(pred, target, out=diff)
+        flat = diff.reshape(-1)
+        loss = xp.dot(flat, flat) * pred.dtype.type(1.0 / diff.size)  # BLAS: no temporary
         diff *= pred.dtype.type(2.0 / diff.size)
         self._grad = diff
         return loss
@@ -155,12 +168,6 @@ class CrossEntropyLoss(Loss):
                 raise InputError(
                     f"{self.name}: labels must be in [0, {c - 1}] for {c} classes, got values in [{lo}, {hi}]"
                 )
-        # Inside fit the gradient buffer is reused; a caller outside it may keep
-        # what backward() returned, so it gets a fresh one.
-        grad = self.__dict__.get("_grad") if in_step_mode() else None
-        if grad is None or grad.shape != logits.shape or grad.dtype != logits.dtype \
-                or not backend.is_array(grad):
-            grad = backend.empty(logits.shape, logits.dtype)
-        loss, grad = backend.softmax_xent(logits, labels, grad_out=grad)
+        loss, grad = backend.softmax_xent(logits, labels, grad_out=self._grad_buffer(logits))
         self._grad = grad
         return loss

@@ -177,7 +177,7 @@ class Module:
         buffers = self.__dict__.get("_buffers")
         if buffers is None:
             buffers = self.__dict__["_buffers"] = {}
-        key = (tag, shape, np.dtype(dtype).str, backend.name)
+        key = (tag, shape, dtype)  # buffers are dropped when the model moves backend
         buf = buffers.get(key)
         if buf is None:
             buf = buffers[key] = backend.empty(shape, dtype)

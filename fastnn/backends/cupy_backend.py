@@ -1,0 +1,391 @@
+"""CuPy backend: CuPy arrays on an NVIDIA GPU, fused CUDA kernels for the hot ops.
+
+Only this module imports CuPy, and only when the backend is first created.
+The fused ops (bias_act, act_backward, softmax_xent, sgd/adam/rmsprop steps)
+launch the kernels in ``kernels/*.cu`` (contracts in kernels/README.md) for
+C-contiguous float32/float64 arrays and fall back to the generic
+``Backend`` implementation (``self.xp`` = cupy) for anything else.
+
+Why fused kernels: on a GPU a small net is bound by launch overhead (~5-10 us
+per op), so one launch per op (and one per optimizer buffer) is the speed.
+Nothing here synchronizes with the host: softmax_xent's loss stays a 0-d
+device array until the caller asks for it.
+"""
+from __future__ import annotations
+
+import functools
+import re
+import threading
+
+import numpy as np
+
+from ..errors import BackendUnavailable, FastnnError
+from . import kernel_sources
+from .activations import get_activation
+from .base import Backend, host_array
+
+_FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
+_LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
+# No FMA contraction: the optimizer kernels must round exactly like the NumPy
+# reference (mul, then add), or trajectories drift by an ulp per step.
+_COMPILE_OPTIONS = ("--fmad=false",)
+_BLOCK = 256  # threads per block of the elementwise (grid-stride) kernels
+_MAX_ROW_BLOCKS = 1 << 24  # softmax_xent walks further rows with a grid-stride loop
+_DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
+
+
+class GPUOutOfMemory(FastnnError, MemoryError):
+    """A CuPy op ran out of device memory; the message names the op and the size."""
+
+
+# ---------------------------------------------------------------- set-up
+def _one_line(exc: BaseException) -> str:
+    """``TypeName: first line of the message`` (reasons must fit on one line)."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+
+
+def _import_cupy():
+    try:
+        import cupy
+    except Exception as exc:  # ImportError, or a broken CUDA library load
+        raise BackendUnavailable(f"cupy: import failed ({_one_line(exc)})") from exc
+    return cupy
+
+
+def _probe_device(cupy) -> dict:
+    """Facts about the current CUDA device, or BackendUnavailable saying why not."""
+    try:
+        count = cupy.cuda.runtime.getDeviceCount()
+    except Exception as exc:  # no driver, driver too old for this CUDA, ...
+        raise BackendUnavailable(f"cupy: no usable CUDA driver ({_one_line(exc)})") from exc
+    if count <= 0:
+        raise BackendUnavailable("cupy: no CUDA device found")
+    try:
+        device_id = int(cupy.cuda.runtime.getDevice())
+        props = cupy.cuda.runtime.getDeviceProperties(device_id)
+        # A tiny elementwise op allocates, compiles with NVRTC and launches:
+        # it fails here, not mid-training, when any of the three is broken.
+        probe = cupy.arange(4, dtype=np.float32)
+        total = float((probe * 2).sum())
+    except Exception as exc:
+        raise BackendUnavailable(f"cupy: CUDA device unusable ({_one_line(exc)})") from exc
+    if total != 12.0:
+        raise BackendUnavailable(f"cupy: CUDA device computed 2*(0+1+2+3) = {total}, not 12")
+    name = props.get("name", b"unknown GPU")
+    if isinstance(name, bytes):
+        name = name.decode(errors="replace")
+    return {
+        "id": device_id,
+        "name": str(name).strip(),
+        "total_bytes": int(props.get("totalGlobalMem", 0)),
+        "sm_count": max(1, int(props.get("multiProcessorCount", 1))),
+    }
+
+
+def _row_threads(n_cols: int) -> int:
+    """Block size for one row of softmax_xent: ~4 columns per thread, 32..1024."""
+    threads = 32
+    while threads * 4 < n_cols and threads < 1024:
+        threads *= 2
+    return threads
+
+
+def _oom_guard(op: str, estimate):
+    """Turn CuPy's OutOfMemoryError inside ``op`` into GPUOutOfMemory.
+
+    ``estimate(*args, **kwargs)`` gives the bytes the op works on, used when
+    CuPy's message does not say how much was requested.
+    """
+
+    def decorate(method):
+        @functools.wraps(method)
+        def guarded(self, *args, **kwargs):
+            try:
+                return method(self, *args, **kwargs)
+            except self._oom_error as exc:
+                try:
+                    size = int(estimate(*args, **kwargs))
+                except Exception:  # never let the estimate hide the real error
+                    size = 0
+                raise self._memory_error(op, size, exc) from exc
+
+        return guarded
+
+    return decorate
+
+
+def _nbytes(*arrays) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)
+
+
+class CupyBackend(Backend):
+    name = "cupy"
+
+    def __init__(self):
+        cupy = _import_cupy()
+        info = _probe_device(cupy)
+        super().__init__(cupy)
+        self._device_id = info["id"]
+        self._device = f"cuda:{info['id']} ({info['name']}, {info['total_bytes'] / 2**30:.1f} GiB)"
+        # Enough blocks to fill every SM several times over; the kernels
+        # grid-stride over whatever is left.
+        self._max_blocks = info["sm_count"] * 32
+        self._oom_error = cupy.cuda.memory.OutOfMemoryError
+        self._functions: dict = {}
+
+    # ------------------------------------------------------------ arrays
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def asarray(self, x, dtype=None):
+        """Device array from NumPy arrays, lists, CuPy arrays or DLPack producers.
+
+        GPU-resident DLPack producers (torch CUDA tensors) are wrapped without
+        a copy; anything on the host is copied over once.
+        """
+        cupy = self.xp
+        if isinstance(x, cupy.ndarray):
+            return x if dtype is None else x.astype(dtype, copy=False)
+        if _on_gpu(x):
+            if type(x).__module__.split(".")[0] == "torch":
+                x = x.detach()  # a tensor that requires grad refuses to export
+            arr = cupy.from_dlpack(x)
+            return arr if dtype is None else arr.astype(dtype, copy=False)
+        if hasattr(x, "__cuda_array_interface__"):  # e.g. numba.cuda arrays
+            return cupy.asarray(x, dtype=dtype)
+        return cupy.asarray(host_array(x), dtype=dtype)
+
+    def to_numpy(self, x) -> np.ndarray:
+        if isinstance(x, self.xp.ndarray):
+            return x.get()
+        return host_array(x)
+
+    def synchronize(self) -> None:
+        """Wait until every queued kernel on this device has finished."""
+        self.xp.cuda.Device(self._device_id).synchronize()
+
+    def memory_info(self) -> tuple[int, int]:
+        """``(free, total)`` device memory in bytes (CuPy's pool counts as used)."""
+        free, total = self.xp.cuda.runtime.memGetInfo()
+        return int(free), int(total)
+
+    # ------------------------------------------------------------ kernels
+    def _kernel(self, filename: str, name: str):
+        """Compiled kernel ``name`` of ``kernels/<filename>``: compiled once per
+        process and device (and cached on disk by CuPy across processes)."""
+        key = (self.xp.cuda.Device().id, name)
+        fn = self._functions.get(key)
+        if fn is None:
+            with _compile_lock:
+                fn = self._functions.get(key)
+                if fn is None:
+                    fn = self._functions[key] = self._compile(filename, name)
+        return fn
+
+    def _compile(self, filename: str, name: str):
+        cupy = self.xp
+        module = _modules.get((cupy.cuda.Device().id, filename))
+        try:
+            if module is None:
+                module = cupy.RawModule(
+                    code=kernel_sources.read_kernel(filename), options=_COMPILE_OPTIONS
+                )
+                _modules[(cupy.cuda.Device().id, filename)] = module
+            return module.get_function(name)
+        except cupy.cuda.compiler.CompileException as exc:
+            raise RuntimeError(f"fastnn: compiling kernels/{filename} failed:\n{exc}") from exc
+
+    def _launch_1d(self, fn, n: int, args) -> None:
+        """Launch an elementwise grid-stride kernel over ``n`` elements."""
+        blocks = min((n + _BLOCK - 1) // _BLOCK, self._max_blocks)
+        fn((blocks,), (_BLOCK,), args)
+
+    def _fusable(self, *arrays, same_shape=True) -> bool:
+        """All arrays C-contiguous CuPy arrays of one float dtype, one size
+        (and one shape when asked), and not empty."""
+        first = arrays[0]
+        nd = self.xp.ndarray
+        if not isinstance(first, nd) or first.dtype not in _FLOATS or first.size == 0:
+            return False
+        for a in arrays:
+            if not (isinstance(a, nd) and a.dtype == first.dtype and a.flags.c_contiguous):
+                return False
+            if a.size != first.size or (same_shape and a.shape != first.shape):
+                return False
+        return True
+
+    def _memory_error(self, op: str, estimate: int, exc) -> GPUOutOfMemory:
+        match = re.search(r"allocating ([\d,]+) bytes", str(exc))
+        requested = int(match.group(1).replace(",", "")) if match else estimate
+        try:
+            free, total = self.memory_info()
+            where = f"{free / 2**30:.2f} GiB free of {total / 2**30:.1f} GiB on {self._device}"
+        except Exception:  # the device may be in a bad state: keep the message useful
+            where = self._device
+        return GPUOutOfMemory(
+            f"cupy {op}: out of GPU memory requesting {requested:,} bytes "
+            f"({where}); use a smaller batch or model"
+        )
+
+    # ------------------------------------------------------------ activations
+    @_oom_guard("bias_act", lambda z, *a, **k: _nbytes(z))
+    def bias_act(self, z, bias, act, alpha=0.0, out=None):
+        """``z += bias`` (z (N, F), bias (F,) or None), ``out = act(z)``; out may be z."""
+        if out is None:
+            out = z
+        code = get_activation(act).code  # ValueError for an unknown name
+        bias_ok = bias is None or (
+            self._fusable(bias) and bias.dtype == z.dtype and bias.shape == z.shape[-1:]
+        )
+        if z.ndim == 0 or not bias_ok or not self._fusable(z, out):
+            return super().bias_act(z, bias, act, alpha, out)
+        t = z.dtype.type
+        n_cols = z.shape[-1]
+        fn = self._kernel("bias_act.cu", f"bias_act_{_FLOATS[z.dtype]}")
+        self._launch_1d(fn, z.size, (
+            z, z if bias is None else bias, out, np.int64(z.size // n_cols), np.int64(n_cols),
+            np.int32(bias is not None), np.int32(code), t(alpha),
+        ))
+        return out
+
+    @_oom_guard("act_backward", lambda dy, *a, **k: 2 * _nbytes(dy))
+    def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):
+        """``out = dy * act'(.)`` from y (or ``pre``, the pre-activation); out may be dy."""
+        if out is None:
+            out = dy
+        spec = get_activation(act)
+        use_pre = pre is not None
+        needs_y = act in ("sigmoid", "tanh") or not use_pre
+        if (spec.needs_pre(alpha) and not use_pre) or (needs_y and y is None):
+            return super().act_backward(dy, y, act, pre, alpha, out)  # raises the clear error
+        y_arg = y if y is not None else pre
+        arrays = (dy, y_arg, out) + ((pre,) if use_pre else ())
+        if not self._fusable(*arrays):
+            return super().act_backward(dy, y, act, pre, alpha, out)
+        fn = self._kernel("act_backward.cu", f"act_backward_{_FLOATS[dy.dtype]}")
+        self._launch_1d(fn, dy.size, (
+            dy, y_arg, pre if use_pre else y_arg, out, np.int64(dy.size),
+            np.int32(spec.code), dy.dtype.type(alpha), np.int32(use_pre),
+        ))
+        return out
+
+    # ------------------------------------------------------------ losses
+    @_oom_guard("softmax_xent", lambda logits, *a, **k: _nbytes(logits) + 8 * logits.shape[0])
+    def softmax_xent(self, logits, labels, grad_out=None):
+        """Mean cross-entropy of logits (N, C) against int labels (N,).
+
+        Returns ``(loss, dlogits)``: loss a 0-d device array of logits' dtype
+        (no host sync), dlogits (N, C) = (softmax - onehot) / N, written to
+        ``grad_out`` when given (which may be ``logits`` itself).
+        """
+        cupy = self.xp
+        if not (self._fusable(logits) and logits.ndim == 2 and logits.shape[1] > 0):
+            return super().softmax_xent(logits, labels, grad_out)
+        n, c = logits.shape
+        dev_labels = self._device_labels(labels, n)
+        if dev_labels is None or not (grad_out is None or self._fusable(logits, grad_out)):
+            return super().softmax_xent(
+                logits, labels if dev_labels is None else dev_labels, grad_out
+            )
+        grad = cupy.empty_like(logits) if grad_out is None else grad_out
+        row_loss = cupy.empty((n,), dtype=logits.dtype)
+        suffix = f"{_FLOATS[logits.dtype]}_{_LABELS[dev_labels.dtype]}"
+        fn = self._kernel("softmax_xent.cu", f"softmax_xent_{suffix}")
+        fn((min(n, _MAX_ROW_BLOCKS),), (_row_threads(c),), (
+            logits, dev_labels, grad, row_loss, np.int64(n), np.int64(c),
+            logits.dtype.type(1.0 / n),
+        ))
+        # Per-row losses + a tree mean: deterministic, unlike atomicAdd.
+        return row_loss.mean(), grad
+
+    def _device_labels(self, labels, n: int):
+        """Labels as a contiguous int32/int64 device vector of length n, else None."""
+        cupy = self.xp
+        if not isinstance(labels, cupy.ndarray):
+            labels = self.asarray(labels)
+        if labels.shape != (n,) or labels.dtype.kind not in "iu":
+            return None
+        if labels.dtype not in _LABELS:
+            labels = labels.astype(np.int64)
+        return cupy.ascontiguousarray(labels)
+
+    # ------------------------------------------------------------ optimizers
+    # One launch per flat buffer; the math order is that of Backend.*_step
+    # (torch.optim's single-tensor path), see kernels/optim.cu.
+    @_oom_guard("sgd_step", lambda param, *a, **k: 2 * _nbytes(param))
+    def sgd_step(self, param, grad, buf, *, lr, momentum, dampening, nesterov,
+                 weight_decay, first_step):
+        use_momentum = bool(momentum)
+        arrays = (param, grad) + ((buf,) if use_momentum else ())
+        if not self._fusable(*arrays, same_shape=False):
+            return super().sgd_step(
+                param, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
+                nesterov=nesterov, weight_decay=weight_decay, first_step=first_step,
+            )
+        t = param.dtype.type
+        fn = self._kernel("optim.cu", f"sgd_{_FLOATS[param.dtype]}")
+        self._launch_1d(fn, param.size, (
+            param, grad, buf if use_momentum else grad, np.int64(param.size), t(lr),
+            t(momentum), t(1 - dampening), t(weight_decay), np.int32(bool(nesterov)),
+            np.int32(bool(first_step)), np.int32(use_momentum), np.int32(bool(weight_decay)),
+        ))
+
+    @_oom_guard("adam_step", lambda param, *a, **k: 3 * _nbytes(param))
+    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
+                  beta2, eps, weight_decay, decoupled):
+        if not self._fusable(param, grad, exp_avg, exp_avg_sq, same_shape=False):
+            return super().adam_step(
+                param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
+                beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
+            )
+        t = param.dtype.type
+        fn = self._kernel("optim.cu", f"adam_{_FLOATS[param.dtype]}")
+        # Host-side scalars in double, rounded once to the array dtype (as base.py).
+        self._launch_1d(fn, param.size, (
+            param, grad, exp_avg, exp_avg_sq, np.int64(param.size), t(1 - beta1), t(beta2),
+            t(1 - beta2), t(lr / (1 - beta1 ** step)), t((1 - beta2 ** step) ** 0.5), t(eps),
+            t(weight_decay), t(1 - lr * weight_decay), np.int32(bool(weight_decay)),
+            np.int32(bool(decoupled)),
+        ))
+
+    @_oom_guard("rmsprop_step", lambda param, *a, **k: 3 * _nbytes(param))
+    def rmsprop_step(self, param, grad, square_avg, *, lr, alpha, eps,
+                     weight_decay, momentum, buf, centered, grad_avg):
+        use_momentum = momentum > 0
+        arrays = (param, grad, square_avg) + ((buf,) if use_momentum else ()) + (
+            (grad_avg,) if centered else ()
+        )
+        if not self._fusable(*arrays, same_shape=False):
+            return super().rmsprop_step(
+                param, grad, square_avg, lr=lr, alpha=alpha, eps=eps,
+                weight_decay=weight_decay, momentum=momentum, buf=buf, centered=centered,
+                grad_avg=grad_avg,
+            )
+        t = param.dtype.type
+        fn = self._kernel("optim.cu", f"rmsprop_{_FLOATS[param.dtype]}")
+        self._launch_1d(fn, param.size, (
+            param, grad, square_avg, buf if use_momentum else param,
+            grad_avg if centered else param, np.int64(param.size), t(lr), t(alpha),
+            t(1 - alpha), t(eps), t(weight_decay), t(momentum), np.int32(bool(weight_decay)),
+            np.int32(bool(centered)), np.int32(use_momentum),
+        ))
+
+
+# Compiled RawModules, one per (device id, kernel file), shared by every
+# CupyBackend instance of the process; the lock keeps two threads from
+# compiling the same file at once.
+_modules: dict = {}
+_compile_lock = threading.Lock()
+
+
+def _on_gpu(x) -> bool:
+    """True for a DLPack producer whose data lives in CUDA device memory."""
+    probe = getattr(x, "__dlpack_device__", None)
+    if probe is None or not callable(probe):
+        return False
+    try:
+        return int(probe()[0]) in _DLPACK_ON_GPU
+    except Exception:
+        return False

@@ -1,0 +1,100 @@
+// fastnn_common.cuh: shared device helpers of the fused kernels.
+//
+// Activation codes follow fastnn/backends/activations.py (ACTIVATIONS):
+//   0 identity, 1 relu, 2 leaky_relu, 3 sigmoid, 4 tanh, 5 gelu (tanh approx.)
+// tests/test_cuda_kernels.py checks that these numbers match the Python table.
+//
+// No #include of system headers: NVRTC compiles this without a host toolchain,
+// and fastnn.backends.kernel_sources inlines this file into each .cu before it
+// reaches NVRTC (so CuPy's compile cache sees every byte of the source).
+#pragma once
+
+#define FASTNN_ACT_IDENTITY 0
+#define FASTNN_ACT_RELU 1
+#define FASTNN_ACT_LEAKY_RELU 2
+#define FASTNN_ACT_SIGMOID 3
+#define FASTNN_ACT_TANH 4
+#define FASTNN_ACT_GELU 5
+
+// GELU tanh approximation constants: sqrt(2/pi) and 0.044715 (as torch).
+#define FASTNN_GELU_C 0.7978845608028654
+#define FASTNN_GELU_K 0.044715
+
+// Overloads, so one template body calls the float or the double libm routine
+// (expf vs exp): float math must stay float, never be promoted to double.
+__device__ __forceinline__ float fn_exp(float x) { return expf(x); }
+__device__ __forceinline__ double fn_exp(double x) { return exp(x); }
+__device__ __forceinline__ float fn_log(float x) { return logf(x); }
+__device__ __forceinline__ double fn_log(double x) { return log(x); }
+__device__ __forceinline__ float fn_tanh(float x) { return tanhf(x); }
+__device__ __forceinline__ double fn_tanh(double x) { return tanh(x); }
+__device__ __forceinline__ float fn_sqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double fn_sqrt(double x) { return sqrt(x); }
+
+// First index and stride of a 1-D grid-stride loop, in 64-bit so buffers
+// with more than 2^31 elements are walked correctly.
+__device__ __forceinline__ long long fn_thread_index() {
+    return (long long)blockIdx.x * blockDim.x + threadIdx.x;
+}
+__device__ __forceinline__ long long fn_grid_stride() {
+    return (long long)gridDim.x * blockDim.x;
+}
+
+// y = act(x). NaN propagates through every activation (relu keeps a NaN
+// input, as numpy.maximum does).
+template <typename T>
+__device__ __forceinline__ T fn_act_forward(T x, int act, T alpha) {
+    const T zero = T(0);
+    const T one = T(1);
+    switch (act) {
+    case FASTNN_ACT_RELU:
+        return (x > zero || x != x) ? x : zero;
+    case FASTNN_ACT_LEAKY_RELU:
+        return x > zero ? x : x * alpha;
+    case FASTNN_ACT_SIGMOID:
+        // exp(-x) overflows to inf for x << 0 and 1/(1+inf) = 0: the right limit.
+        return one / (one + fn_exp(-x));
+    case FASTNN_ACT_TANH:
+        return fn_tanh(x);
+    case FASTNN_ACT_GELU: {
+        const T c = T(FASTNN_GELU_C);
+        const T k = T(FASTNN_GELU_K);
+        const T inner = c * (x + k * x * x * x);
+        return T(0.5) * x * (one + fn_tanh(inner));
+    }
+    default:  // identity
+        return x;
+    }
+}
+
+// dz = dy * act'(.): from the output y where that is exact (relu, leaky_relu
+// with alpha > 0, sigmoid, tanh), from the pre-activation x when use_pre is set
+// (always for gelu). Same formulas as the NumPy reference in activations.py.
+template <typename T>
+__device__ __forceinline__ T fn_act_backward(T g, T y, T x, int act, T alpha, int use_pre) {
+    const T zero = T(0);
+    const T one = T(1);
+    switch (act) {
+    case FASTNN_ACT_RELU: {
+        const T r = use_pre ? x : y;
+        return r > zero ? g : zero;
+    }
+    case FASTNN_ACT_LEAKY_RELU: {
+        const T r = use_pre ? x : y;
+        return r > zero ? g : g * alpha;
+    }
+    case FASTNN_ACT_SIGMOID:
+        return g * y * (one - y);
+    case FASTNN_ACT_TANH:
+        return g * (one - y * y);
+    case FASTNN_ACT_GELU: {
+        const T c = T(FASTNN_GELU_C);
+        const T k = T(FASTNN_GELU_K);
+        const T th = fn_tanh(c * (x + k * x * x * x));
+        const T d_inner = c * (one + T(3.0 * FASTNN_GELU_K) * x * x);
+        return g * (T(0.5) * (one + th) + T(0.5) * x * (one - th * th) * d_inner);
+    }
+    default:  // identity
+        return g;
+    }
+}

@@ -1,0 +1,111 @@
+// softmax_xent: fused, stable softmax + cross-entropy over logits (N, C).
+// Contract: kernels/README.md. Launch: one block per row (grid-stride over
+// rows), blockDim.x a multiple of 32 and at most 1024.
+#include "fastnn_common.cuh"
+
+__device__ __forceinline__ float fn_nan(float) { return __int_as_float(0x7fc00000); }
+__device__ __forceinline__ double fn_nan(double) {
+    return __longlong_as_double(0x7ff8000000000000LL);
+}
+
+// max that propagates NaN (a NaN logit must give a NaN loss, never be skipped).
+template <typename T>
+__device__ __forceinline__ T fn_max_nan(T a, T b) {
+    return (a > b || a != a) ? a : b;
+}
+
+template <typename T, bool IsMax>
+__device__ __forceinline__ T warp_reduce(T v) {
+    // Fixed butterfly order: the sum is deterministic run to run.
+    for (int offset = 16; offset > 0; offset >>= 1) {
+        const T other = __shfl_xor_sync(0xffffffffu, v, offset);
+        v = IsMax ? fn_max_nan<T>(v, other) : v + other;
+    }
+    return v;
+}
+
+// Reduce v over the block; every thread gets the result. smem: 32 slots.
+template <typename T, bool IsMax>
+__device__ T block_reduce(T v, T* smem) {
+    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5;
+    const int n_warps = (blockDim.x + 31) >> 5;
+    v = warp_reduce<T, IsMax>(v);
+    __syncthreads();  // smem may still be read by the previous reduction
+    if (lane == 0) smem[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        // Pad with a neutral value: smem[0] for max (a real partial), 0 for sum.
+        T r = lane < n_warps ? smem[lane] : (IsMax ? smem[0] : T(0));
+        r = warp_reduce<T, IsMax>(r);
+        if (lane == 0) smem[0] = r;
+    }
+    __syncthreads();
+    return smem[0];
+}
+
+// logits, grad: (n_rows, n_cols) row-major contiguous; grad may alias logits.
+// labels: (n_rows,) integers. row_loss: (n_rows,).
+// grad = (softmax(logits) - onehot(labels)) * inv_n (inv_n = 1/N of the mean);
+// row_loss[i] = log(sum_j exp(x_ij - max_i)) - (x_i,label - max_i).
+// A label outside [0, n_cols) gives a NaN row loss and no one-hot term (no
+// out-of-bounds read): the loss layer validates labels, this keeps memory safe.
+template <typename T, typename L>
+__device__ void softmax_xent_impl(const T* logits, const L* labels, T* grad,
+                                  T* row_loss, long long n_rows, long long n_cols,
+                                  T inv_n) {
+    __shared__ T smem[32];
+    for (long long row = blockIdx.x; row < n_rows; row += gridDim.x) {
+        const T* x = logits + row * n_cols;
+        T* g = grad + row * n_cols;
+        const long long label = (long long)labels[row];
+        const bool valid = label >= 0 && label < n_cols;
+        // Read before the first barrier: after it, grad (maybe == logits) is written.
+        const T picked = valid ? x[label] : T(0);
+
+        T m = x[0];
+        for (long long j = threadIdx.x; j < n_cols; j += blockDim.x) m = fn_max_nan<T>(m, x[j]);
+        m = block_reduce<T, true>(m, smem);
+
+        T s = T(0);
+        for (long long j = threadIdx.x; j < n_cols; j += blockDim.x) {
+            const T e = fn_exp(x[j] - m);
+            g[j] = e;  // kept for the next pass: saves a second exp
+            s += e;
+        }
+        s = block_reduce<T, false>(s, smem);
+
+        // Same order as the NumPy reference: e / s, minus one-hot, times 1/N.
+        for (long long j = threadIdx.x; j < n_cols; j += blockDim.x) {
+            T p = g[j] / s;
+            if (j == label) p = p - T(1);
+            g[j] = p * inv_n;
+        }
+        if (threadIdx.x == 0) row_loss[row] = valid ? fn_log(s) - (picked - m) : fn_nan(s);
+    }
+}
+
+// Explicit wrappers (no macros): every kernel name is greppable.
+extern "C" __global__ void softmax_xent_f32_i32(const float* logits, const int* labels,
+                                                float* grad, float* row_loss, long long n_rows,
+                                                long long n_cols, float inv_n) {
+    softmax_xent_impl<float, int>(logits, labels, grad, row_loss, n_rows, n_cols, inv_n);
+}
+
+extern "C" __global__ void softmax_xent_f32_i64(const float* logits, const long long* labels,
+                                                float* grad, float* row_loss, long long n_rows,
+                                                long long n_cols, float inv_n) {
+    softmax_xent_impl<float, long long>(logits, labels, grad, row_loss, n_rows, n_cols, inv_n);
+}
+
+extern "C" __global__ void softmax_xent_f64_i32(const double* logits, const int* labels,
+                                                double* grad, double* row_loss, long long n_rows,
+                                                long long n_cols, double inv_n) {
+    softmax_xent_impl<double, int>(logits, labels, grad, row_loss, n_rows, n_cols, inv_n);
+}
+
+extern "C" __global__ void softmax_xent_f64_i64(const double* logits, const long long* labels,
+                                                double* grad, double* row_loss, long long n_rows,
+                                                long long n_cols, double inv_n) {
+    softmax_xent_impl<double, long long>(logits, labels, grad, row_loss, n_rows, n_cols, inv_n);
+}

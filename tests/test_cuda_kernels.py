@@ -1,0 +1,597 @@
+"""The CUDA kernels (kernels/*.cu) and the CuPy backend that launches them.
+
+Three layers, from "runs anywhere" to "needs the GPU":
+
+1. Sources: kernel_sources finds every .cu; each compiles to PTX for sm_90 with
+   nvcc (no GPU needed; skipped without nvcc); the activation numbering and
+   the kernel names match the Python side and kernels/README.md.
+2. Launch contract, on the CPU: a fake ``cupy`` module (NumPy arrays, a
+   RawModule that parses the kernel signatures from the source it is given)
+   checks that CupyBackend passes every kernel arguments of exactly the C
+   types, and in the C order: each launch is emulated by name from the
+   signature and must reproduce the NumPy backend.
+3. GPU parity (``-m gpu``): every CupyBackend op against the NumPy backend on
+   random and edge inputs, float32 and float64; skipped with the reason from
+   ``fastnn.available_backends()["cupy"]`` when CuPy cannot run.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fastnn
+from fastnn.backends import kernel_sources
+from fastnn.backends.activations import ACTIVATIONS, GELU_C, GELU_K
+from fastnn.backends.numpy_backend import NumpyBackend
+from fastnn.errors import BackendUnavailable
+
+REPO = Path(__file__).resolve().parents[1]
+KERNEL_DIR = REPO / "kernels"
+CU_FILES = sorted(p.name for p in KERNEL_DIR.glob("*.cu"))
+FLOATS = (np.float32, np.float64)
+SUFFIX = {np.float32: "f32", np.float64: "f64"}
+ACTS = tuple(ACTIVATIONS)
+LEAKY_ALPHA = 0.1
+
+_SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+_C_TYPES = {  # C parameter type -> (is_pointer, numpy dtype)
+    "float*": (True, np.float32), "double*": (True, np.float64),
+    "int*": (True, np.int32), "long long*": (True, np.int64),
+    "float": (False, np.float32), "double": (False, np.float64),
+    "int": (False, np.int32), "long long": (False, np.int64),
+}
+
+
+def kernel_signatures(source: str) -> dict[str, list[tuple[str, str]]]:
+    """``{kernel name: [(C type, parameter name), ...]}`` of every extern "C" kernel."""
+    found = {}
+    for name, params in _SIGNATURE.findall(source):
+        parsed = []
+        for param in params.split(","):
+            words = param.replace("*", " * ").replace("const", " ").split()
+            ctype = " ".join(words[:-1]).replace(" *", "*")
+            parsed.append((ctype, words[-1]))
+        found[name] = parsed
+    return found
+
+
+def all_signatures() -> dict:
+    sigs = {}
+    for name in CU_FILES:
+        sigs.update(kernel_signatures(kernel_sources.read_kernel(name)))
+    return sigs
+
+
+# =========================================================== 1. sources
+def test_kernel_sources_finds_every_cu_file():
+    assert CU_FILES, "kernels/ has no .cu files"
+    assert kernel_sources.kernel_dir().resolve() == KERNEL_DIR.resolve()
+    assert kernel_sources.list_kernels() == CU_FILES
+    for name in CU_FILES:
+        text = kernel_sources.read_kernel(name)
+        assert kernel_sources.read_kernel(name[:-3]) == text  # ".cu" is optional
+        # Local headers are inlined: NVRTC gets one self-contained string.
+        assert not re.search(r'^\s*#\s*include\s*"', text, re.MULTILINE), name
+        assert text.count("fn_act_forward(T x") <= 1, f"{name}: header inlined twice"
+
+
+def test_kernel_sources_override_and_missing(tmp_path, monkeypatch):
+    (tmp_path / "only.cu").write_text('extern "C" __global__ void k() {}\n')
+    monkeypatch.setenv("FASTNN_KERNEL_DIR", str(tmp_path))
+    assert kernel_sources.kernel_dir() == tmp_path
+    assert kernel_sources.list_kernels() == ["only.cu"]
+    with pytest.raises(FileNotFoundError, match="no_such_kernel"):
+        kernel_sources.read_kernel("no_such_kernel")
+
+
+def test_activation_codes_match_python_table():
+    header = (KERNEL_DIR / "fastnn_common.cuh").read_text()
+    codes = {m[0].lower(): int(m[1]) for m in re.findall(r"#define FASTNN_ACT_(\w+) (\d+)", header)}
+    assert codes == {name: spec.code for name, spec in ACTIVATIONS.items()}
+    consts = dict(re.findall(r"#define FASTNN_GELU_(\w) ([0-9.]+)", header))
+    assert float(consts["C"]) == pytest.approx(GELU_C, rel=1e-15)
+    assert float(consts["K"]) == GELU_K
+
+
+def test_every_kernel_has_both_dtypes_and_is_documented():
+    sigs = all_signatures()
+    readme = (KERNEL_DIR / "README.md").read_text()
+    expected = {"bias_act", "act_backward", "sgd", "adam", "rmsprop"}
+    for base in expected:
+        assert {f"{base}_f32", f"{base}_f64"} <= set(sigs), base
+    for t in ("f32", "f64"):
+        for lab in ("i32", "i64"):
+            assert f"softmax_xent_{t}_{lab}" in sigs
+    for name, params in sigs.items():
+        assert all(ctype in _C_TYPES for ctype, _ in params), (name, params)
+        stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", name)
+        assert stem in readme, f"kernels/README.md does not document {name}"
+
+
+@pytest.fixture(scope="module")
+def nvcc():
+    path = shutil.which("nvcc")
+    if path is None:
+        pytest.skip("nvcc not on PATH: cannot compile the CUDA kernels here")
+    return path
+
+
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvcc_compiles_to_ptx_for_sm90(nvcc, filename, tmp_path):
+    """The file itself and the inlined text NVRTC will get both compile."""
+    inlined = tmp_path / filename  # alone in tmp_path: no header to find
+    inlined.write_text(kernel_sources.read_kernel(filename))
+    for source in (KERNEL_DIR / filename, inlined):
+        ptx = tmp_path / f"{source.parent.name}-{filename}.ptx"
+        proc = subprocess.run(
+            [nvcc, "--ptx", "-arch=sm_90", "--fmad=false", "-o", str(ptx), str(source)],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, f"nvcc failed on {source}:\n{proc.stderr}"
+        text = ptx.read_text()
+        for kernel in kernel_signatures(inlined.read_text()):
+            assert re.search(rf"\.entry\s+{kernel}\s*\(", text), f"{kernel} missing in PTX"
+        if filename == "optim.cu":
+            # Parity with the NumPy reference depends on it: no fused multiply-add.
+            assert not re.search(r"\bfma\.", text), "optim.cu PTX contains FMA"
+
+
+# =========================================================== 2. launch contract (CPU)
+def _act_by_code(code):
+    return next(a for a in ACTIVATIONS.values() if a.code == code)
+
+
+def _emulate(kernel: str, a: dict) -> None:
+    """Run kernel ``kernel`` in NumPy, reading arguments by their C names."""
+    stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", kernel)
+    flat = {k: v.reshape(-1) for k, v in a.items() if isinstance(v, np.ndarray)}
+    if stem == "bias_act":
+        z = a["z"].reshape(int(a["n_rows"]), int(a["n_cols"]))
+        if a["has_bias"]:
+            z += a["bias"]
+        spec = _act_by_code(int(a["act"]))
+        a["out"].reshape(z.shape)[...] = spec.forward(np, z, a["alpha"])
+    elif stem == "act_backward":
+        n, spec = int(a["n"]), _act_by_code(int(a["act"]))
+        pre = flat["pre"][:n] if a["use_pre"] else None
+        y = None if spec.name == "gelu" else flat["y"][:n]
+        flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
+    elif stem == "softmax_xent":
+        x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
+        rows = np.arange(x.shape[0])
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=1, keepdims=True)
+        a["row_loss"][...] = np.log(s[:, 0]) - (x[rows, a["labels"]] - m[:, 0])
+        g = e / s
+        g[rows, a["labels"]] -= 1
+        a["grad"].reshape(x.shape)[...] = g * a["inv_n"]
+    elif stem == "sgd":
+        p, g, buf = flat["param"], flat["grad"].copy(), flat["buf"]
+        if a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        if a["use_momentum"]:
+            buf[...] = g if a["first_step"] else buf * a["momentum"] + a["dampening_c"] * g
+            g = g + a["momentum"] * buf if a["nesterov"] else buf
+        p -= a["lr"] * g
+    elif stem == "adam":
+        p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
+        if a["decoupled"]:
+            p *= a["decay_factor"]
+        elif a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        m += a["one_minus_b1"] * (g - m)
+        v[...] = v * a["beta2"] + a["one_minus_b2"] * g * g
+        p -= a["step_size"] * (m / (np.sqrt(v) / a["bc2_sqrt"] + a["eps"]))
+    elif stem == "rmsprop":
+        p, g, sq = flat["param"], flat["grad"], flat["square_avg"]
+        if a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        sq[...] = sq * a["alpha"] + a["one_minus_alpha"] * g * g
+        if a["centered"]:
+            ga = flat["grad_avg"]
+            ga += a["one_minus_alpha"] * (g - ga)
+            avg = np.sqrt(sq - ga * ga) + a["eps"]
+        else:
+            avg = np.sqrt(sq) + a["eps"]
+        if a["use_momentum"]:
+            flat["buf"][...] = flat["buf"] * a["momentum"] + g / avg
+            p -= a["lr"] * flat["buf"]
+        else:
+            p -= a["lr"] * (g / avg)
+    else:
+        raise AssertionError(f"no emulation for kernel {kernel}")
+
+
+class _FakeFunction:
+    def __init__(self, name, params, launches):
+        self.name, self.params, self.launches = name, params, launches
+
+    def __call__(self, grid, block, args):
+        assert len(grid) >= 1 and all(int(g) >= 1 for g in grid), (self.name, grid)
+        assert 1 <= block[0] <= 1024, (self.name, block)
+        if self.name.startswith("softmax_xent"):
+            assert block[0] % 32 == 0, "block reductions need whole warps"
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} args for {self.params}"
+        named = {}
+        for value, (ctype, pname) in zip(args, self.params):
+            is_ptr, dtype = _C_TYPES[ctype]
+            if is_ptr:
+                assert isinstance(value, np.ndarray), f"{self.name}.{pname}: not an array"
+                assert value.dtype == dtype and value.flags.c_contiguous, (self.name, pname, value.dtype)
+            else:
+                assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
+            named[pname] = value
+        self.launches.append(self.name)
+        _emulate(self.name, named)
+
+
+def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
+    """A ``cupy`` stand-in built on NumPy, enough for CupyBackend."""
+    fake = types.ModuleType("cupy")
+    fake.__getattr__ = lambda name: getattr(np, name)  # the array API is NumPy's
+
+    def arange(*args, **kwargs):
+        if probe_error is not None:
+            raise probe_error
+        return np.arange(*args, **kwargs)
+
+    def get_device_count():
+        if count_error is not None:
+            raise count_error
+        return device_count
+
+    class Device:
+        def __init__(self, device_id=0):
+            self.id = device_id
+
+        def synchronize(self):
+            pass
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            assert "--fmad=false" in options
+            self.sigs = kernel_signatures(code)
+
+        def get_function(self, name):
+            return _FakeFunction(name, self.sigs[name], launches)
+
+    fake.arange = arange
+    fake.RawModule = RawModule
+    fake.cuda = types.SimpleNamespace(
+        runtime=types.SimpleNamespace(
+            getDeviceCount=get_device_count, getDevice=lambda: 0,
+            getDeviceProperties=lambda i: {
+                "name": b"Fake GPU", "totalGlobalMem": 80 * 2**30, "multiProcessorCount": 4,
+            },
+            memGetInfo=lambda: (2**30, 80 * 2**30),
+        ),
+        Device=Device,
+        memory=types.SimpleNamespace(OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {})),
+        compiler=types.SimpleNamespace(CompileException=type("CompileException", (Exception,), {})),
+    )
+    return fake
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """(CupyBackend on the fake cupy, list of launched kernel names)."""
+    from fastnn.backends import cupy_backend
+
+    launches: list[str] = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches))
+    monkeypatch.setattr(cupy_backend, "_modules", {})  # never leak fakes to a real GPU run
+    return cupy_backend.CupyBackend(), launches
+
+
+@pytest.mark.parametrize("setup, reason", [
+    (dict(count_error=RuntimeError("cudaErrorInsufficientDriver: driver too old\nmore")),
+     "cupy: no usable CUDA driver (RuntimeError: cudaErrorInsufficientDriver: driver too old)"),
+    (dict(device_count=0), "cupy: no CUDA device found"),
+    (dict(probe_error=OSError("libnvrtc.so.13: cannot open shared object file")),
+     "cupy: CUDA device unusable (OSError: libnvrtc.so.13: cannot open shared object file)"),
+])
+def test_unusable_cuda_gives_one_line_reason(monkeypatch, setup, reason):
+    from fastnn.backends import cupy_backend
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([], **setup))
+    with pytest.raises(BackendUnavailable) as info:
+        cupy_backend.CupyBackend()
+    assert str(info.value) == reason
+
+
+def test_cupy_import_failure_gives_one_line_reason(monkeypatch):
+    from fastnn.backends import cupy_backend
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
+    with pytest.raises(BackendUnavailable, match=r"^cupy: import failed \((ModuleNotFound|Import)Error") as info:
+        cupy_backend.CupyBackend()
+    assert "\n" not in str(info.value)
+
+
+def test_fake_backend_device_and_memory(fake_gpu):
+    gpu, _ = fake_gpu
+    assert gpu.device == "cuda:0 (Fake GPU, 80.0 GiB)"
+    assert gpu.memory_info() == (2**30, 80 * 2**30)
+    gpu.synchronize()
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ACTS)
+def test_launch_args_bias_act_and_backward(fake_gpu, act, dtype):
+    gpu, launches = fake_gpu
+    ref = NumpyBackend()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 5)).astype(dtype)
+    bias = rng.standard_normal(5).astype(dtype)
+    z_gpu, z_ref = x.copy(), x.copy()
+    y_gpu = gpu.bias_act(z_gpu, bias, act, LEAKY_ALPHA, out=np.empty_like(x))
+    y_ref = ref.bias_act(z_ref, bias, act, LEAKY_ALPHA, out=np.empty_like(x))
+    assert launches == [f"bias_act_{SUFFIX[dtype]}"]
+    np.testing.assert_allclose(z_gpu, z_ref, rtol=1e-6)
+    np.testing.assert_allclose(y_gpu, y_ref, rtol=1e-5, atol=1e-6)
+    dy = rng.standard_normal(x.shape).astype(dtype)
+    for pre in (None, z_ref):
+        if pre is None and act == "gelu":
+            continue
+        got = gpu.act_backward(dy.copy(), y_ref, act, pre, LEAKY_ALPHA)
+        want = ref.act_backward(dy.copy(), y_ref, act, pre, LEAKY_ALPHA)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert launches[-1].startswith("act_backward_")
+
+
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype):
+    gpu, launches = fake_gpu
+    rng = np.random.default_rng(2)
+    logits = rng.standard_normal((9, 4)).astype(dtype)
+    labels = rng.integers(0, 4, 9).astype(label_dtype)
+    loss, grad = gpu.softmax_xent(logits, labels)
+    want_loss, want_grad = NumpyBackend().softmax_xent(logits, labels.astype(np.int64))
+    assert launches and launches[-1].startswith("softmax_xent_")
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+OPTIM_CASES = [
+    ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)),
+    ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01)),
+    ("sgd", dict(lr=0.05, momentum=0.9, dampening=0.0, nesterov=True, weight_decay=0.0)),
+    ("adam", dict(lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, decoupled=False)),
+    ("adam", dict(lr=1e-2, beta1=0.8, beta2=0.99, eps=1e-6, weight_decay=0.1, decoupled=False)),
+    ("adam", dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, decoupled=True)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0, momentum=0.0, centered=False)),
+    ("rmsprop", dict(lr=1e-2, alpha=0.9, eps=1e-6, weight_decay=0.1, momentum=0.9, centered=True)),
+]
+
+
+def run_optimizer(backend, kind, hyper, param, grads):
+    """Apply ``len(grads)`` steps of optimizer ``kind``; returns the buffers."""
+    state = {k: backend.zeros(param.shape, param.dtype)
+             for k in ("buf", "exp_avg", "exp_avg_sq", "square_avg", "grad_avg")}
+    for step, grad in enumerate(grads, start=1):
+        if kind == "sgd":
+            backend.sgd_step(param, grad, state["buf"], first_step=step == 1, **hyper)
+        elif kind == "adam":
+            backend.adam_step(param, grad, state["exp_avg"], state["exp_avg_sq"], step=step, **hyper)
+        else:
+            backend.rmsprop_step(param, grad, state["square_avg"], buf=state["buf"],
+                                 grad_avg=state["grad_avg"], **hyper)
+    return {"param": param, **state}
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind, hyper", OPTIM_CASES)
+def test_launch_args_optimizers(fake_gpu, kind, hyper, dtype):
+    """Same bits as the NumPy backend: the emulation follows the C signature,
+    so a swapped argument or a wrong host constant shows up here."""
+    gpu, launches = fake_gpu
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(33).astype(dtype)
+    grads = [rng.standard_normal(33).astype(dtype) for _ in range(4)]
+    got = run_optimizer(gpu, kind, hyper, p0.copy(), [g.copy() for g in grads])
+    want = run_optimizer(NumpyBackend(), kind, hyper, p0.copy(), [g.copy() for g in grads])
+    assert launches == [f"{kind}_{SUFFIX[dtype]}"] * len(grads)
+    for key in want:
+        np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_fallback_for_non_contiguous_launches_nothing(fake_gpu):
+    gpu, launches = fake_gpu
+    z = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    want = np.maximum(z, 0)
+    np.testing.assert_array_equal(gpu.bias_act(z, None, "relu", out=np.empty_like(z)), want)
+    assert launches == []
+
+
+# =========================================================== 3. GPU parity
+gpu_mark = pytest.mark.gpu
+TOL = {np.float32: dict(rtol=2e-5, atol=1e-6), np.float64: dict(rtol=1e-12, atol=1e-14)}
+KINDS = ("random", "zeros", "large", "tiny")
+
+
+@pytest.fixture(scope="module")
+def gpu():
+    reason = fastnn.available_backends()["cupy"]
+    if reason is not None:
+        pytest.skip(reason)
+    from fastnn.backends.cupy_backend import CupyBackend
+
+    return CupyBackend()
+
+
+def make_input(kind, shape, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal(shape)
+    scale = {"random": 1.0, "zeros": 0.0, "large": 1e4, "tiny": 1e-30}[kind]
+    return (base * scale).astype(dtype)
+
+
+def to_host(x):
+    return x.get() if hasattr(x, "get") else np.asarray(x)
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(37, 53), (4, 5, 6)])
+def test_gpu_bias_act_matches_numpy(gpu, act, kind, dtype, shape):
+    ref = NumpyBackend()
+    x = make_input(kind, shape, dtype)
+    bias = make_input("random", shape[-1:], dtype, seed=1)
+    for b in (bias, None):
+        for separate_out in (False, True):
+            z_ref = x.copy()
+            y_ref = ref.bias_act(z_ref, b, act, LEAKY_ALPHA,
+                                 out=np.empty_like(x) if separate_out else None)
+            z = gpu.asarray(x)
+            out = gpu.xp.empty_like(z) if separate_out else None
+            y = gpu.bias_act(z, None if b is None else gpu.asarray(b), act, LEAKY_ALPHA, out=out)
+            assert y.dtype == dtype and (separate_out or y is z)
+            np.testing.assert_allclose(to_host(z), z_ref, **TOL[dtype])
+            np.testing.assert_allclose(to_host(y), y_ref, **TOL[dtype])
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_bias_act_propagates_nan(gpu, dtype):
+    x = np.array([[np.nan, 1.0, -1.0]], dtype=dtype)
+    for act in ACTS:
+        y = to_host(gpu.bias_act(gpu.asarray(x), None, act, LEAKY_ALPHA))
+        assert np.isnan(y[0, 0]), act
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_act_backward_matches_numpy(gpu, act, kind, dtype):
+    ref = NumpyBackend()
+    x = make_input(kind, (41, 29), dtype)
+    y = ACTIVATIONS[act].forward(np, x, LEAKY_ALPHA).astype(dtype)
+    dy = make_input("random", x.shape, dtype, seed=2)
+    for pre in (None, x):
+        if pre is None and ACTIVATIONS[act].needs_pre(LEAKY_ALPHA):
+            continue
+        want = ref.act_backward(dy.copy(), y, act, pre, LEAKY_ALPHA)
+        for in_place in (True, False):
+            d = gpu.asarray(dy)
+            out = None if in_place else gpu.xp.empty_like(d)
+            got = gpu.act_backward(d, gpu.asarray(y), act,
+                                   None if pre is None else gpu.asarray(pre), LEAKY_ALPHA, out=out)
+            assert got.dtype == dtype and (not in_place or got is d)
+            np.testing.assert_allclose(to_host(got), want, **TOL[dtype])
+
+
+@gpu_mark
+def test_gpu_act_backward_gelu_without_pre_is_an_error(gpu):
+    y = gpu.asarray(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match="pre-activation"):
+        gpu.act_backward(y.copy(), y, "gelu")
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
+@pytest.mark.parametrize("shape", [(64, 10), (3, 1000), (5, 3000), (2, 1)])
+def test_gpu_softmax_xent_matches_numpy(gpu, shape, label_dtype, kind, dtype):
+    cupy = gpu.xp
+    logits = make_input(kind, shape, dtype)
+    labels = np.random.default_rng(4).integers(0, shape[1], shape[0]).astype(label_dtype)
+    want_loss, want_grad = NumpyBackend().softmax_xent(logits, labels)
+    for mode in ("fresh", "grad_out", "alias"):
+        lg = gpu.asarray(logits)
+        grad_out = {"fresh": None, "grad_out": cupy.empty_like(lg), "alias": lg}[mode]
+        loss, grad = gpu.softmax_xent(lg, gpu.asarray(labels), grad_out=grad_out)
+        # The loss stays on the device: a 0-d array of the logits' dtype.
+        assert isinstance(loss, cupy.ndarray) and loss.ndim == 0 and loss.dtype == dtype
+        assert grad.dtype == dtype and grad.shape == shape
+        if grad_out is not None:
+            assert grad is grad_out
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=TOL[dtype]["rtol"] * 10,
+                                   atol=TOL[dtype]["atol"])
+        np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
+
+
+@gpu_mark
+def test_gpu_softmax_xent_nan_logit_gives_nan_loss(gpu):
+    logits = np.zeros((3, 4), np.float32)
+    logits[1, 2] = np.nan
+    loss, _ = gpu.softmax_xent(gpu.asarray(logits), gpu.asarray(np.array([0, 1, 2])))
+    assert np.isnan(float(loss))
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind, hyper", OPTIM_CASES)
+def test_gpu_optimizers_match_numpy_bit_for_bit(gpu, kind, hyper, dtype):
+    """Same operation order, no FMA (--fmad=false), IEEE div/sqrt: same bits."""
+    rng = np.random.default_rng(5)
+    p0 = rng.standard_normal(10_007).astype(dtype)
+    grads = [rng.standard_normal(10_007).astype(dtype) for _ in range(5)]
+    grads[2][:10] = 0.0  # exact zeros and tiny values in the mix
+    grads[3][:10] = dtype(1e-30)
+    want = run_optimizer(NumpyBackend(), kind, hyper, p0.copy(), [g.copy() for g in grads])
+    got = run_optimizer(gpu, kind, hyper, gpu.asarray(p0), [gpu.asarray(g) for g in grads])
+    for key in want:
+        assert got[key].dtype == dtype
+        np.testing.assert_array_equal(to_host(got[key]), want[key], err_msg=key)
+
+
+@gpu_mark
+def test_gpu_asarray_accepts_host_device_and_dlpack(gpu):
+    cupy = gpu.xp
+    host = np.arange(6, dtype=np.float32).reshape(2, 3)
+    dev = gpu.asarray(host)
+    assert isinstance(dev, cupy.ndarray) and dev.dtype == np.float32
+    assert gpu.asarray(dev) is dev
+    assert gpu.asarray([[1, 2], [3, 4]]).shape == (2, 2)
+    assert gpu.asarray(dev, dtype=np.float64).dtype == np.float64
+    np.testing.assert_array_equal(gpu.to_numpy(dev), host)
+    assert isinstance(gpu.to_numpy(dev), np.ndarray)
+    torch = pytest.importorskip("torch")
+    t_cpu = torch.arange(4, dtype=torch.float32)
+    np.testing.assert_array_equal(gpu.to_numpy(gpu.asarray(t_cpu)), np.arange(4))
+    if torch.cuda.is_available():
+        t_gpu = torch.ones(3, device="cuda", requires_grad=True)
+        arr = gpu.asarray(t_gpu)
+        assert isinstance(arr, cupy.ndarray)
+        np.testing.assert_array_equal(gpu.to_numpy(arr), np.ones(3))
+
+
+@gpu_mark
+def test_gpu_device_string_and_memory_info(gpu):
+    assert re.fullmatch(r"cuda:\d+ \(.+, \d+\.\d GiB\)", gpu.device), gpu.device
+    free, total = gpu.memory_info()
+    assert 0 < free <= total
+    gpu.synchronize()
+
+
+@gpu_mark
+def test_gpu_out_of_memory_names_op_and_size(gpu):
+    from fastnn.backends.cupy_backend import GPUOutOfMemory
+
+    cupy = gpu.xp
+    logits = cupy.zeros((2048, 1024), dtype=cupy.float32)
+    labels = cupy.zeros(2048, dtype=cupy.int64)
+    pool = cupy.get_default_memory_pool()
+    old_limit = pool.get_limit()
+    pool.free_all_blocks()  # cached free blocks could otherwise serve the request
+    pool.set_limit(size=pool.used_bytes() + 1024)  # nothing more fits
+    try:
+        with pytest.raises(MemoryError) as info:
+            gpu.softmax_xent(logits, labels)
+    finally:
+        pool.set_limit(size=old_limit)
+    assert isinstance(info.value, GPUOutOfMemory)
+    assert "softmax_xent" in str(info.value) and "bytes" in str(info.value)

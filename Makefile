@@ -25,3 +25,7 @@ bench: $(PY)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+
+# Whole test suite on a GPU machine with its preinstalled packages; report in bench/results/.
+gpu-check:
+	PYTHON=$(PYTHON) bash bench/gpu_check.sh

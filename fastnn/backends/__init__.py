@@ -157,18 +157,18 @@ def get_default_dtype() -> np.dtype:
 
 
 def asarray(x, dtype=None):
-    """``x`` as an array of the current backend; floats -> default dtype, ints kept."""
+    """``x`` as an array of the current backend; floats -> default dtype, ints kept.
+
+    Device arrays (and DLPack producers such as torch tensors) go straight to
+    the backend, never through the host.
+    """
     backend = get_backend()
-    if dtype is None:
-        if backend.is_array(x):
-            if x.dtype.kind == "f" and x.dtype != _default_dtype:
-                return x.astype(_default_dtype)
-            return x
-        host = host_array(x)
-        if host.dtype.kind == "f" or host.dtype == object:
-            dtype = _default_dtype
-        return backend.asarray(host, dtype=dtype)
-    return backend.asarray(x, dtype=dtype)
+    if dtype is not None:
+        return backend.asarray(x, dtype=dtype)
+    arr = x if backend.is_array(x) else backend.asarray(x)
+    if arr.dtype.kind == "f" and arr.dtype != _default_dtype:
+        arr = arr.astype(_default_dtype)
+    return arr
 
 
 def to_numpy(x) -> np.ndarray:

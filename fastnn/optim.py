@@ -29,6 +29,7 @@ class _FlatGroup:
             offsets.append(total)
             total += -(-p.size // _ALIGN) * _ALIGN
         self.size = total
+        self.offsets = offsets
         self.data = backend.zeros((total,), self.dtype)
         self.grad = backend.zeros((total,), self.dtype)
         self.data_views, self.grad_views = [], []
@@ -70,6 +71,11 @@ class _FlatGroup:
             if p.grad is not gv:
                 p.grad = gv
             p._grad_zero = True
+
+
+def _shapes(params) -> str:
+    """The parameter shapes of a group, e.g. ``"(2, 3) (3,)"`` (stored in state dicts)."""
+    return " ".join(str(p.shape) for p in params)
 
 
 class Optimizer:
@@ -124,6 +130,7 @@ class Optimizer:
         for name in self.hyper_names:
             state[name] = np.array(getattr(self, name))
         for gi, g in enumerate(self.groups):
+            state[f"shapes.{gi}"] = np.array(_shapes(g.params))
             for name, buf in g.state.items():
                 state[f"{name}.{gi}"] = np.array(host_array(buf), copy=True)
         return state
@@ -132,12 +139,15 @@ class Optimizer:
         kind = str(host_array(state.get("type", type(self).__name__)))
         if kind != type(self).__name__:
             raise InputError(f"{type(self).__name__}.load_state_dict: state is from {kind}")
-        self.step_count = int(host_array(state["step"]))
-        for name in self.hyper_names:
-            if name in state:
-                value = host_array(state[name])
-                setattr(self, name, value.item() if value.ndim == 0 else tuple(value.tolist()))
+        # Validate everything before changing anything. Padded flat buffers of two
+        # different models can have the same length, so the shapes are compared too.
         for gi, g in enumerate(self.groups):
+            saved = state.get(f"shapes.{gi}")
+            if saved is not None and str(host_array(saved)) != _shapes(g.params):
+                raise InputError(
+                    f"{type(self).__name__}.load_state_dict: the state is for parameters "
+                    f"{str(host_array(saved))}, this optimizer has {_shapes(g.params)} (different model?)"
+                )
             for name, buf in g.state.items():
                 value = host_array(state[f"{name}.{gi}"])
                 if value.shape != buf.shape:
@@ -145,7 +155,14 @@ class Optimizer:
                         f"{type(self).__name__}.load_state_dict: {name}.{gi} has shape "
                         f"{value.shape}, expected {buf.shape} (different model?)"
                     )
-                buf[...] = g.backend.asarray(value, dtype=buf.dtype)
+        self.step_count = int(host_array(state["step"]))
+        for name in self.hyper_names:
+            if name in state:
+                value = host_array(state[name])
+                setattr(self, name, value.item() if value.ndim == 0 else tuple(value.tolist()))
+        for gi, g in enumerate(self.groups):
+            for name, buf in g.state.items():
+                buf[...] = g.backend.asarray(host_array(state[f"{name}.{gi}"]), dtype=buf.dtype)
 
     def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.hyper_names)

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import get_backend, host_array
+from .compiled import run_epochs
 from .errors import DTypeError, InputError, ShapeError, TrainingDiverged
 from .nn.module import Module, training_step_mode
 from .random import generator
@@ -76,9 +77,9 @@ def _prepare(X, y, dtype, what: str):
     return Xd, yd
 
 
-def _check_positive_int(name, value, minimum=1):
+def _check_positive_int(name, value, minimum=1, where="fit"):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"fit: {name} must be an int >= {minimum}, got {value!r}")
+        raise InputError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
 
 
 class _Progress:
@@ -152,54 +153,83 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     for _ in range(initial_epoch if shuffle else 0):
         shuffler.permutation(n)
     batch_losses = None if on_cpu else backend.zeros((n_batches,), dtype)
+    sizes = np.full(n_batches, batch_size, dtype=np.float64)
+    sizes[-1] = n - batch_size * (n_batches - 1)
+
+    def diverged(value, epoch, b):
+        return TrainingDiverged(
+            f"fit: loss became {value} at epoch {epoch + 1}, batch {b + 1} of {n_batches}"
+        )
+
+    def run_epoch(epoch: int) -> float:
+        """One epoch on the ordinary (per-op) path; returns the mean loss."""
+        if shuffle:
+            order_d = backend.asarray(shuffler.permutation(n))
+        loss_sum = 0.0
+        with training_step_mode(model):
+            for b in range(n_batches):
+                lo, hi = b * batch_size, min((b + 1) * batch_size, n)
+                m = hi - lo
+                if shuffle:
+                    idx = order_d[lo:hi]
+                    xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
+                    xp.take(Xd, idx, axis=0, out=xs)
+                    xp.take(yd, idx, axis=0, out=ys)
+                else:
+                    xs, ys = Xd[lo:hi], yd[lo:hi]
+                optimizer.zero_grad()
+                loss = loss_fn.forward(model.forward(xs), ys)
+                if on_cpu:
+                    value = float(loss)
+                    if not math.isfinite(value):
+                        raise diverged(value, epoch, b)
+                    loss_sum += value * m
+                else:
+                    batch_losses[b] = loss  # stays on the device: no sync per step
+                model.backward(loss_fn.backward())
+                optimizer.step()
+                if bar.bar is not None:
+                    bar.update(epoch, m, (lambda: loss_sum / hi) if on_cpu
+                               else (lambda: float(batch_losses[:b + 1].mean())))
+        if not on_cpu:
+            losses = host_array(batch_losses)
+            bad = np.flatnonzero(~np.isfinite(losses))
+            if bad.size:
+                raise diverged(losses[bad[0]], epoch, int(bad[0]))
+            loss_sum = float(np.dot(losses.astype(np.float64), sizes))
+        return loss_sum / n
+
+    def run_compiled(epoch: int, count: int) -> list:
+        """``count`` epochs in one compiled call; returns their mean losses."""
+        orders = np.tile(np.arange(n), (count, 1))
+        if shuffle:  # row by row, the same draws as ``count`` permutation(n) calls
+            orders = shuffler.permuted(orders, axis=1)
+        losses = run_epochs(plan, optimizer, Xd, yd, orders, batch_size)
+        if len(losses) < count * n_batches or not np.isfinite(losses[-1]):
+            k = len(losses) - 1
+            raise diverged(losses[k], epoch + k // n_batches, k % n_batches)
+        return list(losses.reshape(count, n_batches) @ sizes / n)
+
+    plan = _compiled_plan(model, loss_fn, optimizer, Xd, yd)
+    # Return to Python after every epoch only when something must run there.
+    per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
     model.train()
     try:
-        for epoch in range(initial_epoch, initial_epoch + epochs):
+        epoch, end = initial_epoch, initial_epoch + epochs
+        while epoch < end:
             start = time.perf_counter()
-            if shuffle:
-                order_d = backend.asarray(shuffler.permutation(n))
-            loss_sum = 0.0
-            with training_step_mode(model):
-                for b in range(n_batches):
-                    lo, hi = b * batch_size, min((b + 1) * batch_size, n)
-                    m = hi - lo
-                    if shuffle:
-                        idx = order_d[lo:hi]
-                        xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
-                        xp.take(Xd, idx, axis=0, out=xs)
-                        xp.take(yd, idx, axis=0, out=ys)
-                    else:
-                        xs, ys = Xd[lo:hi], yd[lo:hi]
-                    optimizer.zero_grad()
-                    loss = loss_fn.forward(model.forward(xs), ys)
-                    if on_cpu:
-                        value = float(loss)
-                        if not math.isfinite(value):
-                            raise TrainingDiverged(
-                                f"fit: loss became {value} at epoch {epoch + 1}, batch {b + 1} of {n_batches}"
-                            )
-                        loss_sum += value * m
-                    else:
-                        batch_losses[b] = loss  # stays on the device: no sync per step
-                    model.backward(loss_fn.backward())
-                    optimizer.step()
-                    if bar.bar is not None:
-                        bar.update(epoch, m, (lambda: loss_sum / hi) if on_cpu
-                                   else (lambda: float(batch_losses[:b + 1].mean())))
-            if not on_cpu:
-                losses = host_array(batch_losses)
-                bad = np.flatnonzero(~np.isfinite(losses))
-                if bad.size:
-                    raise TrainingDiverged(
-                        f"fit: loss became {losses[bad[0]]} at epoch {epoch + 1}, batch {bad[0] + 1} of {n_batches}"
-                    )
-                sizes = np.full(n_batches, batch_size, dtype=np.float64)
-                sizes[-1] = n - batch_size * (n_batches - 1)
-                loss_sum = float(np.dot(losses.astype(np.float64), sizes))
-            history.loss.append(loss_sum / n)
-            history.epochs_run += 1
+            if plan is None:
+                epoch_losses = [run_epoch(epoch)]
+            else:
+                count = 1 if per_epoch else max(1, min(end - epoch, 1_000_000 // n))
+                epoch_losses = run_compiled(epoch, count)
+                if bar.bar is not None:
+                    bar.update(epoch, n * count, lambda: epoch_losses[-1])
             train_seconds += time.perf_counter() - start  # validation is not counted
+            epoch += len(epoch_losses)
+            history.loss.extend(epoch_losses)
+            history.epochs_run += len(epoch_losses)
             history.seconds = train_seconds
             history.samples_per_second = n * history.epochs_run / train_seconds if train_seconds > 0 else 0.0
             if val is not None:
@@ -211,6 +241,21 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         bar.close()
         model.train()
     return history
+
+
+def _compiled_plan(model, loss_fn, optimizer, Xd, yd):
+    """The compiled fast path's plan when it applies to this exact data, else None."""
+    from .compiled import plan_fast_path
+
+    plan = plan_fast_path(model, loss_fn, optimizer)
+    if plan is None or Xd.ndim != 2 or Xd.shape[1] != plan.layout[0, 0]:
+        return None  # the ordinary path raises the precise error, if any
+    classes = int(plan.layout[-1, 1])
+    if plan.loss_kind == 0:
+        return plan if tuple(yd.shape) == (len(Xd), classes) and yd.dtype == Xd.dtype else None
+    if yd.ndim != 1 or yd.dtype.kind not in "iu" or yd.min() < 0 or yd.max() >= classes:
+        return None
+    return plan
 
 
 def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
@@ -232,7 +277,7 @@ def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
 
 def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
     """Run ``model`` in eval mode over X in batches; returns a NumPy array."""
-    _check_positive_int("batch_size", batch_size)
+    _check_positive_int("batch_size", batch_size, where="predict")
     backend = get_backend()
     X = host_array(X) if not backend.is_array(X) else X
     if X.ndim == 0 or len(X) == 0:

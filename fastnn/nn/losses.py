@@ -4,6 +4,8 @@ gradients are divided by the number of elements (or samples, for
 CrossEntropyLoss)."""
 from __future__ import annotations
 
+import contextlib
+
 from ..backends import asarray, get_backend
 from ..errors import DTypeError, InputError, ShapeError
 from .module import in_step_mode
@@ -88,6 +90,9 @@ class MSELoss(Loss):
         return loss
 
 
+_TORCH_BCE_EPSILON = 9.999999960041972e-13  # float32(1e-12), as torch's BCE backward
+
+
 class BCELoss(Loss):
     """Binary cross-entropy on probabilities in [0, 1]; logs clamped at -100
     as in torch, whose gradient ``(p - t) / max(p (1 - p), 1e-12) / N`` this
@@ -106,10 +111,14 @@ class BCELoss(Loss):
                 f"[{lo:g}, {hi:g}]; use BCEWithLogitsLoss for raw scores"
             )
         t = pred.dtype.type
-        log_p = xp.maximum(xp.log(pred), t(-100))
-        log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
+        # p = 0 or 1 is valid input: log(0) = -inf is clamped, not warned about.
+        errstate = getattr(xp, "errstate", None)
+        with errstate(divide="ignore") if errstate else contextlib.nullcontext():
+            log_p = xp.maximum(xp.log(pred), t(-100))
+            log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
         loss = -(target * log_p + (t(1) - target) * log_1mp).mean()
-        denom = xp.maximum((t(1) - pred) * pred, t(1e-12))
+        # torch's EPSILON is the float 1e-12 (9.99999996e-13) in every dtype.
+        denom = xp.maximum((t(1) - pred) * pred, t(_TORCH_BCE_EPSILON))
         self._grad = (pred - target) / denom * t(1.0 / pred.size)
         return loss
 

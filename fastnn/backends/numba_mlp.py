@@ -1,0 +1,237 @@
+"""One Numba call that runs many training steps of a small MLP.
+
+For tiny networks (XOR, parity, small regressions) a step is a few hundred
+multiply-adds, and Python's per-op overhead is the whole cost. This kernel
+runs forward, loss, backward and the optimizer update for every batch of one
+or more epochs without returning to Python. It follows the ordinary path's
+math op for op (same activation formulas, same loss scaling, the same update
+as ``numba_kernels.sgd_1d`` / ``adam_1d`` over the optimizer's flat buffers);
+only the matmul summation order differs from BLAS, so results agree to
+rounding.
+
+layout[l] = (in, out, weight offset, bias offset or -1) into the flat buffers.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit
+
+from .numba_kernels import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH
+
+GELU = 5
+LOSS_MSE, LOSS_XENT = 0, 1
+OPT_SGD, OPT_ADAM = 0, 1
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_K = 0.044715
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _act(v, code, alpha):
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return v if (v > zero or v != v) else zero
+    if code == LEAKY_RELU:
+        return v if v > zero else v * alpha
+    if code == SIGMOID:
+        return one / (one + math.exp(-v))
+    if code == TANH:
+        return math.tanh(v)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        return (one / 2) * v * (one + math.tanh(c * (v + k * v * v * v)))
+    return v
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _act_grad(g, y, z, code, alpha):
+    """dy * act'(.) from the output y (or the pre-activation z)."""
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return g if y > zero else zero
+    if code == LEAKY_RELU:
+        return g if z > zero else g * alpha
+    if code == SIGMOID:
+        return g * (y * (one - y))
+    if code == TANH:
+        return g * (one - y * y)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        th = math.tanh(c * (z + k * z * z * z))
+        d_inner = c * (one + 3 * k * z * z)
+        return g * ((one / 2) * (one + th) + (one / 2) * z * (one - th * th) * d_inner)
+    return g
+
+
+@njit(cache=True, nogil=True)
+def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
+              layout, acts, alphas, loss_kind, opt_kind, hyper, step0, losses):
+    """Run len(orders) epochs; returns the number of steps done (stops at the
+    first non-finite loss, before its update, like the ordinary path).
+
+    hyper (float64): SGD: lr, momentum, dampening, weight_decay, nesterov;
+    Adam: lr, beta1, beta2, eps, weight_decay, decoupled.
+    """
+    n = X.shape[0]
+    n_layers = layout.shape[0]
+    dt = np.empty(1, dtype=params.dtype)  # scratch for casts to the param dtype
+    width = 0
+    for l in range(n_layers):
+        width = max(width, layout[l, 0], layout[l, 1])
+    # Activations A[l] (post) and Z[l] (pre) for every layer, and two dA buffers.
+    A = np.zeros((n_layers + 1, batch_size, width), dtype=params.dtype)
+    Z = np.zeros((n_layers + 1, batch_size, width), dtype=params.dtype)
+    dA = np.zeros((batch_size, width), dtype=params.dtype)
+    dZ = np.zeros((batch_size, width), dtype=params.dtype)
+    out_dim = layout[n_layers - 1, 1]
+    n_batches = (n + batch_size - 1) // batch_size
+    step = step0
+    done = 0
+    for e in range(orders.shape[0]):
+        for b in range(n_batches):
+            lo = b * batch_size
+            hi = min(lo + batch_size, n)
+            m = hi - lo
+            for r in range(m):
+                src = orders[e, lo + r]
+                for j in range(layout[0, 0]):
+                    A[0, r, j] = X[src, j]
+            # ---------------- forward
+            for l in range(n_layers):
+                fi, fo, wo, bo = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+                code, alpha = acts[l], alphas[l]
+                for r in range(m):
+                    for j in range(fo):
+                        Z[l + 1, r, j] = 0
+                    for k in range(fi):
+                        a = A[l, r, k]
+                        for j in range(fo):
+                            Z[l + 1, r, j] += a * params[wo + k * fo + j]
+                    for j in range(fo):
+                        v = Z[l + 1, r, j]
+                        if bo >= 0:
+                            v += params[bo + j]
+                            Z[l + 1, r, j] = v
+                        A[l + 1, r, j] = _act(v, code, alpha)
+            # ---------------- loss and its gradient (into dA)
+            total = 0.0
+            if loss_kind == LOSS_MSE:
+                scale = _as(dt, 2.0 / (m * out_dim))
+                inv = _as(dt, 1.0 / (m * out_dim))
+                acc = _as(dt, 0.0)
+                for r in range(m):
+                    src = orders[e, lo + r]
+                    for j in range(out_dim):
+                        d = A[n_layers, r, j] - Yf[src, j]
+                        acc += d * d
+                        dA[r, j] = d * scale
+                total = acc * inv
+            else:
+                inv_n = _as(dt, 1.0 / m)
+                s_total = 0.0
+                for r in range(m):
+                    mx = A[n_layers, r, 0]
+                    for j in range(1, out_dim):
+                        v = A[n_layers, r, j]
+                        if v > mx or v != v:
+                            mx = v
+                    s = 0.0
+                    for j in range(out_dim):
+                        ex = math.exp(A[n_layers, r, j] - mx)
+                        dA[r, j] = ex
+                        s += ex
+                    label = Yi[orders[e, lo + r]]
+                    s_total += math.log(s) - (A[n_layers, r, label] - mx)
+                    sc = inv_n / s
+                    for j in range(out_dim):
+                        dA[r, j] = dA[r, j] * sc
+                    dA[r, label] -= inv_n
+                total = s_total / m
+            losses[done] = total
+            if not math.isfinite(total):
+                return done
+            # ---------------- backward
+            for l in range(n_layers - 1, -1, -1):
+                fi, fo, wo, bo = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+                code, alpha = acts[l], alphas[l]
+                for r in range(m):
+                    for j in range(fo):
+                        dZ[r, j] = _act_grad(dA[r, j], A[l + 1, r, j], Z[l + 1, r, j], code, alpha)
+                for k in range(fi):
+                    for j in range(fo):
+                        grads[wo + k * fo + j] = 0
+                for r in range(m):
+                    for k in range(fi):
+                        a = A[l, r, k]
+                        for j in range(fo):
+                            grads[wo + k * fo + j] += a * dZ[r, j]
+                if bo >= 0:
+                    for j in range(fo):
+                        acc = _as(dt, 0.0)
+                        for r in range(m):
+                            acc += dZ[r, j]
+                        grads[bo + j] = acc
+                if l > 0:
+                    for r in range(m):
+                        for k in range(fi):
+                            acc = _as(dt, 0.0)
+                            for j in range(fo):
+                                acc += dZ[r, j] * params[wo + k * fo + j]
+                            dA[r, k] = acc
+            # ---------------- update (the flat kernels' math)
+            step += 1
+            _update(params, grads, state1, state2, opt_kind, hyper, step, dt)
+            done += 1
+    return done
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _as(dt, value):
+    """``value`` cast to the dtype of the 1-element array ``dt``."""
+    dt[0] = value
+    return dt[0]
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _update(params, grads, state1, state2, opt_kind, hyper, step, dt):
+    if opt_kind == OPT_SGD:
+        lr, momentum = _as(dt, hyper[0]), _as(dt, hyper[1])
+        damp_c, wd = _as(dt, 1.0 - hyper[2]), _as(dt, hyper[3])
+        nesterov = hyper[4] != 0.0
+        for i in range(params.shape[0]):
+            g = grads[i]
+            if hyper[3] != 0.0:
+                g = g + wd * params[i]
+            if hyper[1] != 0.0:
+                if step == 1:
+                    bb = g
+                else:
+                    bb = state1[i] * momentum + damp_c * g
+                state1[i] = bb
+                g = g + momentum * bb if nesterov else bb
+            params[i] = params[i] - lr * g
+    else:
+        lr, beta1, beta2, eps, wd = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]
+        decoupled = hyper[5] != 0.0
+        omb1, b2, omb2 = _as(dt, 1.0 - beta1), _as(dt, beta2), _as(dt, 1.0 - beta2)
+        step_size = _as(dt, lr / (1.0 - beta1 ** step))
+        bc2_sqrt = _as(dt, (1.0 - beta2 ** step) ** 0.5)
+        eps_t, wd_t, decay = _as(dt, eps), _as(dt, wd), _as(dt, 1.0 - lr * wd)
+        for i in range(params.shape[0]):
+            p = params[i]
+            g = grads[i]
+            if decoupled:
+                p = p * decay
+            elif wd != 0.0:
+                g = g + wd_t * p
+            mm = state1[i] + omb1 * (g - state1[i])
+            v = state2[i] * b2 + omb2 * g * g
+            state1[i] = mm
+            state2[i] = v
+            denom = math.sqrt(v) / bc2_sqrt + eps_t
+            params[i] = p - step_size * (mm / denom)

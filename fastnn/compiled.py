@@ -1,0 +1,119 @@
+"""fit's compiled fast path for small MLPs on the Numba backend.
+
+``fit`` asks ``plan_fast_path``; when the model is a plain ``Sequential`` of
+``Linear`` layers (each optionally followed by one of fastnn's elementwise
+activations), the loss is MSELoss or CrossEntropyLoss and the optimizer is
+SGD, Adam or AdamW, whole epochs run inside one Numba call
+(backends/numba_mlp.py) on the optimizer's own flat buffers. Anything else, or
+``FASTNN_FAST_PATH=0``, takes the ordinary path. Both give the same numbers up
+to the summation order of the matmuls.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from .backends import get_backend
+from .backends.activations import get_activation
+from .nn.activation import ElementwiseActivation
+from .nn.linear import Linear
+from .nn.losses import CrossEntropyLoss, MSELoss
+from .nn.module import Sequential
+from .optim import SGD, Adam, AdamW
+
+# Above this many weights per layer BLAS beats the kernel's plain loops.
+MAX_LAYER_WEIGHTS = 64 * 64
+
+
+@dataclass
+class FastPlan:
+    layout: np.ndarray  # (L, 4) int64: in, out, weight offset, bias offset (-1: none)
+    acts: np.ndarray  # (L,) int64 activation codes
+    alphas: np.ndarray  # (L,) param dtype
+    loss_kind: int
+    opt_kind: int
+    group: object  # the optimizer's _FlatGroup
+
+
+def plan_fast_path(model, loss_fn, optimizer) -> FastPlan | None:
+    """A FastPlan when the compiled path applies exactly, else None."""
+    if os.environ.get("FASTNN_FAST_PATH", "1") == "0" or get_backend().name != "numba":
+        return None
+    if type(model) is not Sequential or type(loss_fn) not in (MSELoss, CrossEntropyLoss):
+        return None
+    if type(optimizer) not in (SGD, Adam, AdamW) or len(optimizer.groups) != 1:
+        return None
+    group = optimizer.groups[0]
+    group.sync()
+    if group.dtype not in (np.dtype(np.float32), np.dtype(np.float64)):
+        return None
+    offsets = {id(p): off for p, off in zip(group.params, group.offsets)}
+    rows, acts, alphas, seen = [], [], [], 0
+    for module, act in model._steps():
+        if type(module) is not Linear or module.in_features * module.out_features > MAX_LAYER_WEIGHTS:
+            return None
+        if act is not None and not (isinstance(act, ElementwiseActivation) and act.fusable):
+            return None
+        params = [module.weight] + ([module.bias] if module.bias is not None else [])
+        if any(id(p) not in offsets for p in params):
+            return None
+        seen += len(params)
+        rows.append((module.in_features, module.out_features, offsets[id(module.weight)],
+                     offsets[id(module.bias)] if module.bias is not None else -1))
+        name = act.act_name if act is not None else "identity"
+        acts.append(get_activation(name).code)
+        alphas.append(act.alpha if act is not None else 0.0)
+    if not rows or seen != len(group.params):
+        return None  # the optimizer also updates parameters outside the model
+    for (_, fo, _, _), (fi, _, _, _) in zip(rows, rows[1:]):
+        if fo != fi:
+            return None
+    return FastPlan(
+        layout=np.array(rows, dtype=np.int64), acts=np.array(acts, dtype=np.int64),
+        alphas=np.array(alphas, dtype=group.dtype),
+        loss_kind=0 if type(loss_fn) is MSELoss else 1,
+        opt_kind=0 if type(optimizer) is SGD else 1, group=group,
+    )
+
+
+def _hyper(optimizer) -> np.ndarray:
+    if type(optimizer) is SGD:
+        return np.array([optimizer.lr, optimizer.momentum, optimizer.dampening,
+                         optimizer.weight_decay, float(optimizer.nesterov)], dtype=np.float64)
+    beta1, beta2 = optimizer.betas
+    return np.array([optimizer.lr, beta1, beta2, optimizer.eps, optimizer.weight_decay,
+                     float(optimizer.decoupled)], dtype=np.float64)
+
+
+def run_epochs(plan: FastPlan, optimizer, X, y, orders: np.ndarray, batch_size: int) -> np.ndarray:
+    """Train len(orders) epochs in one call; returns the per-batch losses run
+    (shorter than expected when a loss turned non-finite: that batch is last)."""
+    from .backends import numba_mlp
+
+    g = plan.group
+    state = g.state
+    if plan.opt_kind == 0:
+        s1 = state["momentum_buffer"]
+        s2 = s1
+    else:
+        s1, s2 = state["exp_avg"], state["exp_avg_sq"]
+    n_batches = -(-len(X) // batch_size)
+    losses = np.empty(len(orders) * n_batches, dtype=np.float64)
+    if plan.loss_kind == 0:
+        yf = y if y.ndim == 2 else y.reshape(len(y), -1)
+        yi = np.zeros(1, dtype=np.int64)
+    else:
+        yf = np.zeros((1, 1), dtype=X.dtype)
+        yi = y.astype(np.int64, copy=False)
+    done = numba_mlp.train_mlp(
+        X.reshape(len(X), -1), yf, yi, orders, batch_size, g.data, g.grad, s1, s2,
+        plan.layout, plan.acts, plan.alphas, plan.loss_kind, plan.opt_kind,
+        _hyper(optimizer), optimizer.step_count, losses,
+    )
+    optimizer.step_count += int(done)
+    for p in g.params:
+        p._grad_zero = False
+    expected = len(losses)
+    return losses[: done + 1] if done < expected else losses

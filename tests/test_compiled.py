@@ -1,0 +1,145 @@
+"""fit's compiled fast path (Numba) gives the ordinary path's numbers."""
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn.compiled import plan_fast_path
+from fastnn.data import load_digits, xor
+
+pytestmark = pytest.mark.skipif(
+    fn.available_backends()["numba"] is not None, reason="numba backend unusable"
+)
+
+
+@pytest.fixture(autouse=True)
+def numba_backend():
+    with fn.use_backend("numba"):
+        yield
+
+
+def _problem(kind, act, dtype):
+    if kind == "mse":
+        X, y = xor(n_repeats=3)
+        model = fn.Sequential(fn.Linear(2, 8), act(), fn.Linear(8, 1))
+        return X.astype(dtype), y.astype(dtype), model, fn.MSELoss()
+    X, y = load_digits("train")
+    X, y = X[:150].astype(dtype), y[:150]
+    model = fn.Sequential(fn.Linear(64, 24), act(), fn.Linear(24, 16), act(), fn.Linear(16, 10))
+    return X, y, model, fn.CrossEntropyLoss()
+
+
+OPTIMIZERS = {
+    "sgd": lambda p: fn.SGD(p, lr=0.05),
+    "sgd-nesterov-wd": lambda p: fn.SGD(p, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+    "sgd-dampening": lambda p: fn.SGD(p, lr=0.05, momentum=0.5, dampening=0.3),
+    "adam": lambda p: fn.Adam(p, lr=0.01),
+    "adam-wd": lambda p: fn.Adam(p, lr=0.01, weight_decay=1e-2),
+    "adamw": lambda p: fn.AdamW(p, lr=0.01),
+}
+ACTIVATIONS = {
+    "relu": fn.ReLU, "tanh": fn.Tanh, "sigmoid": fn.Sigmoid, "gelu": fn.GELU,
+    "leaky": lambda: fn.LeakyReLU(0.1), "leaky-negative": lambda: fn.LeakyReLU(-0.5),
+}
+
+
+def _train(fast, monkeypatch, kind, act, opt, dtype, epochs=4, **fit_kwargs):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1" if fast else "0")
+    fn.set_default_dtype(dtype)
+    try:
+        fn.manual_seed(3)
+        X, y, model, loss = _problem(kind, ACTIVATIONS[act], dtype)
+        optimizer = OPTIMIZERS[opt](model.parameters())
+        assert (plan_fast_path(model, loss, optimizer) is not None) == fast
+        history = fn.fit(model, loss, optimizer, X, y, epochs=epochs, batch_size=16, seed=7,
+                         progress=False, **fit_kwargs)
+    finally:
+        fn.set_default_dtype(np.float32)
+    return history, model.state_dict(), optimizer
+
+
+@pytest.mark.parametrize("opt", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("act", sorted(ACTIVATIONS))
+@pytest.mark.parametrize("kind", ["mse", "xent"])
+def test_same_numbers_as_ordinary_path_float64(monkeypatch, kind, act, opt):
+    h_slow, w_slow, o_slow = _train(False, monkeypatch, kind, act, opt, np.float64)
+    h_fast, w_fast, o_fast = _train(True, monkeypatch, kind, act, opt, np.float64)
+    np.testing.assert_allclose(h_fast.loss, h_slow.loss, rtol=1e-11)
+    for name in w_slow:
+        np.testing.assert_allclose(w_fast[name], w_slow[name], rtol=1e-9, atol=1e-12, err_msg=name)
+    assert o_fast.step_count == o_slow.step_count
+    for key, value in o_slow.state_dict().items():
+        if value.dtype.kind == "f" and value.ndim:
+            np.testing.assert_allclose(o_fast.state_dict()[key], value, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind,act,opt", [("mse", "relu", "adam"), ("xent", "tanh", "sgd-nesterov-wd")])
+def test_same_numbers_as_ordinary_path_float32(monkeypatch, kind, act, opt):
+    h_slow, w_slow, _ = _train(False, monkeypatch, kind, act, opt, np.float32)
+    h_fast, w_fast, _ = _train(True, monkeypatch, kind, act, opt, np.float32)
+    np.testing.assert_allclose(h_fast.loss, h_slow.loss, rtol=1e-4)
+    for name in w_slow:
+        assert w_fast[name].dtype == np.float32
+        np.testing.assert_allclose(w_fast[name], w_slow[name], rtol=1e-4, atol=1e-5, err_msg=name)
+
+
+def test_stop_when_and_validation_still_per_epoch(monkeypatch):
+    seen = []
+    history, _, _ = _train(True, monkeypatch, "mse", "tanh", "adam", np.float32, epochs=50,
+                           stop_when=lambda h: seen.append(len(h.loss)) or len(h.loss) == 5)
+    assert history.epochs_run == 5 and seen == [1, 2, 3, 4, 5]
+
+
+def test_divergence_names_epoch_and_batch(monkeypatch):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+    X, y = xor(n_repeats=8)  # 32 samples: 2 batches of 16
+    model = fn.Sequential(fn.Linear(2, 8), fn.ReLU(), fn.Linear(8, 1))
+    opt = fn.SGD(model.parameters(), lr=1e30)
+    with pytest.raises(fn.TrainingDiverged, match=r"epoch \d+, batch \d+ of 2"):
+        fn.fit(model, fn.MSELoss(), opt, X, y * 1e10, epochs=50, batch_size=16, progress=False)
+
+
+def test_resume_matches_one_run(monkeypatch):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+
+    def fresh():
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))
+        return model, fn.Adam(model.parameters(), lr=0.01)
+
+    X, y = xor(n_repeats=4)
+    model, opt = fresh()
+    fn.fit(model, fn.MSELoss(), opt, X, y, epochs=6, batch_size=5, seed=1, progress=False)
+    model2, opt2 = fresh()
+    fn.fit(model2, fn.MSELoss(), opt2, X, y, epochs=2, batch_size=5, seed=1, progress=False)
+    state = {"model": model2.state_dict(), "optimizer": opt2.state_dict()}
+    model3, opt3 = fresh()
+    model3.load_state_dict(state["model"])
+    opt3.load_state_dict(state["optimizer"])
+    fn.fit(model3, fn.MSELoss(), opt3, X, y, epochs=4, batch_size=5, seed=1, progress=False,
+           initial_epoch=2)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(model3.state_dict()[name], value)
+
+
+def test_not_used_where_it_does_not_apply(monkeypatch):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+    big = fn.Sequential(fn.Linear(256, 256), fn.ReLU(), fn.Linear(256, 1))
+    assert plan_fast_path(big, fn.MSELoss(), fn.Adam(big.parameters())) is None
+    small = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1))
+    assert plan_fast_path(small, fn.BCEWithLogitsLoss(), fn.Adam(small.parameters())) is None
+    assert plan_fast_path(small, fn.MSELoss(), fn.RMSprop(small.parameters())) is None
+    extra = fn.Parameter(np.zeros(3, np.float32))
+    assert plan_fast_path(small, fn.MSELoss(), fn.Adam(small.parameters() + [extra])) is None
+    with fn.use_backend("numpy"):
+        m = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1))
+        assert plan_fast_path(m, fn.MSELoss(), fn.Adam(m.parameters())) is None
+
+
+def test_bad_input_still_gets_the_ordinary_error(monkeypatch):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+    model = fn.Sequential(fn.Linear(3, 4), fn.ReLU(), fn.Linear(4, 1))
+    opt = fn.Adam(model.parameters())
+    with pytest.raises(ValueError, match=r"Linear\(3 -> 4\): expected input \(\.\.\., 3\), got"):
+        fn.fit(model, fn.MSELoss(), opt, np.zeros((4, 2)), np.zeros((4, 1)), progress=False)
+    with pytest.raises(ValueError, match="reshape the target"):
+        fn.fit(model, fn.MSELoss(), opt, np.zeros((4, 3)), np.zeros(4), progress=False)

@@ -1,0 +1,402 @@
+"""Bad input gives a clear error whose message names the layer and the shapes/values.
+
+Never a bare NumPy broadcasting error, never a silently wrong result.
+"""
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+
+
+def f32(*shape, value=1.0):
+    return np.full(shape, value, dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- Linear
+@pytest.mark.parametrize("shape", [(4, 2), (2,), (2, 5, 2), (4, 4), (4, 0)])
+def test_linear_wrong_input_width_names_layer_and_shapes(shape, backend):
+    layer = fn.Linear(3, 4)
+    expected = f"Linear(3 -> 4): expected input (..., 3), got {shape}"
+    with pytest.raises(ValueError, match=re.escape(expected)) as info:
+        layer(backend.asarray(np.ones(shape, np.float32)))
+    assert isinstance(info.value, fn.ShapeError) and isinstance(info.value, fn.FastnnError)
+
+
+def test_linear_example_message_from_the_api(backend):
+    with pytest.raises(fn.ShapeError) as info:
+        fn.Linear(3, 4)(backend.asarray(f32(4, 2)))
+    assert str(info.value) == "Linear(3 -> 4): expected input (..., 3), got (4, 2)"
+
+
+def test_linear_inside_sequential_names_the_failing_layer(backend):
+    model = fn.Sequential(fn.Linear(3, 4), fn.ReLU(), fn.Linear(5, 2))
+    with pytest.raises(fn.ShapeError, match=re.escape("Linear(5 -> 2): expected input (..., 5), got (6, 4)")):
+        model(backend.asarray(f32(6, 3)))
+
+
+def test_linear_backward_with_a_wrong_dy_shape(backend):
+    layer = fn.Linear(3, 4)
+    layer(backend.asarray(f32(6, 3)))
+    with pytest.raises(ValueError, match=re.escape("Linear(3 -> 4)") + r".*\(6, 4\).*\(6, 3\)"):
+        layer.backward(backend.asarray(f32(6, 3)))
+
+
+def test_backward_before_forward(backend):
+    with pytest.raises(RuntimeError, match=re.escape("Linear(3 -> 4)") + ".*before forward"):
+        fn.Linear(3, 4).backward(backend.asarray(f32(2, 4)))
+    with pytest.raises(RuntimeError, match="ReLU.*before forward"):
+        fn.ReLU().backward(backend.asarray(f32(2, 4)))
+
+
+def test_activation_backward_with_a_wrong_dy_shape(backend):
+    act = fn.Tanh()
+    act(backend.asarray(f32(2, 3)))
+    with pytest.raises(ValueError, match=r"Tanh.*\(2, 3\).*\(3, 2\)"):
+        act.backward(backend.asarray(f32(3, 2)))
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True, None])
+def test_linear_bad_sizes(bad, backend):
+    with pytest.raises(ValueError, match=r"Linear: in_features must be a positive int"):
+        fn.Linear(bad, 3)
+    with pytest.raises(ValueError, match=r"Linear: out_features must be a positive int"):
+        fn.Linear(3, bad)
+
+
+def test_unknown_init(backend):
+    with pytest.raises(ValueError, match=re.escape("Linear(3 -> 2): unknown init 'glorot'")) as info:
+        fn.Linear(3, 2, init="glorot")
+    assert "he" in str(info.value) and "xavier" in str(info.value)
+
+
+def test_init_callable_returning_the_wrong_shape(backend):
+    with pytest.raises(ValueError, match=re.escape("Linear(3 -> 2)") + r".*\(2, 3\).*\(3, 2\)"):
+        fn.Linear(3, 2, init=lambda shape, rng: np.zeros((2, 3)))
+
+
+def test_sequential_of_a_non_module(backend):
+    with pytest.raises(TypeError, match="Sequential: item 1 is a str"):
+        fn.Sequential(fn.Linear(2, 3), "relu")
+
+
+def test_linear_given_another_libraries_tensor_says_how_to_convert(backend):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=re.escape("fastnn.asarray")):
+        fn.Linear(3, 2)(torch.ones(4, 3))
+
+
+# --------------------------------------------------------------------------- losses
+def test_mse_refuses_to_broadcast_an_N_target_against_N_by_1(backend):
+    pred = backend.asarray(f32(5, 1))
+    with pytest.raises(ValueError, match=re.escape(
+            "MSELoss: target shape (5,) does not match prediction shape (5, 1)")) as info:
+        fn.MSELoss()(pred, backend.asarray(f32(5)))
+    assert "reshape" in str(info.value)
+    with pytest.raises(fn.ShapeError, match=re.escape("(1, 5)")):
+        fn.MSELoss()(pred, backend.asarray(f32(1, 5)))
+    with pytest.raises(fn.ShapeError, match=re.escape("(5, 2)")):
+        fn.MSELoss()(pred, backend.asarray(f32(5, 2)))
+
+
+@pytest.mark.parametrize("loss_cls", [fn.BCELoss, fn.BCEWithLogitsLoss])
+def test_binary_losses_refuse_mismatched_shapes(loss_cls, backend):
+    with pytest.raises(fn.ShapeError, match=loss_cls.__name__ + r".*\(4,\).*\(4, 1\)"):
+        loss_cls()(backend.asarray(f32(4, 1, value=0.5)), backend.asarray(f32(4)))
+
+
+def test_cross_entropy_float_labels_are_a_type_error(backend):
+    logits = backend.asarray(f32(5, 3))
+    with pytest.raises(TypeError, match=r"CrossEntropyLoss: labels must be integer.*float32") as info:
+        fn.CrossEntropyLoss()(logits, backend.asarray(np.zeros(5, np.float32)))
+    assert isinstance(info.value, fn.DTypeError)
+    with pytest.raises(TypeError, match=r"one-hot.*argmax"):
+        fn.CrossEntropyLoss()(logits, backend.asarray(np.eye(3, dtype=np.float32)[[0, 1, 2, 0, 1]]))
+
+
+@pytest.mark.parametrize("labels,lo,hi", [([0, 1, 2, 3, 0], 0, 3), ([0, -1, 2, 1, 0], -1, 2), ([7] * 5, 7, 7)])
+def test_cross_entropy_labels_out_of_range(labels, lo, hi, backend):
+    with pytest.raises(ValueError, match=re.escape(
+            f"CrossEntropyLoss: labels must be in [0, 2] for 3 classes, got values in [{lo}, {hi}]")):
+        fn.CrossEntropyLoss()(backend.asarray(f32(5, 3)), backend.asarray(np.array(labels)))
+
+
+@pytest.mark.parametrize("shape", [(5, 1), (4,), (6,), (1, 5)])
+def test_cross_entropy_wrong_label_shape(shape, backend):
+    with pytest.raises(ValueError, match=re.escape(
+            f"CrossEntropyLoss: expected labels (5,) for logits (5, 3), got {shape}")):
+        fn.CrossEntropyLoss()(backend.asarray(f32(5, 3)), backend.asarray(np.zeros(shape, np.int64)))
+
+
+def test_cross_entropy_wrong_logits_rank(backend):
+    with pytest.raises(fn.ShapeError, match=re.escape("CrossEntropyLoss: expected logits (N, C), got (5,)")):
+        fn.CrossEntropyLoss()(backend.asarray(f32(5)), backend.asarray(np.zeros(5, np.int64)))
+
+
+@pytest.mark.parametrize("values,shown", [([0.5, 1.2], "[0.5, 1.2]"), ([-0.1, 0.2], "[-0.1, 0.2]"),
+                                          ([np.nan, 0.2], "nan")])
+def test_bce_outside_0_1(values, shown, backend):
+    pred = backend.asarray(np.array(values, np.float32).reshape(2, 1))
+    with pytest.raises(ValueError, match=r"BCELoss: predictions must be probabilities in \[0, 1\]") as info:
+        fn.BCELoss()(pred, backend.asarray(f32(2, 1)))
+    assert shown in str(info.value)
+    assert "BCEWithLogitsLoss" in str(info.value), "points to the logits version"
+
+
+def test_loss_backward_before_forward(backend):
+    with pytest.raises(RuntimeError, match="MSELoss: backward"):
+        fn.MSELoss().backward()
+
+
+def test_loss_on_integer_predictions(backend):
+    with pytest.raises(TypeError, match="MSELoss: predictions must be floating point"):
+        fn.MSELoss()(backend.asarray(np.ones((2, 1), np.int64)), backend.asarray(f32(2, 1)))
+
+
+# --------------------------------------------------------------------------- fit / predict
+def _setup():
+    model = fn.Linear(2, 1)
+    return model, fn.MSELoss(), fn.SGD(model.parameters(), lr=0.1)
+
+
+def test_fit_mismatched_lengths(backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match=re.escape("fit: X has 5 samples but y has shape (4, 1)")):
+        fn.fit(m, loss, opt, f32(5, 2), f32(4, 1), progress=False)
+
+
+def test_fit_empty_data(backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match=re.escape("fit: X is empty (shape (0, 2))")):
+        fn.fit(m, loss, opt, f32(0, 2), f32(0, 1), progress=False)
+    with pytest.raises(ValueError, match="fit: X is empty"):
+        fn.fit(m, loss, opt, [], [], progress=False)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_fit_non_finite_x(bad, backend):
+    m, loss, opt = _setup()
+    X = f32(5, 2)
+    X[3, 1] = bad
+    with pytest.raises(ValueError, match=re.escape("fit: X contains NaN or inf (first at index (3, 1))")):
+        fn.fit(m, loss, opt, X, f32(5, 1), progress=False)
+    assert np.isfinite(fn.to_numpy(m.weight.data)).all(), "no step was taken"
+
+
+def test_fit_non_finite_y(backend):
+    m, loss, opt = _setup()
+    y = f32(5, 1)
+    y[0, 0] = np.nan
+    with pytest.raises(ValueError, match="fit: y contains NaN or inf"):
+        fn.fit(m, loss, opt, f32(5, 2), y, progress=False)
+
+
+@pytest.mark.parametrize("bs", [0, -1, 2.5, "32", None, True])
+def test_fit_bad_batch_size(bs, backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match=re.escape(f"fit: batch_size must be an int >= 1, got {bs!r}")):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5, 1), batch_size=bs, progress=False)
+
+
+@pytest.mark.parametrize("epochs", [-1, 1.5])
+def test_fit_bad_epochs(epochs, backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match="fit: epochs must be an int >= 0"):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5, 1), epochs=epochs, progress=False)
+
+
+def test_fit_wrong_feature_count_names_the_layer(backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match=re.escape("Linear(2 -> 1): expected input (..., 2), got (5, 3)")):
+        fn.fit(m, loss, opt, f32(5, 3), f32(5, 1), batch_size=8, progress=False)
+
+
+def test_fit_N_target_for_N_by_1_output_is_an_error_not_a_broadcast(backend):
+    m, loss, opt = _setup()
+    with pytest.raises(ValueError, match=re.escape("target shape (5,) does not match prediction shape (5, 1)")):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5), batch_size=8, progress=False)
+
+
+def test_fit_other_bad_arguments(backend):
+    m, loss, opt = _setup()
+    with pytest.raises(TypeError, match="fit: model must be a fastnn Module"):
+        fn.fit(lambda x: x, loss, opt, f32(5, 2), f32(5, 1), progress=False)
+    with pytest.raises(TypeError, match="stop_when"):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5, 1), stop_when=3, progress=False)
+    with pytest.raises(ValueError, match="validation_data"):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5, 1), validation_data=(f32(3, 2),), progress=False)
+    with pytest.raises(ValueError, match=re.escape("fit(validation_data): X has 3 samples but y has shape (2, 1)")):
+        fn.fit(m, loss, opt, f32(5, 2), f32(5, 1), validation_data=(f32(3, 2), f32(2, 1)), progress=False)
+    with pytest.raises(TypeError, match="X must be numeric"):
+        fn.fit(m, loss, opt, np.array([["a", "b"]] * 5), f32(5, 1), progress=False)
+
+
+def test_predict_bad_input(backend):
+    m, _, _ = _setup()
+    with pytest.raises(ValueError, match=re.escape("predict: X is empty")):
+        fn.predict(m, f32(0, 2))
+    with pytest.raises(ValueError, match=re.escape("predict: batch_size must be an int >= 1, got 0")):
+        fn.predict(m, f32(3, 2), batch_size=0)
+    with pytest.raises(ValueError, match=re.escape("Linear(2 -> 1): expected input (..., 2), got (3, 5)")):
+        fn.predict(m, f32(3, 5))
+
+
+# --------------------------------------------------------------------------- backends
+@pytest.mark.parametrize("name", ["tensorflow", "gpu", "numpyy", ""])
+def test_unknown_backend_name(name, backend):
+    with pytest.raises(ValueError, match=r"unknown backend .*expected one of") as info:
+        fn.use_backend(name)
+    assert repr(name.lower().strip()) in str(info.value) and "numba" in str(info.value)
+    assert not isinstance(info.value, fn.BackendUnavailable)
+    assert fn.get_backend() is backend, "a failed switch leaves the backend alone"
+
+
+# --------------------------------------------------------------------------- optimizers
+@pytest.mark.parametrize("cls", [fn.SGD, fn.Adam, fn.AdamW, fn.RMSprop])
+def test_optimizer_given_non_parameters_or_nothing(cls, backend):
+    kw = {"lr": 0.1}
+    with pytest.raises(TypeError, match=f"{cls.__name__}: item 0 is a ndarray, expected a Parameter"):
+        cls([np.zeros(3, np.float32)], **kw)
+    model = fn.Linear(2, 2)
+    with pytest.raises(TypeError, match=f"{cls.__name__}: item 2 is a str"):
+        cls(model.parameters() + ["bias"], **kw)
+    with pytest.raises(ValueError, match=f"{cls.__name__}: got an empty parameter list"):
+        cls([], **kw)
+    with pytest.raises(ValueError, match="empty parameter list"):
+        cls(fn.ReLU().parameters(), **kw)
+    with pytest.raises(TypeError, match="single Parameter"):
+        cls(model.weight, **kw)
+    with pytest.raises(TypeError):  # a Module is not an iterable of Parameters
+        cls(model, **kw)
+
+
+@pytest.mark.parametrize("cls,kw,name", [
+    (fn.SGD, dict(lr=-0.1), "lr"), (fn.SGD, dict(lr=float("nan")), "lr"),
+    (fn.SGD, dict(lr=0.1, momentum=-1), "momentum"), (fn.Adam, dict(eps=-1), "eps"),
+    (fn.RMSprop, dict(alpha=-0.5), "alpha"), (fn.AdamW, dict(weight_decay=-1), "weight_decay"),
+])
+def test_optimizer_bad_hyper_parameters(cls, kw, name, backend):
+    with pytest.raises(ValueError, match=f"{cls.__name__}: {name} must be"):
+        cls(fn.Linear(2, 2).parameters(), **kw)
+
+
+def test_optimizer_bad_betas_and_nesterov(backend):
+    p = fn.Linear(2, 2).parameters()
+    with pytest.raises(ValueError, match=re.escape("Adam: betas must be two numbers in [0, 1), got (0.9, 1.0)")):
+        fn.Adam(p, betas=(0.9, 1.0))
+    with pytest.raises(ValueError, match="nesterov"):
+        fn.SGD(p, lr=0.1, nesterov=True)
+
+
+def test_optimizer_load_state_dict_from_another_model_or_optimizer(backend):
+    a_model = fn.Linear(2, 3)
+    a = fn.Adam(a_model.parameters(), lr=0.5)
+    a_model.weight.grad = backend.asarray(np.ones((2, 3), np.float32))
+    a.step()
+    # same padded flat-buffer length (2x3+3 and 4x3+3 both pad to 32): caught by the shapes
+    b = fn.Adam(fn.Linear(4, 3).parameters())
+    with pytest.raises(ValueError, match=re.escape(
+            "Adam.load_state_dict: the state is for parameters (2, 3) (3,), "
+            "this optimizer has (4, 3) (3,) (different model?)")):
+        b.load_state_dict(a.state_dict())
+    assert b.step_count == 0 and b.lr == 1e-3, "a failed load changes nothing"
+    # a different flat-buffer length
+    c = fn.Adam(fn.Linear(20, 3).parameters())
+    with pytest.raises(ValueError, match=r"Adam.load_state_dict: .*\(2, 3\) \(3,\).*\(20, 3\) \(3,\)"):
+        c.load_state_dict(a.state_dict())
+    sgd = fn.SGD(fn.Linear(2, 3).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="SGD.load_state_dict: state is from Adam"):
+        sgd.load_state_dict(a.state_dict())
+
+
+# --------------------------------------------------------------------------- load_state_dict
+def test_load_state_dict_wrong_shapes_and_keys(backend):
+    model = fn.Sequential(fn.Linear(3, 4), fn.ReLU(), fn.Linear(4, 2))
+    state = model.state_dict()
+    with pytest.raises(ValueError, match=re.escape(
+            "Sequential.load_state_dict: '0.weight' expects shape (3, 4), got (4, 3)")) as info:
+        model.load_state_dict(dict(state, **{"0.weight": np.zeros((4, 3), np.float32)}))
+    assert isinstance(info.value, fn.ShapeError)
+    with pytest.raises(ValueError, match=re.escape("'2.bias' expects shape (2,), got (2, 1)")):
+        model.load_state_dict(dict(state, **{"2.bias": np.zeros((2, 1), np.float32)}))
+    with pytest.raises(KeyError, match=re.escape("missing keys ['2.bias']")):
+        model.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+    with pytest.raises(KeyError, match=re.escape("unexpected keys ['2.gamma']")):
+        model.load_state_dict(dict(state, **{"2.gamma": np.zeros(2, np.float32)}))
+    # nothing was half-loaded by the failed calls
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, state[k])
+
+
+# --------------------------------------------------------------------------- gradcheck
+class _Scaled(fn.Module):
+    """y = x * w; a user module whose backward is deliberately wrong somewhere."""
+
+    wrong = "nothing"
+
+    def __init__(self):
+        self.w = fn.Parameter(fn.asarray(np.array([0.5, -1.0, 2.0])))
+
+    def forward(self, x):
+        self.x = x
+        return x * self.w.data
+
+    def backward(self, dy):
+        g = (dy * self.x).reshape(-1, 3).sum(axis=0)
+        if self.wrong == "param":
+            g = 2 * g
+        self.w.grad = g if self.w.grad is None else self.w.grad + g
+        dx = dy * self.w.data
+        return 2 * dx if self.wrong == "input" else dx
+
+
+class DoubledInputGrad(_Scaled):
+    wrong = "input"
+
+
+class DoubledParamGrad(_Scaled):
+    wrong = "param"
+
+
+def test_gradcheck_passes_a_correct_user_module(backend):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    assert fn.gradcheck(_Scaled(), x, raise_on_fail=True).passed
+
+
+def test_gradcheck_names_a_wrong_input_gradient(backend):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    with pytest.raises(AssertionError, match=r"gradcheck failed for DoubledInputGrad input \(4, 3\)") as info:
+        fn.gradcheck(DoubledInputGrad(), x, raise_on_fail=True)
+    assert "analytic" in str(info.value) and "numeric" in str(info.value)
+    report = fn.gradcheck(DoubledInputGrad(), x)  # without raise_on_fail: a report
+    assert not report.passed and not report
+    failing = {e.name for e in report.entries if not e.passed}
+    assert failing == {"input"}
+    np.testing.assert_allclose(report.worst.analytic, 2 * report.worst.numeric, rtol=1e-6)
+
+
+def test_gradcheck_names_a_wrong_parameter_gradient(backend):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    with pytest.raises(AssertionError, match=r"gradcheck failed for DoubledParamGrad w \(3,\)"):
+        fn.gradcheck(DoubledParamGrad(), x, raise_on_fail=True)
+    # nested: the dotted name of the offending tensor
+    model = fn.Sequential(fn.Linear(3, 3), fn.Tanh(), DoubledParamGrad())
+    with pytest.raises(AssertionError, match=r"gradcheck failed for Sequential 2\.w \(3,\)"):
+        fn.gradcheck(model, x, raise_on_fail=True)
+    report = fn.gradcheck(model, x)
+    assert {e.name for e in report.entries if not e.passed} == {"2.w"}
+
+
+def test_gradcheck_wrong_dy_shape(backend):
+    x = backend.asarray(np.ones((4, 3)))
+    with pytest.raises(ValueError, match=r"gradcheck: dy has shape \(3, 4\), output is \(4, 3\)"):
+        fn.gradcheck(_Scaled(), x, dy=np.ones((3, 4)))
+
+
+def test_set_default_dtype_refuses_integers(backend):
+    with pytest.raises(TypeError, match="set_default_dtype: expected a floating dtype, got int32"):
+        fn.set_default_dtype(np.int32)
+    assert fn.get_default_dtype() == np.float32

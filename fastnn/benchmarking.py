@@ -635,6 +635,19 @@ def command_line(args) -> str:
     return " ".join(parts)
 
 
+def _git() -> dict | None:
+    """Commit of the source tree being measured, and whether fastnn/ differs from it."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=5).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastnn"], cwd=root,
+                               capture_output=True, text=True, timeout=5).stdout.split("\n")
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return {"commit": head, "dirty": [ln[3:] for ln in dirty if ln.strip()]} if head else None
+
+
 def environment(threads: int, command: str = "fastnn bench") -> dict:
     import importlib.metadata as md
 
@@ -667,6 +680,7 @@ def environment(threads: int, command: str = "fastnn bench") -> dict:
         "backends": fn.available_backends(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "command": command,
+        "git": _git(),
     }
 
 

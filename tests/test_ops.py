@@ -301,6 +301,24 @@ def test_nan_propagates_through_activations(backend, act, dtype):
         assert np.isnan(dz[0, 1]) and np.isfinite(np.delete(dz.ravel(), 1)).all()
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)], ids=["no-rows", "no-features"])
+@pytest.mark.parametrize("act", ACTS)
+def test_empty_batches(backend, act, shape):
+    alpha = 0.01 if act == "leaky_relu" else 0.0
+    empty = np.zeros(shape, np.float32)
+    for bias in (None, np.zeros(shape[1], np.float32)):
+        y = backend.bias_act(to_backend(backend, empty), None if bias is None
+                             else to_backend(backend, bias), act, alpha=alpha)
+        assert y.shape == shape and y.dtype == np.float32
+    dz = backend.act_backward(to_backend(backend, empty), to_backend(backend, empty), act,
+                              pre=to_backend(backend, empty), alpha=alpha)
+    assert dz.shape == shape and dz.dtype == np.float32
+    assert_close(backend.bias_grad(to_backend(backend, empty)), np.zeros(shape[1], np.float32))
+    w = np.ones((shape[1], 3), np.float32)
+    assert_close(backend.gemm(to_backend(backend, empty), to_backend(backend, w)),
+                 np.zeros((shape[0], 3), np.float32))
+
+
 # ------------------------------------------------------------------ vs torch
 def _torch_act(act, t, alpha):
     return {

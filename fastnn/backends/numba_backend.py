@@ -14,6 +14,7 @@ from .numpy_backend import NumpyBackend
 _FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
 _FUSED_BACKWARD = {"identity", "relu", "leaky_relu", "sigmoid", "tanh"}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
+_NO_BIAS = {dt: np.empty(0, dt) for dt in _FLOATS}  # typed placeholder when bias is None
 
 
 def _flat(a):
@@ -50,7 +51,7 @@ class NumbaBackend(NumpyBackend):
             and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
         ):
             t = z.dtype.type
-            b = bias if bias is not None else z[0, :0]
+            b = bias if bias is not None else _NO_BIAS[z.dtype]  # z[0] fails for 0 rows
             self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
             return out
         return super().bias_act(z, bias, act, alpha, out)

@@ -15,6 +15,7 @@ float32 to a few ulp without false alarms.
 from __future__ import annotations
 
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -317,6 +318,36 @@ def test_empty_batches(backend, act, shape):
     w = np.ones((shape[1], 3), np.float32)
     assert_close(backend.gemm(to_backend(backend, empty), to_backend(backend, w)),
                  np.zeros((shape[0], 3), np.float32))
+
+
+def test_ops_are_safe_to_call_from_several_threads(backend):
+    """One backend instance serves every thread: no shared work buffer may race."""
+    def work(seed, errors):
+        rng = np.random.default_rng(seed)
+        x = random_array(rng, (192, 160), np.float32, zeros=0.0)
+        dy = random_array(rng, x.shape, np.float32, zeros=0.0)
+        cases = []
+        for act in ACTS:
+            y = ref_forward(act, x, 0.01)
+            cases.append((act, y, REF.act_backward(dy.copy(), y, act, pre=x, alpha=0.01)))
+        for _ in range(20):
+            for act, y_ref, dz_ref in cases:
+                y = backend.bias_act(to_backend(backend, x), None, act, alpha=0.01)
+                dz = backend.act_backward(to_backend(backend, dy), to_backend(backend, y_ref),
+                                          act, pre=to_backend(backend, x), alpha=0.01)
+                backend.synchronize()
+                for got, want in ((y, y_ref), (dz, dz_ref)):
+                    if not np.allclose(fastnn.to_numpy(got), want, rtol=1e-5, atol=1e-6):
+                        errors.append(f"thread {seed}: {act}")
+                        return
+
+    errors: list[str] = []
+    threads = [threading.Thread(target=work, args=(seed, errors)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 # ------------------------------------------------------------------ vs torch

@@ -6,6 +6,8 @@ the pure-GEMM floor.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from .activations import GELU_C, GELU_K, get_activation
@@ -18,18 +20,23 @@ class NumpyBackend(Backend):
     def __init__(self):
         super().__init__(np)
         self._ones: dict = {}
-        self._scratch: dict = {}
+        # Per thread: one backend instance serves every thread (ContextVar
+        # isolation), and a shared work buffer raced between two of them.
+        self._local = threading.local()
 
     @property
     def device(self) -> str:
         return "cpu"
 
     def scratch(self, tag: str, shape, dtype):
-        """A reusable work buffer (never returned to callers, never kept by them)."""
+        """A reusable work buffer of this thread (never returned to callers, never kept by them)."""
         key = (tag, tuple(shape), np.dtype(dtype))
-        buf = self._scratch.get(key)
+        cache = getattr(self._local, "scratch", None)
+        if cache is None:
+            cache = self._local.scratch = {}
+        buf = cache.get(key)
         if buf is None:
-            buf = self._scratch[key] = np.empty(shape, dtype=dtype)
+            buf = cache[key] = np.empty(shape, dtype=dtype)
         return buf
 
     def bias_grad(self, dz, out=None):

@@ -113,7 +113,7 @@ def run_epochs(plan: FastPlan, optimizer, X, y, orders: np.ndarray, batch_size: 
         _hyper(optimizer), optimizer.step_count, losses,
     )
     optimizer.step_count += int(done)
-    for p in g.params:
-        p._grad_zero = False
+    for p, gv in zip(g.params, g.grad_views):
+        p.grad = gv
     expected = len(losses)
     return losses[: done + 1] if done < expected else losses

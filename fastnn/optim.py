@@ -39,8 +39,9 @@ class _FlatGroup:
             dv[...] = p.data
             if p.grad is not None:
                 gv[...] = p.grad
+                p.grad = gv
             p.data = dv
-            p.grad = gv
+            p._grad_view = gv
             self.data_views.append(dv)
             self.grad_views.append(gv)
         self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
@@ -57,20 +58,18 @@ class _FlatGroup:
                 dv[...] = p.data
                 p.data = dv
             if p.grad is not gv:
-                zero = p._grad_zero
-                if p.grad is None:
+                if p.grad is None:  # no backward wrote it: a zero gradient
                     gv.fill(0)
                 else:
                     gv[...] = p.grad
                 p.grad = gv
-                p._grad_zero = zero
+            p._grad_view = gv
 
     def zero_grad(self) -> None:
-        self.grad.fill(0)
-        for p, gv in zip(self.params, self.grad_views):
-            if p.grad is not gv:
-                p.grad = gv
-            p._grad_zero = True
+        """Clear the gradients (``grad = None``, as torch's default). The next
+        backward writes straight into the flat buffer, so no fill pass is needed."""
+        for p in self.params:
+            p.grad = None
 
 
 def _shapes(params) -> str:
@@ -85,9 +84,11 @@ class Optimizer:
     hyper_names: tuple = ()
 
     def __init__(self, params):
-        if isinstance(params, Parameter):
+        from .nn.module import Module
+
+        if isinstance(params, (Parameter, Module)):
             raise TypeError(f"{type(self).__name__}: params must be an iterable of Parameters "
-                            "(e.g. model.parameters()), got a single Parameter")
+                            f"(e.g. model.parameters()), got a {'single Parameter' if isinstance(params, Parameter) else type(params).__name__}")
         params = list(params)
         if not params:
             raise InputError(f"{type(self).__name__}: got an empty parameter list")

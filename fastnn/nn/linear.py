@@ -45,7 +45,10 @@ class Linear(Module):
         backend = get_backend()
         w = self.weight.data
         if not backend.is_array(x):
-            if hasattr(x, "shape") and type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
+            # Another library's array (numpy on cupy, a torch tensor, ...): a silent
+            # copy per call would hide a host/device transfer, so say so instead.
+            if type(x).__name__ in ("ndarray", "Tensor") and \
+                    type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
                 raise TypeError(
                     f"{self._label()}: input is a {type(x).__module__}.{type(x).__name__} but the "
                     f"current backend is {backend.name}; convert it with fastnn.asarray(x)"

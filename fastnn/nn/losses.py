@@ -84,7 +84,9 @@ class MSELoss(Loss):
         diff = self._grad_buffer(pred)
         xp.subtract(pred, target, out=diff)
         flat = diff.reshape(-1)
-        loss = xp.dot(flat, flat) * pred.dtype.type(1.0 / diff.size)  # BLAS: no temporary
+        errstate = getattr(xp, "errstate", None)  # overflow -> inf: fit reports TrainingDiverged
+        with errstate(over="ignore") if errstate else contextlib.nullcontext():
+            loss = xp.dot(flat, flat) * pred.dtype.type(1.0 / diff.size)  # BLAS: no temporary
         diff *= pred.dtype.type(2.0 / diff.size)
         self._grad = diff
         return loss
@@ -105,6 +107,11 @@ class BCELoss(Loss):
         pred = self._pred(pred)
         target = self._same_shape_target(pred, target)
         lo, hi = float(pred.min()), float(pred.max())
+        if lo != lo or hi != hi:
+            raise InputError(
+                f"{self.name}: predictions must be probabilities in [0, 1], got nan; "
+                "use BCEWithLogitsLoss for raw scores"
+            )
         if not (lo >= 0.0 and hi <= 1.0):
             raise InputError(
                 f"{self.name}: predictions must be probabilities in [0, 1], got values in "

@@ -8,11 +8,11 @@ class Parameter:
     """``data`` (backend array, dtype kept as given), ``grad`` (None until a
     backward pass), ``name``.
 
-    ``_grad_zero`` marks a gradient buffer that the optimizer has just zeroed:
-    a layer may then write its gradient straight into it instead of adding.
+    ``_grad_view`` is the slot an optimizer reserved for this gradient in its
+    flat buffer: when ``grad`` is None a layer writes there directly.
     """
 
-    __slots__ = ("data", "_grad", "name", "_grad_zero")
+    __slots__ = ("data", "grad", "name", "_grad_view")
 
     def __init__(self, array, name: str | None = None):
         backend = get_backend()
@@ -23,18 +23,9 @@ class Parameter:
         if array.dtype.kind != "f":
             raise TypeError(f"Parameter {name or ''}: expected a floating array, got {array.dtype}")
         self.data = array
-        self._grad = None
-        self._grad_zero = False
+        self.grad = None
         self.name = name
-
-    @property
-    def grad(self):
-        return self._grad
-
-    @grad.setter
-    def grad(self, value):
-        self._grad = value
-        self._grad_zero = False
+        self._grad_view = None
 
     @property
     def shape(self) -> tuple:
@@ -52,17 +43,19 @@ class Parameter:
         """Add a freshly computed gradient to ``grad``.
 
         ``compute(out)`` writes the gradient into ``out`` (or a new array when
-        ``out`` is None) and returns it. Writes go straight into the gradient
-        buffer when it is new or freshly zeroed, so the common step costs no
-        extra pass; otherwise into ``scratch`` (reused) and then added.
+        ``out`` is None) and returns it. A cleared gradient is written straight
+        into the optimizer's slot (no zero fill, no extra pass); an existing
+        one gets the new gradient computed into ``scratch`` and added.
         """
-        if self._grad is None:
-            self._grad = compute(None)
-        elif self._grad_zero:
-            compute(self._grad)
+        if self.grad is None:
+            view = self._grad_view
+            if view is not None and type(view) is type(self.data) \
+                    and view.shape == self.data.shape and view.dtype == self.data.dtype:
+                self.grad = compute(view)
+            else:
+                self.grad = compute(None)
         else:
-            self._grad += compute(scratch)
-        self._grad_zero = False
+            self.grad += compute(scratch)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

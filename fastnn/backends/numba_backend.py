@@ -52,8 +52,12 @@ class NumbaBackend(NumpyBackend):
         ):
             t = z.dtype.type
             b = bias if bias is not None else _NO_BIAS[z.dtype]  # z[0] fails for 0 rows
-            self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
-            return out
+            if out is z:
+                self.k.bias_act_inplace_2d(z, b, self.k_code(act), t(alpha), bias is not None)
+                return out
+            if not np.may_share_memory(out, z):
+                self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
+                return out
         return super().bias_act(z, bias, act, alpha, out)
 
     def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):

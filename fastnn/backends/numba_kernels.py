@@ -23,49 +23,76 @@ from numba import njit
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
 
 
-@njit(cache=True, nogil=True)
-def bias_act_2d(z, bias, out, act, alpha, has_bias):
-    """z += bias; out = act(z) for act in {identity, relu, leaky_relu}."""
+@njit(cache=True, nogil=True, error_model="numpy")
+def bias_act_inplace_2d(z, bias, act, alpha, has_bias):
+    """z = act(z + bias) for act in {identity, relu, leaky_relu}.
+
+    A separate one-array kernel: with ``out`` aliasing ``z`` LLVM cannot prove
+    the stores independent and does not vectorise (0.40 vs 0.054 ms at 1024^2).
+    """
     n, m = z.shape
     zero = alpha - alpha  # a zero of the array's dtype
     for i in range(n):
+        zi = z[i]
         for j in range(m):
-            v = z[i, j]
+            v = zi[j] + bias[j] if has_bias else zi[j]
+            if act == RELU:
+                zi[j] = zero if v < zero else v  # NaN propagates
+            elif act == LEAKY_RELU:
+                zi[j] = v if v > zero else v * alpha
+            else:
+                zi[j] = v
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def bias_act_2d(z, bias, out, act, alpha, has_bias):
+    """z += bias (only when has_bias); out = act(z); ``out`` must not alias ``z``."""
+    n, m = z.shape
+    zero = alpha - alpha
+    for i in range(n):
+        zi = z[i]
+        oi = out[i]
+        for j in range(m):
+            v = zi[j]
             if has_bias:
                 v += bias[j]
-                z[i, j] = v
+                zi[j] = v
             if act == RELU:
-                out[i, j] = v if (v > zero or v != v) else zero  # NaN propagates
+                oi[j] = zero if v < zero else v
             elif act == LEAKY_RELU:
-                out[i, j] = v if v > zero else v * alpha
+                oi[j] = v if v > zero else v * alpha
             else:
-                out[i, j] = v
+                oi[j] = v
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def act_backward_1d(dy, y, pre, out, act, alpha, use_pre):
-    """out = dy * act'(.) over flat contiguous buffers, from y (or pre)."""
+    """out = dy * act'(.) over flat contiguous buffers, from y (or pre).
+
+    One loop per activation (branch outside the loop) so each vectorises.
+    """
     one = alpha - alpha + 1
     zero = alpha - alpha
-    for i in range(dy.shape[0]):
-        g = dy[i]
-        if act == RELU:
-            r = pre[i] if use_pre else y[i]
-            out[i] = g if r > zero else zero
-        elif act == LEAKY_RELU:
-            r = pre[i] if use_pre else y[i]
-            out[i] = g if r > zero else g * alpha
-        elif act == SIGMOID:
-            v = y[i]
-            out[i] = g * (v * (one - v))
-        elif act == TANH:
-            v = y[i]
-            out[i] = g * (one - v * v)
-        else:
-            out[i] = g
+    ref = pre if use_pre else y
+    n = dy.shape[0]
+    if act == RELU:
+        for i in range(n):
+            out[i] = dy[i] if ref[i] > zero else zero
+    elif act == LEAKY_RELU:
+        for i in range(n):
+            out[i] = dy[i] if ref[i] > zero else dy[i] * alpha
+    elif act == SIGMOID:
+        for i in range(n):
+            out[i] = dy[i] * (y[i] * (one - y[i]))
+    elif act == TANH:
+        for i in range(n):
+            out[i] = dy[i] * (one - y[i] * y[i])
+    else:
+        for i in range(n):
+            out[i] = dy[i]
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def softmax_xent_2d(logits, labels, grad, inv_n):
     """Per row: stable log-softmax loss; grad = (softmax - onehot) * inv_n.
 
@@ -92,7 +119,7 @@ def softmax_xent_2d(logits, labels, grad, inv_n):
     return total
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def sgd_1d(param, grad, buf, lr, momentum, dampening_c, weight_decay,
            nesterov, first_step, use_momentum, use_wd):
     for i in range(param.shape[0]):
@@ -112,7 +139,7 @@ def sgd_1d(param, grad, buf, lr, momentum, dampening_c, weight_decay,
         param[i] = param[i] - lr * g
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def adam_1d(param, grad, exp_avg, exp_avg_sq, one_minus_b1, beta2, one_minus_b2,
             step_size, bc2_sqrt, eps, weight_decay, decay_factor, use_wd, decoupled):
     for i in range(param.shape[0]):
@@ -130,7 +157,7 @@ def adam_1d(param, grad, exp_avg, exp_avg_sq, one_minus_b1, beta2, one_minus_b2,
         param[i] = p - step_size * (m / denom)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, error_model="numpy")
 def rmsprop_1d(param, grad, square_avg, buf, grad_avg, lr, alpha, one_minus_alpha,
                eps, weight_decay, momentum, use_wd, centered, use_momentum):
     for i in range(param.shape[0]):

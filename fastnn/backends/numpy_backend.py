@@ -118,3 +118,61 @@ class NumpyBackend(Backend):
         else:
             return super().act_backward(dy, y, act, pre, alpha, out)
         return out
+
+    # ------------------------------------------------------------ optimizers
+    # The base updates' exact operation order, as in-place ufuncs over two
+    # reused scratch buffers: no temporaries the size of the model per step.
+    def sgd_step(self, param, grad, buf, *, lr, momentum, dampening, nesterov,
+                 weight_decay, first_step):
+        t = param.dtype.type
+        g = grad
+        if weight_decay:
+            g = self.scratch("opt_g", param.shape, param.dtype)
+            np.multiply(param, t(weight_decay), out=g)
+            g += grad
+        if momentum:
+            if first_step:
+                np.copyto(buf, g)
+            else:
+                buf *= t(momentum)
+                if dampening:
+                    tmp = self.scratch("opt_tmp", param.shape, param.dtype)
+                    np.multiply(g, t(1 - dampening), out=tmp)
+                    buf += tmp
+                else:
+                    buf += g
+            if nesterov:
+                tmp = self.scratch("opt_tmp", param.shape, param.dtype)
+                np.multiply(buf, t(momentum), out=tmp)
+                tmp += g
+                g = tmp
+            else:
+                g = buf
+        step = self.scratch("opt_step", param.shape, param.dtype)
+        np.multiply(g, t(lr), out=step)
+        param -= step
+
+    def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
+                  beta2, eps, weight_decay, decoupled):
+        t = param.dtype.type
+        g = grad
+        if decoupled:
+            param *= t(1 - lr * weight_decay)
+        elif weight_decay:
+            g = self.scratch("opt_g", param.shape, param.dtype)
+            np.multiply(param, t(weight_decay), out=g)
+            g += grad
+        tmp = self.scratch("opt_tmp", param.shape, param.dtype)
+        np.subtract(g, exp_avg, out=tmp)
+        tmp *= t(1 - beta1)
+        exp_avg += tmp
+        np.multiply(g, t(1 - beta2), out=tmp)
+        tmp *= g
+        exp_avg_sq *= t(beta2)
+        exp_avg_sq += tmp
+        np.sqrt(exp_avg_sq, out=tmp)
+        tmp /= t((1 - beta2 ** step) ** 0.5)
+        tmp += t(eps)
+        np.divide(exp_avg, tmp, out=tmp)
+        tmp *= t(lr / (1 - beta1 ** step))
+        param -= tmp

@@ -17,9 +17,9 @@ _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_BIAS = {dt: np.empty(0, dt) for dt in _FLOATS}  # typed placeholder when bias is None
 
 
-def _flat(a):
-    """1-D view of a C-contiguous array, or None when that would need a copy."""
-    return a.reshape(-1) if a.flags.c_contiguous else None
+def _same_layout(a, b) -> bool:
+    """b matches a's shape and dtype and both are C-contiguous (flat views are free)."""
+    return a.shape == b.shape and a.dtype == b.dtype and a.flags.c_contiguous and b.flags.c_contiguous
 
 
 class NumbaBackend(NumpyBackend):
@@ -64,19 +64,18 @@ class NumbaBackend(NumpyBackend):
         if out is None:
             out = dy
         use_pre = pre is not None
-        if act in _FUSED_BACKWARD and dy.dtype in _FLOATS and not (
-            act == "leaky_relu" and alpha <= 0 and not use_pre
+        ref = pre if use_pre else y
+        if (
+            act in _FUSED_BACKWARD
+            and dy.dtype in _FLOATS
+            and not (act == "leaky_relu" and alpha <= 0 and not use_pre)
+            and _same_layout(dy, y) and _same_layout(dy, ref) and _same_layout(dy, out)
         ):
-            arrays = (dy, y, pre if use_pre else y, out)
-            flats = [_flat(a) for a in arrays]
-            if all(f is not None for f in flats) and all(
-                a.shape == dy.shape and a.dtype == dy.dtype for a in arrays
-            ):
-                self.k.act_backward_1d(
-                    flats[0], flats[1], flats[2], flats[3],
-                    self.k_code(act), dy.dtype.type(alpha), use_pre,
-                )
-                return out
+            self.k.act_backward_1d(
+                dy.reshape(-1), y.reshape(-1), ref.reshape(-1), out.reshape(-1),
+                self.k_code(act), dy.dtype.type(alpha), use_pre,
+            )
+            return out
         return super().act_backward(dy, y, act, pre, alpha, out)
 
     @staticmethod

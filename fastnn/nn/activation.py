@@ -24,10 +24,10 @@ class ElementwiseActivation(Module):
         backend = get_backend()
         if not backend.is_array(x):
             x = asarray(x)
-        y = self._buffer("y", x.shape, x.dtype)
+        y = self._buffer("y", x.shape, x.dtype, backend)
         backend.bias_act(x, None, self.act_name, self.alpha, out=y)
         keep_pre = get_activation(self.act_name).needs_pre(self.alpha)
-        self._saved = (y, x if keep_pre else None)
+        self.__dict__["_saved"] = (y, x if keep_pre else None)  # hot path: no registry checks
         return y
 
     def backward(self, dy):

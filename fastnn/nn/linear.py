@@ -41,8 +41,7 @@ class Linear(Module):
     def extra_repr(self) -> str:
         return f"{self.in_features} -> {self.out_features}, bias={self.bias is not None}"
 
-    def _check_input(self, x):
-        backend = get_backend()
+    def _check_input(self, x, backend):
         w = self.weight.data
         if not backend.is_array(x):
             # Another library's array (numpy on cupy, a torch tensor, ...): a silent
@@ -68,13 +67,13 @@ class Linear(Module):
 
     def forward_fused(self, x, act, alpha):
         """``act(x @ W + b)`` with the bias and activation applied in place."""
-        x = self._check_input(x)
+        backend = get_backend()
+        x = self._check_input(x, backend)
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        backend = get_backend()
         n = x2.shape[0]
         w = self.weight.data
-        z = self._buffer("z", (n, self.out_features), w.dtype)
+        z = self._buffer("z", (n, self.out_features), w.dtype, backend)
         backend.gemm(x2, w, out=z)
         bias = self.bias.data if self.bias is not None else None
         pre = None
@@ -84,10 +83,11 @@ class Linear(Module):
             y = z
         else:
             keep_pre = get_activation(act).needs_pre(alpha) and self.training
-            y = self._buffer("y", z.shape, w.dtype) if keep_pre else z
+            y = self._buffer("y", z.shape, w.dtype, backend) if keep_pre else z
             backend.bias_act(z, bias, act, alpha, out=y)
             pre = z if keep_pre else None
-        self._saved = (x2, x.shape, y, pre, act, alpha)
+        # __dict__ directly: skips Module.__setattr__'s registry checks (hot path).
+        self.__dict__["_saved"] = (x2, x.shape, y, pre, act, alpha)
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
 
     # ------------------------------------------------------------ backward
@@ -109,23 +109,23 @@ class Linear(Module):
             )
         dy2 = dy.reshape(n, self.out_features)
         if act is not None:
-            dz = self._buffer("dz", dy2.shape, y.dtype)
+            dz = self._buffer("dz", dy2.shape, y.dtype, backend)
             backend.act_backward(dy2, y, act, pre, alpha, out=dz)
         else:
             dz = dy2
         w = self.weight
         w.accumulate_grad(
             lambda out: backend.gemm(x2, dz, out=out, trans_a=True),
-            scratch=self._buffer("dw", w.shape, w.dtype),
+            scratch=self._buffer("dw", w.shape, w.dtype, backend),
         )
         if self.bias is not None:
             b = self.bias
             b.accumulate_grad(
                 lambda out: backend.bias_grad(dz, out=out),
-                scratch=self._buffer("db", b.shape, b.dtype),
+                scratch=self._buffer("db", b.shape, b.dtype, backend),
             )
         if not need_input_grad:
             return None
-        dx = self._buffer("dx", (n, self.in_features), y.dtype)
+        dx = self._buffer("dx", (n, self.in_features), y.dtype, backend)
         backend.gemm(dz, w.data, out=dx, trans_b=True)
         return dx.reshape(x_shape)

@@ -169,9 +169,10 @@ class Module:
         return self
 
     # ------------------------------------------------------------ helpers
-    def _buffer(self, tag: str, shape: tuple, dtype):
+    def _buffer(self, tag: str, shape: tuple, dtype, backend=None):
         """Work buffer: reused across steps inside fit, fresh outside it."""
-        backend = get_backend()
+        if backend is None:
+            backend = get_backend()
         if not _step_mode.get():
             return backend.empty(shape, dtype)
         buffers = self.__dict__.get("_buffers")

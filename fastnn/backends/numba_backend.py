@@ -12,6 +12,10 @@ from .activations import get_activation
 from .numpy_backend import NumpyBackend
 
 _FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
+# Transcendental activations go to Numba only below this many elements: above
+# it NumPy's SIMD tanh/exp win (Numba here has no SVML: 30x slower per element).
+SMALL_ARRAY = 2048
+_SMALL_FORWARD = {"sigmoid", "tanh", "gelu"}
 _FUSED_BACKWARD = {"identity", "relu", "leaky_relu", "sigmoid", "tanh"}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_BIAS = {dt: np.empty(0, dt) for dt in _FLOATS}  # typed placeholder when bias is None
@@ -58,6 +62,16 @@ class NumbaBackend(NumpyBackend):
             if not np.may_share_memory(out, z):
                 self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
                 return out
+        elif (
+            act in _SMALL_FORWARD and z.ndim == 2 and z.size <= SMALL_ARRAY
+            and z.dtype in _FLOATS and out.dtype == z.dtype and out.shape == z.shape
+            and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
+            and (out is z or not np.may_share_memory(out, z))
+        ):
+            b = bias if bias is not None else _NO_BIAS[z.dtype]
+            self.k.bias_act_small_2d(z, b, out, self.k_code(act), z.dtype.type(alpha),
+                                     bias is not None, out is z)
+            return out
         return super().bias_act(z, bias, act, alpha, out)
 
     def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):

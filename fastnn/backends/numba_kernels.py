@@ -20,7 +20,9 @@ import math
 import numpy as np
 from numba import njit
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH = 0, 1, 2, 3, 4
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = 0, 1, 2, 3, 4, 5
+GELU_C = math.sqrt(2.0 / math.pi)
+GELU_K = 0.044715
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
@@ -42,6 +44,29 @@ def bias_act_inplace_2d(z, bias, act, alpha, has_bias):
                 zi[j] = v if v > zero else v * alpha
             else:
                 zi[j] = v
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def bias_act_small_2d(z, bias, out, act, alpha, has_bias, in_place):
+    """bias + sigmoid / tanh / gelu for *small* arrays, where NumPy's per-call
+    overhead (several ufuncs, ~1 us each) outweighs Numba's scalar libm calls."""
+    n, m = z.shape
+    one = alpha - alpha + 1
+    half = one / 2
+    for i in range(n):
+        for j in range(m):
+            v = z[i, j]
+            if has_bias:
+                v += bias[j]
+                if not in_place:
+                    z[i, j] = v
+            if act == SIGMOID:
+                r = one / (one + math.exp(-v))
+            elif act == TANH:
+                r = math.tanh(v)
+            else:  # GELU, tanh approximation
+                r = half * v * (one + math.tanh(GELU_C * (v + GELU_K * v * v * v)))
+            out[i, j] = r
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

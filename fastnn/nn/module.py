@@ -157,6 +157,7 @@ class Module:
             for p in self.parameters():
                 p.data = target.asarray(host_array(p.data), dtype=p.data.dtype)
                 p.grad = None
+                p._grad_view = None  # an optimizer's slot on the old backend
         for m in self.modules():
             m.__dict__.pop("_buffers", None)
         return self
@@ -166,6 +167,7 @@ class Module:
         for p in self.parameters():
             p.data = p.data.astype(dtype)
             p.grad = None
+            p._grad_view = None
         return self
 
     # ------------------------------------------------------------ helpers

@@ -96,13 +96,16 @@ CHECK = textwrap.dedent(
     x = fastnn.asarray([[1.0, -2.0]])
     assert x.dtype == "float32"
 
-    # ---- FIT CHECK GOES HERE (once fastnn.fit exists) -------------------------
-    # A short fit on a tiny problem with the numpy backend, e.g.
-    #   model = fastnn.Sequential(fastnn.Linear(2, 8), fastnn.Tanh(), fastnn.Linear(8, 1))
-    #   hist = fastnn.fit(model, fastnn.MSELoss(), fastnn.SGD(model.parameters(), lr=0.1),
-    #                     X, y, epochs=3, batch_size=4, progress=False)
-    #   assert hist.epochs_run == 3 and hist.loss[-1] < hist.loss[0]
-    # ---------------------------------------------------------------------------
+    # A short fit through the public API on the numpy backend, data from the wheel.
+    from fastnn.data import load_digits, xor
+    fastnn.manual_seed(0)
+    X, y = xor()
+    model = fastnn.Sequential(fastnn.Linear(2, 8), fastnn.Tanh(), fastnn.Linear(8, 1))
+    hist = fastnn.fit(model, fastnn.MSELoss(), fastnn.Adam(model.parameters(), lr=0.05),
+                      X, y, epochs=200, batch_size=4, progress=False)
+    assert hist.epochs_run == 200 and hist.loss[-1] < 0.1 * hist.loss[0], hist.loss[::50]
+    Xd, yd = load_digits("test")
+    assert Xd.shape == (359, 64) and Xd.dtype == "float32"
     print(json.dumps({"ok": True, "backend": fastnn.get_backend().name}))
     """
 )

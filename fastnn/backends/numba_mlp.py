@@ -27,7 +27,7 @@ GELU_C = math.sqrt(2.0 / math.pi)
 GELU_K = 0.044715
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _act(v, code, alpha):
     one = alpha - alpha + 1
     zero = alpha - alpha
@@ -46,7 +46,7 @@ def _act(v, code, alpha):
     return v
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _act_grad(g, y, z, code, alpha):
     """dy * act'(.) from the output y (or the pre-activation z)."""
     one = alpha - alpha + 1
@@ -190,14 +190,14 @@ def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
     return done
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _as(dt, value):
     """``value`` cast to the dtype of the 1-element array ``dt``."""
     dt[0] = value
     return dt[0]
 
 
-@njit(cache=True, nogil=True, inline="always")
+@njit(cache=True, nogil=True)
 def _update(params, grads, state1, state2, opt_kind, hyper, step, dt):
     if opt_kind == OPT_SGD:
         lr, momentum = _as(dt, hyper[0]), _as(dt, hyper[1])

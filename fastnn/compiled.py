@@ -25,6 +25,9 @@ from .optim import SGD, Adam, AdamW
 
 # Above this many weights per layer BLAS beats the kernel's plain loops.
 MAX_LAYER_WEIGHTS = 64 * 64
+# Measured on the project machine: an ordinary small-net step and a cold compile.
+ORDINARY_STEP_S = 40e-6
+COLD_COMPILE_S = 3.0
 
 
 @dataclass
@@ -37,9 +40,28 @@ class FastPlan:
     group: object  # the optimizer's _FlatGroup
 
 
+def worth_compiling(steps: int) -> bool:
+    """Use the kernel if it costs no compile now, or the run repays one."""
+    mode = os.environ.get("FASTNN_FAST_PATH", "auto")
+    if mode == "1":
+        return True
+    from .backends import numba_mlp
+
+    kernel = numba_mlp.train_mlp
+    return bool(kernel.signatures) or _on_disk(kernel) or steps * ORDINARY_STEP_S > COLD_COMPILE_S
+
+
+def _on_disk(kernel) -> bool:
+    """Whether Numba's cache already holds the kernel (internal API: False if it moved)."""
+    try:
+        return os.path.exists(kernel._cache._cache_file._index_path)
+    except AttributeError:
+        return False
+
+
 def plan_fast_path(model, loss_fn, optimizer) -> FastPlan | None:
     """A FastPlan when the compiled path applies exactly, else None."""
-    if os.environ.get("FASTNN_FAST_PATH", "1") == "0" or get_backend().name != "numba":
+    if os.environ.get("FASTNN_FAST_PATH") == "0" or get_backend().name != "numba":
         return None
     if type(model) is not Sequential or type(loss_fn) not in (MSELoss, CrossEntropyLoss):
         return None

@@ -210,7 +210,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             raise diverged(losses[k], epoch + k // n_batches, k % n_batches)
         return list(losses.reshape(count, n_batches) @ sizes / n)
 
-    plan = _compiled_plan(model, loss_fn, optimizer, Xd, yd)
+    plan = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches)
     # Return to Python after every epoch only when something must run there.
     per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
@@ -243,12 +243,12 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     return history
 
 
-def _compiled_plan(model, loss_fn, optimizer, Xd, yd):
+def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int):
     """The compiled fast path's plan when it applies to this exact data, else None."""
-    from .compiled import plan_fast_path
+    from .compiled import plan_fast_path, worth_compiling
 
     plan = plan_fast_path(model, loss_fn, optimizer)
-    if plan is None or Xd.ndim != 2 or Xd.shape[1] != plan.layout[0, 0]:
+    if plan is None or not worth_compiling(steps) or Xd.ndim != 2 or Xd.shape[1] != plan.layout[0, 0]:
         return None  # the ordinary path raises the precise error, if any
     classes = int(plan.layout[-1, 1])
     if plan.loss_kind == 0:

@@ -9,6 +9,8 @@ as ``numba_kernels.sgd_1d`` / ``adam_1d`` over the optimizer's flat buffers);
 only the matmul summation order differs from BLAS, so results agree to
 rounding.
 
+The update calls ``numba_kernels.sgd_1d`` / ``adam_1d`` themselves.
+
 layout[l] = (in, out, weight offset, bias offset or -1) into the flat buffers.
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ import math
 import numpy as np
 from numba import njit
 
-from .numba_kernels import IDENTITY, LEAKY_RELU, RELU, SIGMOID, TANH
+from .numba_kernels import LEAKY_RELU, RELU, SIGMOID, TANH, adam_1d, sgd_1d
 
 GELU = 5
 LOSS_MSE, LOSS_XENT = 0, 1
@@ -199,39 +201,14 @@ def _as(dt, value):
 
 @njit(cache=True, nogil=True)
 def _update(params, grads, state1, state2, opt_kind, hyper, step, dt):
+    """The flat-buffer update kernels themselves, so both paths share one rule."""
     if opt_kind == OPT_SGD:
-        lr, momentum = _as(dt, hyper[0]), _as(dt, hyper[1])
-        damp_c, wd = _as(dt, 1.0 - hyper[2]), _as(dt, hyper[3])
-        nesterov = hyper[4] != 0.0
-        for i in range(params.shape[0]):
-            g = grads[i]
-            if hyper[3] != 0.0:
-                g = g + wd * params[i]
-            if hyper[1] != 0.0:
-                if step == 1:
-                    bb = g
-                else:
-                    bb = state1[i] * momentum + damp_c * g
-                state1[i] = bb
-                g = g + momentum * bb if nesterov else bb
-            params[i] = params[i] - lr * g
+        sgd_1d(params, grads, state1, _as(dt, hyper[0]), _as(dt, hyper[1]),
+               _as(dt, 1.0 - hyper[2]), _as(dt, hyper[3]), hyper[4] != 0.0, step == 1,
+               hyper[1] != 0.0, hyper[3] != 0.0)
     else:
         lr, beta1, beta2, eps, wd = hyper[0], hyper[1], hyper[2], hyper[3], hyper[4]
-        decoupled = hyper[5] != 0.0
-        omb1, b2, omb2 = _as(dt, 1.0 - beta1), _as(dt, beta2), _as(dt, 1.0 - beta2)
-        step_size = _as(dt, lr / (1.0 - beta1 ** step))
-        bc2_sqrt = _as(dt, (1.0 - beta2 ** step) ** 0.5)
-        eps_t, wd_t, decay = _as(dt, eps), _as(dt, wd), _as(dt, 1.0 - lr * wd)
-        for i in range(params.shape[0]):
-            p = params[i]
-            g = grads[i]
-            if decoupled:
-                p = p * decay
-            elif wd != 0.0:
-                g = g + wd_t * p
-            mm = state1[i] + omb1 * (g - state1[i])
-            v = state2[i] * b2 + omb2 * g * g
-            state1[i] = mm
-            state2[i] = v
-            denom = math.sqrt(v) / bc2_sqrt + eps_t
-            params[i] = p - step_size * (mm / denom)
+        adam_1d(params, grads, state1, state2, _as(dt, 1.0 - beta1), _as(dt, beta2),
+                _as(dt, 1.0 - beta2), _as(dt, lr / (1.0 - beta1 ** step)),
+                _as(dt, (1.0 - beta2 ** step) ** 0.5), _as(dt, eps), _as(dt, wd),
+                _as(dt, 1.0 - lr * wd), wd != 0.0, hyper[5] != 0.0)

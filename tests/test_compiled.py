@@ -143,3 +143,23 @@ def test_bad_input_still_gets_the_ordinary_error(monkeypatch):
         fn.fit(model, fn.MSELoss(), opt, np.zeros((4, 2)), np.zeros((4, 1)), progress=False)
     with pytest.raises(ValueError, match="reshape the target"):
         fn.fit(model, fn.MSELoss(), opt, np.zeros((4, 3)), np.zeros(4), progress=False)
+
+
+def test_auto_mode_compiles_only_when_it_pays(monkeypatch):
+    from fastnn import compiled
+    from fastnn.backends import numba_mlp
+
+    monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+
+    class ColdKernel:  # neither compiled in this process nor cached on disk
+        signatures = []
+
+    monkeypatch.setattr(numba_mlp, "train_mlp", ColdKernel())
+    monkeypatch.setattr(compiled, "_on_disk", lambda kernel: False)
+    assert not compiled.worth_compiling(steps=1000)  # 40 ms of ordinary steps: not worth 3 s
+    assert compiled.worth_compiling(steps=1_000_000)
+    monkeypatch.setattr(compiled, "_on_disk", lambda kernel: True)
+    assert compiled.worth_compiling(steps=1)
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+    monkeypatch.setattr(compiled, "_on_disk", lambda kernel: False)
+    assert compiled.worth_compiling(steps=1)

@@ -77,6 +77,12 @@ def _prepare(X, y, dtype, what: str):
     return Xd, yd
 
 
+def _label_range(y):
+    """(min, max) of integer labels, read once on the host; None otherwise."""
+    y = host_array(y)
+    return (int(y.min()), int(y.max())) if y.dtype.kind in "iu" and y.size else None
+
+
 def _check_positive_int(name, value, minimum=1, where="fit"):
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise InputError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
@@ -130,6 +136,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     backend = get_backend()
     dtype = _model_dtype(model)
     Xd, yd = _prepare(X, y, dtype, "fit")
+    label_range = _label_range(y)
     val = None
     if validation_data is not None:
         if len(validation_data) != 2:
@@ -166,7 +173,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         if shuffle:
             order_d = backend.asarray(shuffler.permutation(n))
         loss_sum = 0.0
-        with training_step_mode(model):
+        with training_step_mode(model, label_range):
             for b in range(n_batches):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
                 m = hi - lo

@@ -8,7 +8,7 @@ import contextlib
 
 from ..backends import asarray, get_backend
 from ..errors import DTypeError, InputError, ShapeError
-from .module import in_step_mode
+from .module import in_step_mode, known_label_range
 
 
 class Loss:
@@ -179,7 +179,8 @@ class CrossEntropyLoss(Loss):
         if n == 0:
             raise InputError(f"{self.name}: empty batch")
         if self.check_labels:
-            lo, hi = int(labels.min()), int(labels.max())
+            # Inside fit the range was read once from the host copy of y.
+            lo, hi = known_label_range() or (int(labels.min()), int(labels.max()))
             if lo < 0 or hi >= c:
                 raise InputError(
                     f"{self.name}: labels must be in [0, {c - 1}] for {c} classes, got values in [{lo}, {hi}]"

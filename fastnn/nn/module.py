@@ -28,17 +28,31 @@ _no_input_grad: contextvars.ContextVar[object] = contextvars.ContextVar(
 )
 
 
+# (min, max) of the integer labels of the whole data set, checked once by fit,
+# so a loss need not read the batch's labels back from the device every step.
+_label_range: contextvars.ContextVar[tuple | None] = contextvars.ContextVar(
+    "fastnn_label_range", default=None
+)
+
+
 @contextlib.contextmanager
-def training_step_mode(model=None):
+def training_step_mode(model=None, label_range=None):
     """Let layers reuse buffers across calls (used by fit/predict); ``model``'s
-    own input gradient is not computed."""
+    own input gradient is not computed; ``label_range`` is the (min, max) of
+    every label the losses will see."""
     token = _step_mode.set(True)
     token2 = _no_input_grad.set(model)
+    token3 = _label_range.set(label_range)
     try:
         yield
     finally:
+        _label_range.reset(token3)
         _no_input_grad.reset(token2)
         _step_mode.reset(token)
+
+
+def known_label_range():
+    return _label_range.get()
 
 
 def in_step_mode() -> bool:

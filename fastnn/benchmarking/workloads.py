@@ -1,0 +1,380 @@
+"""Workloads and the per-contender step builders of ``fastnn bench``.
+
+The Workload dataclass and WORKLOADS; the fixed batch and model builders; the
+in-process steps (fastnn, GEMM floor, hand-written NumPy, PyTorch eager, which
+only ever runs in the child process) and the digits fit runs (the main job).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+
+# ---------------------------------------------------------------- workloads
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    sizes: tuple            # layer widths, input first
+    batch: int
+    loss: str = "xent"      # "xent" (int labels) or "mse"
+    optimizer: str = "sgd"  # "sgd" (lr 0.01, momentum 0.9) or "adam" (lr 1e-3)
+    hidden_act: str = "relu"
+    out_act: str | None = None
+    lr: float = 0.01
+    public_api: bool = False  # x: plain model(x) / loss(pred, y) / opt.step() calls
+    kind: str = "step"        # "step" or "fit" (the digits main job)
+    epochs: int = 0           # fit: epochs per measured run
+    default: bool = True      # part of the default table
+    note: str = ""
+
+    @property
+    def label(self) -> str:
+        return f"{self.name}: {'-'.join(map(str, self.sizes))} batch {self.batch}"
+
+
+WORKLOADS = {
+    "a": Workload("a", (784, 1024, 1024, 10), 256),
+    "b": Workload("b", (784, 1024, 1024, 10), 1024),
+    "c": Workload("c", (784, 256, 10), 64),
+    "d": Workload("d", (4096, 4096, 4096, 4096, 10), 512, default=False,
+                  note="opt-in (--workloads d): ~1 s/step"),
+    "x": Workload("x", (2, 8, 1), 4, loss="mse", optimizer="adam", hidden_act="tanh",
+                  out_act="sigmoid", lr=0.05, public_api=True),
+    "digits": Workload("digits", (64, 128, 10), 32, optimizer="adam", lr=1e-3,
+                       kind="fit", epochs=10),
+    "digits2": Workload("digits2", (64, 256, 256, 10), 32, optimizer="adam", lr=1e-3,
+                        kind="fit", epochs=10, default=False),
+}
+DEFAULT_WORKLOADS = [k for k, w in WORKLOADS.items() if w.default]
+
+
+def make_batch(w: Workload, seed: int = 0):
+    """The fixed batch (X float32 (batch, in), y int64 labels or float32 targets)."""
+    rng = np.random.default_rng(seed)
+    if w.name == "x":
+        X = np.array([[0, 0], [0, 1], [1, 0], [1, 1]], np.float32)
+        return X, np.array([[0], [1], [1], [0]], np.float32)
+    X = rng.standard_normal((w.batch, w.sizes[0]), dtype=np.float32)
+    if w.loss == "mse":
+        return X, rng.random((w.batch, w.sizes[-1]), dtype=np.float32)
+    return X, rng.integers(0, w.sizes[-1], w.batch).astype(np.int64)
+
+
+def fastnn_backends() -> list[str]:
+    """Usable fastnn backends, in bench order."""
+    import fastnn as fn
+
+    return [name for name, reason in fn.available_backends().items() if reason is None]
+
+
+def contenders(w: Workload, torch_ok: bool = True) -> list[str]:
+    names = [f"fastnn-{b}" for b in fastnn_backends()]
+    if w.kind == "fit":
+        names.append("sklearn")
+    else:
+        names = ["floor", "numpy"] + names
+    if torch_ok:
+        names.append("torch")
+    return names
+
+
+# ---------------------------------------------------------------- in-process steps
+def build_fastnn_model(w: Workload, seed: int = 0):
+    """(model, loss_fn, optimizer) on the current backend."""
+    import fastnn as fn
+
+    fn.manual_seed(seed)
+    acts = {"relu": fn.ReLU, "tanh": fn.Tanh, "sigmoid": fn.Sigmoid}
+    layers = []
+    for i in range(len(w.sizes) - 1):
+        layers.append(fn.Linear(w.sizes[i], w.sizes[i + 1]))
+        if i < len(w.sizes) - 2:
+            layers.append(acts[w.hidden_act]())
+        elif w.out_act:
+            layers.append(acts[w.out_act]())
+    model = fn.Sequential(*layers)
+    loss_fn = fn.CrossEntropyLoss() if w.loss == "xent" else fn.MSELoss()
+    if w.optimizer == "adam":
+        opt = fn.Adam(model.parameters(), lr=w.lr)
+    else:
+        opt = fn.SGD(model.parameters(), lr=w.lr, momentum=0.9)
+    return model, loss_fn, opt
+
+
+def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
+    """``run(k) -> last loss``: k training steps of fastnn on ``backend``."""
+    import fastnn as fn
+    from fastnn.nn.module import training_step_mode
+
+    with fn.use_backend(backend) as B:
+        model, loss_fn, opt = build_fastnn_model(w, seed)
+        X, y = make_batch(w, seed)
+        xb, yb = B.asarray(X), B.asarray(y)
+
+    if w.public_api:
+        def steps(k):
+            loss = None
+            for _ in range(k):
+                opt.zero_grad()
+                loss = loss_fn(model(xb), yb)
+                model.backward(loss_fn.backward())
+                opt.step()
+            return loss
+    else:
+        def steps(k):  # fit's inner loop
+            loss = None
+            with training_step_mode(model):
+                for _ in range(k):
+                    opt.zero_grad()
+                    loss = float(loss_fn.forward(model.forward(xb), yb))
+                    model.backward(loss_fn.backward())
+                    opt.step()
+            return loss
+
+    def run(k: int) -> float:
+        with fn.use_backend(B):
+            loss = steps(k)
+            B.synchronize()
+        return loss
+
+    run.model = model
+    return run
+
+
+def _init_weights(w: Workload, seed: int):
+    rng = np.random.default_rng(seed)
+    Ws = [(rng.standard_normal((i, o)) * math.sqrt(2.0 / i)).astype(np.float32)
+          for i, o in zip(w.sizes[:-1], w.sizes[1:])]
+    bs = [np.zeros(o, np.float32) for o in w.sizes[1:]]
+    return Ws, bs
+
+
+def floor_step(w: Workload, seed: int = 0):
+    """The GEMMs of a step alone (NumPy float32, preallocated outputs)."""
+    Ws, _ = _init_weights(w, seed)
+    X, _ = make_batch(w, seed)
+    n = w.batch
+    hs = [X] + [np.ones((n, o), np.float32) * 0.01 for o in w.sizes[1:]]
+    dzs = [np.ones((n, o), np.float32) * 0.01 for o in w.sizes[1:]]
+    dWs = [np.empty_like(W) for W in Ws]
+    L = len(Ws)
+
+    def run(k: int) -> float:
+        for _ in range(k):
+            for i in range(L):
+                np.matmul(hs[i], Ws[i], out=hs[i + 1])
+            for i in range(L - 1, -1, -1):
+                np.matmul(hs[i].T, dzs[i], out=dWs[i])
+                if i > 0:
+                    np.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
+        return float(dWs[0][0, 0])
+
+    return run
+
+
+def numpy_step(w: Workload, seed: int = 0):
+    """A hand-written NumPy training step with preallocated buffers."""
+    Ws, bs = _init_weights(w, seed)
+    X, y = make_batch(w, seed)
+    n, L = w.batch, len(Ws)
+    params = [p for pair in zip(Ws, bs) for p in pair]
+    grads = [np.zeros_like(p) for p in params]
+    st1 = [np.zeros_like(p) for p in params]
+    st2 = [np.zeros_like(p) for p in params]
+    tmp = [np.empty_like(p) for p in params]
+    hs = [X] + [np.empty((n, o), np.float32) for o in w.sizes[1:]]
+    dhs = [None] + [np.empty((n, o), np.float32) for o in w.sizes[1:]]
+    ones = np.ones(n, np.float32)
+    rows = np.arange(n)
+    f = np.float32
+    t = [0]
+
+    def act(z, name):
+        if name == "relu":
+            np.maximum(z, f(0), out=z)
+        elif name == "tanh":
+            np.tanh(z, out=z)
+        elif name == "sigmoid":
+            np.negative(z, out=z); np.exp(z, out=z); z += f(1); np.reciprocal(z, out=z)
+
+    def dact(dz, h, name):
+        if name == "relu":
+            np.multiply(dz, h > 0, out=dz)
+        elif name == "tanh":
+            dz *= f(1) - h * h
+        elif name == "sigmoid":
+            dz *= h * (f(1) - h)
+
+    def run(k: int) -> float:
+        loss = 0.0
+        for _ in range(k):
+            for i in range(L):
+                z = hs[i + 1]
+                np.matmul(hs[i], Ws[i], out=z)
+                z += bs[i]
+                act(z, w.hidden_act if i < L - 1 else w.out_act)
+            out, g = hs[L], dhs[L]
+            if w.loss == "xent":
+                np.subtract(out, out.max(axis=1, keepdims=True), out=g)
+                np.exp(g, out=g)
+                s = g.sum(axis=1, keepdims=True)
+                loss = float(-np.mean(np.log(g[rows, y] / s[:, 0])))
+                g /= s
+                g[rows, y] -= f(1)
+                g *= f(1.0 / n)
+            else:
+                np.subtract(out, y, out=g)
+                loss = float(np.mean(g * g))
+                g *= f(2.0 / g.size)
+                dact(g, out, w.out_act)
+            for i in range(L - 1, -1, -1):
+                dz = dhs[i + 1]
+                np.matmul(hs[i].T, dz, out=grads[2 * i])
+                np.matmul(ones, dz, out=grads[2 * i + 1])
+                if i > 0:
+                    np.matmul(dz, Ws[i].T, out=dhs[i])
+                    dact(dhs[i], hs[i], w.hidden_act)
+            t[0] += 1
+            for p, gr, m, v, tm in zip(params, grads, st1, st2, tmp):
+                if w.optimizer == "sgd":
+                    m *= f(0.9); m += gr
+                    np.multiply(m, f(w.lr), out=tm); p -= tm
+                else:
+                    m *= f(0.9); np.multiply(gr, f(0.1), out=tm); m += tm
+                    v *= f(0.999); np.multiply(gr, gr, out=tm); tm *= f(0.001); v += tm
+                    np.sqrt(v, out=tm); tm *= f(1 / math.sqrt(1 - 0.999 ** t[0])); tm += f(1e-8)
+                    np.divide(m, tm, out=tm); tm *= f(w.lr / (1 - 0.9 ** t[0])); p -= tm
+        return loss
+
+    return run
+
+
+def torch_step(w: Workload, threads: int, seed: int = 0):
+    """PyTorch eager step (imported here: only ever called in the child process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(seed)
+    acts = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
+    layers = []
+    for i in range(len(w.sizes) - 1):
+        layers.append(torch.nn.Linear(w.sizes[i], w.sizes[i + 1]))
+        if i < len(w.sizes) - 2:
+            layers.append(acts[w.hidden_act]())
+        elif w.out_act:
+            layers.append(acts[w.out_act]())
+    model = torch.nn.Sequential(*layers)
+    loss_fn = torch.nn.CrossEntropyLoss() if w.loss == "xent" else torch.nn.MSELoss()
+    if w.optimizer == "adam":
+        opt = torch.optim.Adam(model.parameters(), lr=w.lr)
+    else:
+        opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=0.9)
+    X, y = make_batch(w, seed)
+    xb, yb = torch.from_numpy(X), torch.from_numpy(y)
+
+    def run(k: int) -> float:
+        loss = None
+        for _ in range(k):
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
+            loss.backward()
+            opt.step()
+            loss = loss.item()  # fastnn's step reads the loss too
+        return loss
+
+    return run
+
+
+def make_step(w: Workload, contender: str, threads: int | None = None, seed: int = 0):
+    """``run(k) -> loss`` for an in-process contender (not torch: see TorchWorker)."""
+    if contender == "floor":
+        return floor_step(w, seed)
+    if contender == "numpy":
+        return numpy_step(w, seed)
+    if contender.startswith("fastnn-"):
+        return fastnn_step(w, contender.split("-", 1)[1], seed)
+    if contender == "torch":
+        return torch_step(w, threads or 1, seed)
+    raise ValueError(f"unknown contender {contender!r}")
+
+
+# ---------------------------------------------------------------- the main job (fit)
+def _digits():
+    from fastnn import data
+
+    X, y = data.load_digits("train")
+    Xt, yt = data.load_digits("test")
+    return X, y.astype(np.int64), Xt, yt.astype(np.int64)
+
+
+def fit_run(w: Workload, contender: str, threads: int | None = None, seed: int = 0):
+    """``run(epochs) -> (seconds, samples, test accuracy)``: one fresh fit."""
+    X, y, Xt, yt = _digits()
+    hidden = w.sizes[1:-1]
+    if contender.startswith("fastnn-"):
+        import fastnn as fn
+
+        backend = contender.split("-", 1)[1]
+
+        def run(epochs):
+            with fn.use_backend(backend):
+                model, loss_fn, opt = build_fastnn_model(w, seed)
+                t0 = time.perf_counter()
+                fn.fit(model, loss_fn, opt, X, y, epochs=epochs, batch_size=w.batch,
+                       seed=seed, progress=False)
+                dt = time.perf_counter() - t0
+                acc = float((fn.predict(model, Xt).argmax(1) == yt).mean())
+            return dt, len(X) * epochs, acc
+    elif contender == "sklearn":
+        import warnings
+
+        from sklearn.exceptions import ConvergenceWarning
+        from sklearn.neural_network import MLPClassifier
+
+        def run(epochs):
+            clf = MLPClassifier(hidden_layer_sizes=hidden, solver="adam", learning_rate_init=w.lr,
+                                batch_size=w.batch, max_iter=epochs, alpha=0.0, tol=0.0,
+                                n_iter_no_change=epochs + 1, shuffle=True, random_state=seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                t0 = time.perf_counter()
+                clf.fit(X, y)
+                dt = time.perf_counter() - t0
+            return dt, len(X) * epochs, float((clf.predict(Xt) == yt).mean())
+    elif contender == "torch":
+        import torch
+
+        torch.set_num_threads(threads or 1)
+        Xd, yd, Xtd = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(Xt)
+
+        def run(epochs):
+            torch.manual_seed(seed)
+            layers, sizes = [], w.sizes
+            for i in range(len(sizes) - 1):
+                layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
+                if i < len(sizes) - 2:
+                    layers.append(torch.nn.ReLU())
+            model = torch.nn.Sequential(*layers)
+            opt = torch.optim.Adam(model.parameters(), lr=w.lr)
+            loss_fn = torch.nn.CrossEntropyLoss()
+            n = len(Xd)
+            t0 = time.perf_counter()
+            for _ in range(epochs):
+                order = torch.randperm(n)
+                for lo in range(0, n, w.batch):
+                    idx = order[lo:lo + w.batch]
+                    opt.zero_grad()
+                    loss = loss_fn(model(Xd[idx]), yd[idx])
+                    loss.backward()
+                    opt.step()
+                    loss.item()
+            dt = time.perf_counter() - t0
+            with torch.no_grad():
+                acc = float((model(Xtd).argmax(1).numpy() == yt).mean())
+            return dt, n * epochs, acc
+    else:
+        raise ValueError(f"unknown contender {contender!r}")
+    return run

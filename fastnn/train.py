@@ -106,14 +106,20 @@ class _Progress:
         if self.bar is None:
             return
         self.bar.update(n)
+        self.latest = (epoch, mean_loss)
         now = time.perf_counter()
         if now - self.last > 0.2:
             self.last = now
-            self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
-            self.bar.set_postfix(loss=f"{mean_loss():.4g}", refresh=False)
+            self._describe(epoch, mean_loss)
+
+    def _describe(self, epoch: int, mean_loss) -> None:
+        self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
+        self.bar.set_postfix(loss=f"{mean_loss():.4g}", refresh=False)
 
     def close(self) -> None:
         if self.bar is not None:
+            if getattr(self, "latest", None) is not None:
+                self._describe(*self.latest)  # the bar's last line shows the last epoch
             self.bar.close()
 
 

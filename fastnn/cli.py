@@ -114,6 +114,19 @@ def cmd_bench(args) -> int:
     return benchmarking.main(args)
 
 
+def _positive(kind):
+    """argparse type: a number > 0, with a one-line error otherwise."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"expected a positive {kind.__name__}, got {text!r}")
+        return value
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastnn", description="fastnn command line")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -122,13 +135,15 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train an MLP (default: on the bundled digits data)")
     train.add_argument("--backend", default="auto", choices=["auto", "numpy", "numba", "cupy"])
     train.add_argument("--dataset", default="digits", choices=["digits", "spirals"])
-    train.add_argument("--hidden", type=int, nargs="+", default=[128], help="hidden layer sizes")
-    train.add_argument("--epochs", type=int, default=50)
-    train.add_argument("--batch-size", type=int, default=32)
-    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--hidden", type=_positive(int), nargs="+", default=[128],
+                       help="hidden layer sizes")
+    train.add_argument("--epochs", type=_positive(int), default=50)
+    train.add_argument("--batch-size", type=_positive(int), default=32)
+    train.add_argument("--lr", type=_positive(float), default=1e-3)
     train.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"])
     train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--threads", type=int, default=None, help="CPU threads (BLAS and Numba)")
+    train.add_argument("--threads", type=_positive(int), default=None,
+                       help="CPU threads (BLAS and Numba)")
     train.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG")
     train.add_argument("--save", metavar="PATH", help="write a checkpoint (.npz)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -1,0 +1,61 @@
+"""The command line: fastnn info, fastnn train (with --plot / --save), python -m fastnn."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import cli
+
+
+def test_info_lists_every_backend_with_a_reason(capsys):
+    assert cli.main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"fastnn {fn.__version__}" in out
+    for name, reason in fn.available_backends().items():
+        assert name in out
+        if reason is not None:
+            assert reason in out
+    assert "openblas" in out.lower() or "blas" in out.lower()
+
+
+def test_train_writes_plot_and_checkpoint(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    plot, ckpt = tmp_path / "loss.png", tmp_path / "run.npz"
+    assert cli.main(["train", "--backend", "numpy", "--epochs", "3", "--hidden", "32",
+                     "--quiet", "--plot", str(plot), "--save", str(ckpt)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy:" in out and "samples/s" in out
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
+    state = fn.load(ckpt)
+    assert state["epoch"] == 3 and list(state["sizes"]) == [64, 32, 10]
+    model = fn.Sequential(fn.Linear(64, 32), fn.ReLU(), fn.Linear(32, 10))
+    model.load_state_dict(state["model"])
+    assert state["optimizer"]["step"] > 0
+
+
+def test_history_plot_with_validation(tmp_path):
+    pytest.importorskip("matplotlib")
+    history = fn.History(loss=[1.0, 0.5, 0.25], val_loss=[1.1, 0.6, 0.4], epochs_run=3)
+    history.plot(tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs: expected a positive int, got '0'"),
+    (["--lr", "-1"], "--lr: expected a positive float, got '-1'"),
+    (["--hidden", "64", "x"], "--hidden: expected a positive int, got 'x'"),
+    (["--backend", "tpu"], "invalid choice: 'tpu'"),
+])
+def test_bad_options_are_one_line_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["train", "--quiet"] + args)
+    assert info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_python_dash_m_fastnn():
+    result = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 0 and "backends:" in result.stdout, result.stderr

@@ -295,6 +295,11 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
     X = host_array(X) if not backend.is_array(X) else X
     if X.ndim == 0 or len(X) == 0:
         raise InputError(f"predict: X is empty (shape {tuple(X.shape)})")
+    if X.ndim == 1:
+        raise ShapeError(
+            f"predict: expected a batch (N, ...), got shape {tuple(X.shape)}; "
+            "for one sample pass X[None, :]"
+        )
     Xd = backend.asarray(X, dtype=_model_dtype(model)) if not backend.is_array(X) else X
     was_training = model.training
     model.eval()

@@ -400,3 +400,14 @@ def test_set_default_dtype_refuses_integers(backend):
     with pytest.raises(TypeError, match="set_default_dtype: expected a floating dtype, got int32"):
         fn.set_default_dtype(np.int32)
     assert fn.get_default_dtype() == np.float32
+
+
+def test_friendly_hints_for_common_beginner_mistakes(backend):
+    model = fn.Sequential(fn.Linear(3, 2))
+    with pytest.raises(ValueError, match=re.escape("for one sample pass X[None, :]")):
+        fn.predict(model, np.ones(3, np.float32))
+    with pytest.raises(TypeError, match=re.escape("Sequential(*layers)")):
+        fn.Sequential([fn.Linear(2, 2)])
+    with pytest.raises(TypeError, match=re.escape("labels.astype(int)")):
+        fn.CrossEntropyLoss()(backend.asarray(np.zeros((2, 3), np.float32)),
+                              backend.asarray(np.array([0.0, 1.0], np.float32)))

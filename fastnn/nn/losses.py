@@ -168,7 +168,8 @@ class CrossEntropyLoss(Loss):
         if labels.dtype.kind not in "iu":
             raise DTypeError(
                 f"{self.name}: labels must be integer class indices of shape (N,), got dtype "
-                f"{labels.dtype}" + (" (one-hot targets? pass labels.argmax(1))" if labels.ndim == 2 else "")
+                f"{labels.dtype}" + ("; one-hot targets? pass labels.argmax(1)" if labels.ndim == 2
+                                     else "; convert them with labels.astype(int)")
             )
         n, c = logits.shape
         if tuple(labels.shape) != (n,):

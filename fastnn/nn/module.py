@@ -225,8 +225,10 @@ class Sequential(Module):
     def __init__(self, *modules: Module):
         for i, m in enumerate(modules):
             if not isinstance(m, Module):
+                hint = "; pass the modules as arguments: Sequential(*layers)" \
+                    if isinstance(m, (list, tuple)) else ""
                 raise TypeError(
-                    f"Sequential: item {i} is a {type(m).__name__}, expected a fastnn Module"
+                    f"Sequential: item {i} is a {type(m).__name__}, expected a fastnn Module{hint}"
                 )
             setattr(self, str(i), m)
         self._plan = None

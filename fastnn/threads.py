@@ -44,7 +44,9 @@ def apply() -> int:
         from threadpoolctl import threadpool_limits
 
         _limiter = threadpool_limits(limits=n)
-    if "numba" in sys.modules:
+    # Only on request: setting Numba's count starts its (OpenMP) pool, which
+    # fastnn's serial kernels never use.
+    if _requested is not None and "numba" in sys.modules:
         import numba
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

@@ -21,6 +21,7 @@ from .errors import (
     DTypeError,
     FastnnError,
     InputError,
+    OutOfMemory,
     ShapeError,
     TrainingDiverged,
 )

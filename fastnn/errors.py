@@ -23,3 +23,7 @@ class DTypeError(FastnnError, TypeError):
 
 class TrainingDiverged(FastnnError, ArithmeticError):
     """The training loss became NaN or infinite; the message names epoch and batch."""
+
+
+class OutOfMemory(FastnnError, MemoryError):
+    """A layer ran out of (device) memory; the message names the layer and the size."""

@@ -411,3 +411,24 @@ def test_friendly_hints_for_common_beginner_mistakes(backend):
     with pytest.raises(TypeError, match=re.escape("labels.astype(int)")):
         fn.CrossEntropyLoss()(backend.asarray(np.zeros((2, 3), np.float32)),
                               backend.asarray(np.array([0.0, 1.0], np.float32)))
+
+
+def test_out_of_memory_names_the_layer_and_the_size(backend, monkeypatch):
+    model = fn.Sequential(fn.Linear(3, 4), fn.ReLU(), fn.Linear(4, 2))
+    x = backend.asarray(np.ones((5, 3), np.float32))
+
+    def no_memory(shape, dtype):
+        raise MemoryError("simulated: the device is full")
+
+    monkeypatch.setattr(backend, "empty", no_memory)
+    with pytest.raises(fn.OutOfMemory, match=re.escape(
+            "Linear(3 -> 4): out of memory allocating its 'z' buffer (5, 4) float32 (80 bytes)")):
+        model(x)
+    monkeypatch.undo()
+
+    def gemm_fails(*args, **kwargs):
+        raise MemoryError("cuBLAS workspace")
+
+    monkeypatch.setattr(backend, "gemm", gemm_fails)
+    with pytest.raises(MemoryError, match=re.escape("Linear(3 -> 4): out of memory in forward (5, 3) @ weight")):
+        model(x)

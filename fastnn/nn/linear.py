@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from ..backends import asarray, get_backend, get_default_dtype
 from ..backends.activations import get_activation
-from ..errors import ShapeError
+from ..errors import OutOfMemory, ShapeError
 from ..random import generator
 from .init import initial_weight
 from .module import Module
@@ -65,6 +65,12 @@ class Linear(Module):
     def forward(self, x):
         return self.forward_fused(x, None, 0.0)
 
+    def _op_out_of_memory(self, what: str, exc: MemoryError) -> MemoryError:
+        """A backend op (e.g. cuBLAS's workspace) ran out of memory: name the layer."""
+        if isinstance(exc, OutOfMemory):
+            return exc
+        return OutOfMemory(f"{self._label()}: out of memory in {what}: {exc}")
+
     def forward_fused(self, x, act, alpha):
         """``act(x @ W + b)`` with the bias and activation applied in place."""
         backend = get_backend()
@@ -74,7 +80,10 @@ class Linear(Module):
         n = x2.shape[0]
         w = self.weight.data
         z = self._buffer("z", (n, self.out_features), w.dtype, backend)
-        backend.gemm(x2, w, out=z)
+        try:
+            backend.gemm(x2, w, out=z)
+        except MemoryError as exc:
+            raise self._op_out_of_memory(f"forward ({n}, {self.in_features}) @ weight", exc) from exc
         bias = self.bias.data if self.bias is not None else None
         pre = None
         if act is None:
@@ -95,6 +104,12 @@ class Linear(Module):
         return self.backward_fused(dy, need_input_grad=True)
 
     def backward_fused(self, dy, need_input_grad=True):
+        try:
+            return self._backward(dy, need_input_grad)
+        except MemoryError as exc:
+            raise self._op_out_of_memory("backward", exc) from exc
+
+    def _backward(self, dy, need_input_grad):
         if self._saved is None:
             raise RuntimeError(f"{self._label()}: backward() called before forward()")
         x2, x_shape, y, pre, act, alpha = self._saved

@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..backends import get_backend, host_array
-from ..errors import ShapeError
+from ..errors import OutOfMemory, ShapeError
 from .parameter import Parameter
 
 _step_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnn_step_mode", default=False)
@@ -190,15 +190,30 @@ class Module:
         if backend is None:
             backend = get_backend()
         if not _step_mode.get():
-            return backend.empty(shape, dtype)
+            return self._allocate(tag, shape, dtype, backend)
         buffers = self.__dict__.get("_buffers")
         if buffers is None:
             buffers = self.__dict__["_buffers"] = {}
         key = (tag, shape, dtype)  # buffers are dropped when the model moves backend
         buf = buffers.get(key)
         if buf is None:
-            buf = buffers[key] = backend.empty(shape, dtype)
+            buf = buffers[key] = self._allocate(tag, shape, dtype, backend)
         return buf
+
+    def _allocate(self, tag, shape, dtype, backend):
+        try:
+            return backend.empty(shape, dtype)
+        except MemoryError as exc:
+            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+            raise OutOfMemory(
+                f"{self._label()}: out of memory allocating its {tag!r} buffer {tuple(shape)} "
+                f"{np.dtype(dtype)} ({nbytes:,} bytes) on {backend.device}; "
+                "use a smaller batch or model"
+            ) from exc
+
+    def _label(self) -> str:
+        """How error messages name this module, e.g. ``Linear(3 -> 4)``."""
+        return type(self).__name__
 
     def extra_repr(self) -> str:
         return ""

@@ -432,3 +432,11 @@ def test_out_of_memory_names_the_layer_and_the_size(backend, monkeypatch):
     monkeypatch.setattr(backend, "gemm", gemm_fails)
     with pytest.raises(MemoryError, match=re.escape("Linear(3 -> 4): out of memory in forward (5, 3) @ weight")):
         model(x)
+
+
+def test_parameters_of_another_backend_are_a_clear_error(backend):
+    torch = pytest.importorskip("torch")
+    layer = fn.Linear(3, 4)
+    layer.weight.data = torch.zeros(3, 4)  # stands in for arrays of another backend
+    with pytest.raises(TypeError, match=re.escape(f"model.to({backend.name!r})")):
+        layer(backend.asarray(np.ones((2, 3), np.float32)))

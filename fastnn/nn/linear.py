@@ -43,6 +43,12 @@ class Linear(Module):
 
     def _check_input(self, x, backend):
         w = self.weight.data
+        if not backend.is_array(w):
+            raise TypeError(
+                f"{self._label()}: its parameters are {type(w).__module__}.{type(w).__name__} "
+                f"arrays but the current backend is {backend.name}; move the model with "
+                f"model.to({backend.name!r})"
+            )
         if not backend.is_array(x):
             # Another library's array (numpy on cupy, a torch tensor, ...): a silent
             # copy per call would hide a host/device transfer, so say so instead.

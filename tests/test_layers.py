@@ -506,3 +506,26 @@ def test_calling_the_model_twice_does_not_overwrite_the_first_result(backend):
     model(x2)
     model.backward(backend.asarray(np.full((4, 2), 3.0, np.float32)))
     np.testing.assert_array_equal(fn.to_numpy(d1), d1_copy)
+
+
+def test_model_moves_between_backends_with_the_same_numbers():
+    usable = [name for name, reason in fn.available_backends().items() if reason is None]
+    with fn.use_backend("numpy"):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(3, 5), fn.Tanh(), fn.Linear(5, 2))
+        x = np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32)
+        expected = fn.to_numpy(model(x))
+        opt = fn.SGD(model.parameters(), lr=0.1)
+    for name in usable:
+        with fn.use_backend(name) as b:
+            moved = model.to(name)
+            assert moved is model and all(b.is_array(p.data) for p in model.parameters())
+            assert all(p.grad is None for p in model.parameters())
+            np.testing.assert_allclose(fn.to_numpy(model(b.asarray(x))), expected, rtol=1e-5, atol=1e-7)
+            # an optimizer made before the move refuses to update stale buffers silently
+            if name != "numpy" and type(b.xp) is not type(np):
+                with pytest.raises(TypeError, match="create the optimizer after moving"):
+                    opt.step()
+    with fn.use_backend("numpy"):
+        model.to("numpy")
+        np.testing.assert_allclose(fn.to_numpy(model(x)), expected, rtol=1e-6)

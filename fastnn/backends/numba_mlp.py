@@ -4,12 +4,10 @@ For tiny networks (XOR, parity, small regressions) a step is a few hundred
 multiply-adds, and Python's per-op overhead is the whole cost. This kernel
 runs forward, loss, backward and the optimizer update for every batch of one
 or more epochs without returning to Python. It follows the ordinary path's
-math op for op (same activation formulas, same loss scaling, the same update
-as ``numba_kernels.sgd_1d`` / ``adam_1d`` over the optimizer's flat buffers);
+math op for op (same activation formulas, same loss scaling; the update *is*
+``numba_kernels.sgd_1d`` / ``adam_1d`` over the optimizer's flat buffers);
 only the matmul summation order differs from BLAS, so results agree to
 rounding.
-
-The update calls ``numba_kernels.sgd_1d`` / ``adam_1d`` themselves.
 
 layout[l] = (in, out, weight offset, bias offset or -1) into the flat buffers.
 """
@@ -20,13 +18,12 @@ import math
 import numpy as np
 from numba import njit
 
-from .numba_kernels import LEAKY_RELU, RELU, SIGMOID, TANH, adam_1d, sgd_1d
+from .numba_kernels import (
+    GELU, GELU_C, GELU_K, LEAKY_RELU, RELU, SIGMOID, TANH, adam_1d, sgd_1d,
+)
 
-GELU = 5
 LOSS_MSE, LOSS_XENT = 0, 1
 OPT_SGD, OPT_ADAM = 0, 1
-GELU_C = math.sqrt(2.0 / math.pi)
-GELU_K = 0.044715
 
 
 @njit(cache=True, nogil=True)

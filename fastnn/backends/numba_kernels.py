@@ -20,9 +20,12 @@ import math
 import numpy as np
 from numba import njit
 
-IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = 0, 1, 2, 3, 4, 5
-GELU_C = math.sqrt(2.0 / math.pi)
-GELU_K = 0.044715
+from .activations import ACTIVATIONS, GELU_C, GELU_K
+
+# The table's codes, as module constants Numba freezes into the kernels.
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
+    ACTIVATIONS[name].code for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

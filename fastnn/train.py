@@ -126,11 +126,20 @@ class _Progress:
 def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: int = 32,
         shuffle: bool = True, seed=None, validation_data=None, stop_when=None,
         progress: bool = True, initial_epoch: int = 0) -> History:
-    """Train ``model`` on (X, y) with minibatches; see API.md.
+    """Train ``model`` on (X, y) with minibatches of the first axis.
+
+    X, y: arrays (NumPy, lists, or the backend's), the same length; integer y
+    are class labels, float y are targets cast to the model's dtype. Each epoch
+    is shuffled (``shuffle``) with ``seed`` (else the ``manual_seed`` state);
+    the last partial batch is used. ``validation_data=(X_val, y_val)`` adds
+    ``history.val_loss``; ``stop_when(history) -> bool`` is checked after every
+    epoch and ends training at the first epoch where it is true. A NaN or inf
+    loss raises ``TrainingDiverged`` naming the epoch and batch.
 
     ``initial_epoch`` resumes a run: the batch order of epoch ``e`` depends
-    only on (seed, e), so training 2 epochs, saving, and fitting again with
-    ``initial_epoch=2`` gives the same result as 4 epochs in one go.
+    only on (seed, e), so training 2 epochs, saving, and fitting again with the
+    same ``seed`` and ``initial_epoch=2`` gives the same result as 4 epochs in
+    one go. Returns a ``History``.
     """
     if not isinstance(model, Module):
         raise TypeError(f"fit: model must be a fastnn Module, got {type(model).__name__}")

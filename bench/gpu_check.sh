@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
 # gpu-check: run the whole test suite on a GPU machine with its preinstalled
-# packages (CuPy, pytest, ...), and keep a report of what ran where.
+# packages (CuPy, pytest, ...), then the GPU benchmarks, and keep a report of
+# what ran where.
 #
 #   bash bench/gpu_check.sh            (or: make gpu-check)
 #
 # Report: ${FASTNN_RESULTS_DIR:-bench/results}/gpu-check-<UTC time>.txt with the
-# nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table and the
-# pytest output (GPU tests included, slow CPU-only tests left out). Exits with
-# pytest's status. Never installs the test extra (these machines are offline
+# nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table, the
+# pytest output (GPU tests included, slow CPU-only tests left out) and the
+# benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
+# (+ .png when matplotlib is there) beside it. The benchmark runs under a time
+# guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
+# the bench gets what is left, at most 300 s; its JSON is rewritten after every
+# workload, so a cut-short run keeps what it measured). Exits with pytest's
+# status (the benchmark's is reported, never returned). Never installs the test extra (these machines are offline
 # and already carry what the tests need); wheels placed in .whl/ (e.g. a
 # cupy-cuda13x wheel) are installed from that folder only.
 set -uo pipefail
@@ -16,7 +22,9 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
 RESULTS_DIR="${FASTNN_RESULTS_DIR:-bench/results}"
 mkdir -p "$RESULTS_DIR"
-REPORT="$RESULTS_DIR/gpu-check-$(date -u +%Y%m%dT%H%M%SZ).txt"
+STAMP="$(date -u +%Y%m%dT%H%M%SZ)"
+REPORT="$RESULTS_DIR/gpu-check-$STAMP.txt"
+SECONDS=0
 
 section() { printf '\n## %s\n' "$1"; }
 
@@ -71,10 +79,41 @@ PY
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+gpu_bench() {
+    local budget="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
+    local limit=$(( budget - SECONDS ))
+    (( limit > 300 )) && limit=300
+    local workloads="${FASTNN_GPU_BENCH_WORKLOADS:-a,c,x,d,e}"
+    local stem="$RESULTS_DIR/gpu-bench-$STAMP"
+    section "fastnn bench --device gpu --workloads $workloads --rounds 3 (time guard ${limit} s)"
+    if (( limit < 45 )); then
+        echo "gpu-check: skipped the benchmark: only ${limit} s left of the ${budget} s budget"
+        return 0
+    fi
+    local plot=()
+    if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
+        plot=(--plot "$stem.png")
+    fi
+    timeout -k 15 "$limit" "$PYTHON" -m fastnn bench --device gpu --workloads "$workloads" \
+        --rounds 3 --json "$stem.json" ${plot[@]+"${plot[@]}"} -v
+    local rc=$?
+    if (( rc == 124 || rc == 137 )); then
+        echo "gpu-check: the benchmark ran past its ${limit} s guard; $stem.json keeps the" \
+             "workloads finished before (\"complete\": false)"
+    fi
+    if [[ -f "$stem.json" ]]; then
+        echo "gpu-check: benchmark exit status $rc; JSON: $stem.json"
+    else
+        echo "gpu-check: benchmark exit status $rc; no JSON written"
+    fi
+}
+
 install_local_wheels 2>&1 | tee "$REPORT"
 environment_info 2>&1 | tee -a "$REPORT"
 section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
 "$PYTHON" -m pytest -q tests -m "gpu or not slow" -ra -p no:cacheprovider 2>&1 | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
-echo "gpu-check: pytest exit status $status; report: $REPORT" | tee -a "$REPORT"
+echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
+gpu_bench 2>&1 | tee -a "$REPORT"
+echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
 exit "$status"

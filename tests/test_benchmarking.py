@@ -1,24 +1,37 @@
-"""``fastnn bench``: the table and the JSON it writes (a fast smoke run)."""
+"""``fastnn bench``: the table and the JSON it writes (a fast smoke run), the
+contender sets per device, workload e, and the PyTorch CUDA step builders as far
+as they run without CUDA (the ``gpu``-marked tests run them for real)."""
 from __future__ import annotations
 
 import json
+import math
 
+import numpy as np
+import pytest
+
+import fastnn as fn
 from fastnn import benchmarking as bm
 from fastnn.cli import main
+
+CUPY_REASON = fn.available_backends()["cupy"]
+needs_cupy = pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
+GPU_SET = ["floor-cupy", "fastnn-cupy", "torch-cuda", "torch-cuda-graph"]
 
 
 def test_bench_quick_xor_table_and_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--workloads", "x", "--rounds", "1", "--samples", "1",
-                 "--json", str(path)]) == 0
+                 "--device", "cpu", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     for word in ("workload", "contender", "ms/step", "samples/s", "x floor", "x torch",
                  "floor", "fastnn-numpy"):
         assert word in out
     doc = json.loads(path.read_text())
     for key in ("machine", "versions", "blas", "threads", "date", "command", "method",
-                "workloads", "results", "table"):
+                "workloads", "results", "table", "device", "gpu", "complete", "skipped"):
         assert key in doc, key
+    assert doc["device"] == "cpu" and doc["gpu"] is None and doc["complete"] is True
+    assert "x graph" not in out  # the CPU table keeps its columns
     for key in ("fastnn", "numpy", "numba", "torch"):
         assert key in doc["versions"]
     assert doc["command"].startswith("fastnn bench") and "--workloads x" in doc["command"]
@@ -28,7 +41,8 @@ def test_bench_quick_xor_table_and_json(tmp_path, capsys):
     for r in doc["results"]:
         assert r["workload"] == "x"
         assert r["ms_per_step"] > 0 and r["samples_per_s"] > 0
-        assert set(r) >= {"quiet_ms_per_step", "x_floor", "x_torch", "blocks_ms"}
+        assert set(r) >= {"quiet_ms_per_step", "x_floor", "x_torch", "x_graph", "blocks_ms"}
+        assert r["x_graph"] is None
         if r["contender"] not in ("floor",):
             assert r["x_floor"] is not None and r["x_floor"] > 0
 
@@ -40,3 +54,200 @@ def test_workload_builders_train():
     assert run(5) < first
     floor = bm.floor_step(w)
     assert floor(1) == floor(1)  # finite, deterministic
+
+
+# ---------------------------------------------------------------- devices and contenders
+def test_workload_e_shapes_and_opt_in():
+    w = bm.ALL_WORKLOADS["e"]
+    assert w.sizes == (4096, 4096, 4096, 4096, 10) and w.batch == 8192
+    assert (w.loss, w.optimizer, w.lr, w.hidden_act, w.kind) == ("xent", "sgd", 0.01, "relu", "step")
+    assert not w.default and "e" not in bm.DEFAULT_WORKLOADS
+    # GPU-sized: outside WORKLOADS, which the CPU benchmarks in bench/ iterate
+    assert "e" in bm.GPU_WORKLOADS and "e" not in bm.WORKLOADS
+    assert bm.WORKLOADS["d"].sizes == w.sizes and not bm.WORKLOADS["d"].default
+    X, y = bm.make_batch(bm.Workload(**{**w.__dict__, "batch": 16}))  # e's batch, shrunk
+    assert X.shape == (16, 4096) and X.dtype == np.float32 and y.dtype == np.int64
+    assert y.min() >= 0 and y.max() < 10
+
+
+def test_contenders_per_device():
+    c, digits = bm.WORKLOADS["c"], bm.WORKLOADS["digits"]
+    cpu = bm.contenders(c, torch_ok=True, device="cpu", cupy_ok=True, torch_cuda_ok=True)
+    assert cpu[:2] == ["floor", "numpy"] and cpu[-1] == "torch"
+    assert not set(cpu) & set(bm.GPU_CONTENDERS)  # fastnn-cupy only on the GPU set
+    assert bm.contenders(c, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET
+    assert bm.contenders(c, True, "gpu", torch_cuda_ok=False, cupy_ok=True) == GPU_SET[:2]
+    assert bm.contenders(c, False, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[:2]
+    assert bm.contenders(digits, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == \
+        ["fastnn-cupy", "torch-cuda"]
+    # no usable CuPy: GPU contenders are never offered, even when named
+    assert bm.contenders(c, True, "gpu", torch_cuda_ok=True, cupy_ok=False) == []
+    assert bm.contenders(c, True, "cpu", True, wanted={"floor", "torch-cuda"}, cupy_ok=False) == ["floor"]
+    # --contenders mixes the sets: CPU ones join a GPU run only when named
+    mixed = bm.contenders(c, True, "gpu", True, wanted={"floor", "torch", "floor-cupy", "torch-cuda-graph"},
+                          cupy_ok=True)
+    assert mixed == ["floor", "torch", "floor-cupy", "torch-cuda-graph"]
+    # on this machine's real state
+    if CUPY_REASON is not None:
+        assert bm.contenders(c, True, "cpu") == bm.cpu_contenders(c, True)
+        assert bm.contenders(c, True, "gpu") == []
+
+
+def test_ratio_partners():
+    from fastnn.benchmarking.workloads import floor_of, torch_of
+
+    for name in GPU_SET:
+        assert floor_of(name) == "floor-cupy" and torch_of(name) == "torch-cuda"
+    for name in ("numpy", "fastnn-numpy", "fastnn-numba", "torch"):
+        assert floor_of(name) == "floor" and torch_of(name) == "torch"
+
+
+def test_resolve_device_and_gpu_error(capsys):
+    device, reason = bm.resolve_device("auto")
+    assert device == ("gpu" if CUPY_REASON is None else "cpu") and reason == CUPY_REASON
+    assert bm.resolve_device("cpu")[0] == "cpu"
+    if CUPY_REASON is None:
+        return  # the error path needs a machine without a usable CuPy
+    assert main(["bench", "--device", "gpu", "--workloads", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "CuPy/CUDA unavailable" in err and "--device gpu" in err
+
+
+def test_gpu_run_plumbing_without_a_gpu(tmp_path, capsys, monkeypatch):
+    """main()'s --device gpu branch (header, probe, gpu section, x graph column,
+    incremental JSON) with the device check and the contender set stubbed to a
+    CPU floor: checks the wiring only; the one row is the NumPy floor's."""
+    monkeypatch.setattr(bm, "resolve_device", lambda requested="auto": ("gpu", None))
+    monkeypatch.setattr(bm, "probe_torch_cuda", lambda: (False, {"error": "stub: no CUDA"}))
+    monkeypatch.setattr(bm, "contenders", lambda w, *a, **k: ["floor"])
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "--device", "gpu", "--workloads", "x", "--rounds", "1", "--samples", "1",
+                 "--json", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert "torch-cuda contenders not offered" in captured.err
+    assert "device gpu:" in captured.out
+    doc = json.loads(path.read_text())
+    assert doc["device"] == "gpu" and doc["complete"] is True
+    assert doc["gpu"]["torch"] == {"error": "stub: no CUDA"}
+    for key in ("CUPY_TF32", "tf32", "timing"):
+        assert key in doc["gpu"]
+    assert "--device gpu" in doc["command"]
+    assert [r["contender"] for r in doc["results"]] == ["floor"]
+
+
+def test_gpu_table_columns():
+    rows = [bm.Result("e", "fastnn-cupy", 45.0, 44.0, 8192 / 0.045, x_floor=1.02, x_torch=0.99,
+                      x_graph=0.98, info={"loss": 2.3}),
+            bm.Result("e", "torch-cuda-graph", 44.0, 43.5, 8192 / 0.044, x_floor=1.0, x_torch=1.01)]
+    table = bm.format_table(rows)
+    head = table.splitlines()[0]
+    assert "x graph" in head and "torch-cuda-graph" in table and "floor-cupy" in table
+    assert bm.ALL_WORKLOADS["e"].label in table
+
+
+def test_gpu_environment_never_raises():
+    env = bm.gpu_environment({"torch": "x"})
+    assert {"CUPY_TF32", "tf32", "torch"} <= set(env)
+    if CUPY_REASON is None:
+        assert {"cupy", "cuda_runtime", "cuda_driver", "device"} <= set(env)
+        assert env["device"]["name"]
+    else:
+        assert "error" in env or "cupy" in env
+
+
+# ---------------------------------------------------------------- PyTorch CUDA steps, on the CPU
+@pytest.fixture
+def torch_flags():
+    """Restore PyTorch's TF32 flags (torch_gpu_settings sets them process-wide)."""
+    torch = pytest.importorskip("torch")
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    yield torch
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_torch_gpu_settings_tf32_follows_cupy(torch_flags, monkeypatch):
+    monkeypatch.delenv("CUPY_TF32", raising=False)
+    info = bm.torch_gpu_settings(torch_flags)
+    assert info["matmul.allow_tf32"] is False and info["cudnn.allow_tf32"] is False
+    assert {"torch", "torch_cuda", "cuda_available"} <= set(info)
+    monkeypatch.setenv("CUPY_TF32", "1")
+    info = bm.torch_gpu_settings(torch_flags)
+    assert info["matmul.allow_tf32"] is True and info["cudnn.allow_tf32"] is True
+
+
+@pytest.mark.parametrize("name", ["c", "x"])
+def test_torch_cuda_step_code_path_on_cpu(torch_flags, name):
+    """The torch-cuda builder with device="cpu": same model, loss and step body;
+    it trains. (No GPU figure is produced here.)"""
+    w = bm.WORKLOADS[name]
+    run = bm.torch_cuda_step(w, device="cpu")
+    first = run(1)
+    assert math.isfinite(first) and run(5) < first
+    assert run.info["matmul.allow_tf32"] is False
+    # the same numbers as the CPU torch contender (same seed, same step)
+    ref = bm.torch_step(w, threads=1)
+    assert ref(1) == pytest.approx(bm.torch_cuda_step(w, device="cpu")(1), rel=1e-6)
+
+
+def test_torch_cuda_graph_on_cpu_warms_up_then_refuses(torch_flags):
+    with pytest.raises(RuntimeError, match="needs a CUDA device.*3 warm-up steps"):
+        bm.torch_cuda_step(bm.WORKLOADS["c"], device="cpu", graph=True)
+
+
+def test_torch_cuda_contender_without_cuda_is_skipped_not_faked(torch_flags):
+    if torch_flags.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(RuntimeError, match="sees no CUDA device"):
+        bm.make_step(bm.WORKLOADS["c"], "torch-cuda")
+    skipped = {}
+    assert bm.measure(bm.WORKLOADS["x"], ["torch-cuda-graph"], 1, 1, 1, skipped=skipped) == []
+    assert "sees no CUDA device" in skipped["x/torch-cuda-graph"]
+
+
+def test_torch_fit_on_cpu_unchanged(torch_flags):
+    run = bm.fit_run(bm.WORKLOADS["digits"], "torch", threads=1)
+    seconds, samples, acc = run(1)
+    assert seconds > 0 and samples > 0 and acc > 0.5
+
+
+# ---------------------------------------------------------------- on a GPU (gpu marker)
+@pytest.mark.gpu
+@needs_cupy
+def test_floor_cupy_matches_numpy_floor():
+    w = bm.WORKLOADS["c"]
+    assert bm.floor_cupy_step(w)(2) == pytest.approx(bm.floor_step(w)(2), rel=1e-3)
+    assert bm.make_step(w, "floor-cupy")(1) == pytest.approx(bm.floor_step(w)(1), rel=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["c", "x"])
+def test_torch_cuda_graph_matches_eager(torch_flags, name):
+    if not torch_flags.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    w = bm.WORKLOADS[name]
+    eager, graph = bm.torch_cuda_step(w), bm.torch_cuda_step(w, graph=True)
+    # graph: 3 warm-up steps happened at build time; bring eager to the same point
+    eager(3)
+    for _ in range(3):
+        a, b = eager(1), graph(1)
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+    assert math.isfinite(graph(10))
+
+
+@pytest.mark.gpu
+@needs_cupy
+def test_bench_gpu_run_end_to_end(tmp_path, capsys):
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "--device", "gpu", "--workloads", "c", "--rounds", "1", "--samples", "1",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "x graph" in out
+    doc = json.loads(path.read_text())
+    assert doc["device"] == "gpu" and doc["complete"]
+    for key in ("cupy", "cuda_runtime", "cuda_driver", "device", "CUPY_TF32", "tf32"):
+        assert key in doc["gpu"], key
+    got = {r["contender"] for r in doc["results"]}
+    assert {"floor-cupy", "fastnn-cupy"} <= got
+    if doc["gpu"].get("torch", {}).get("cuda_available"):
+        assert {"torch-cuda", "torch-cuda-graph"} <= got, doc["skipped"]
+        assert doc["gpu"]["torch"]["matmul.allow_tf32"] is (doc["gpu"]["tf32"])

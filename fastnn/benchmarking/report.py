@@ -1,19 +1,22 @@
 """Reporting ``fastnn bench`` results.
 
 The table, the command line string, the environment recorded in the JSON
-(machine, versions, BLAS, git commit) and the bar chart.
+(machine, versions, BLAS, git commit; for GPU runs the device, CUDA runtime and
+driver, CuPy, PyTorch and its CUDA, and the TF32 settings) and the bar chart.
 """
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import platform
 import subprocess
+import sys
 
 import numpy as np
 
 from fastnn.benchmarking.runner import Result
-from fastnn.benchmarking.workloads import WORKLOADS
+from fastnn.benchmarking.workloads import ALL_WORKLOADS, GPU_CONTENDERS, torch_tf32_wanted
 
 
 def _fmt(v, spec):
@@ -21,24 +24,33 @@ def _fmt(v, spec):
 
 
 def format_table(results: list[Result]) -> str:
-    head = (f"{'workload':<28} {'contender':<13} {'ms/step':>9} {'quiet ms':>9} "
-            f"{'samples/s':>11} {'x floor':>8} {'x torch':>8}  note")
+    gpu = any(r.x_graph is not None or r.contender in GPU_CONTENDERS for r in results)
+    cw = max([13] + [len(r.contender) for r in results])
+    head = (f"{'workload':<28} {'contender':<{cw}} {'ms/step':>9} {'quiet ms':>9} "
+            f"{'samples/s':>11} {'x floor':>8} {'x torch':>8}"
+            + (f" {'x graph':>8}" if gpu else "") + "  note")
     lines = [head, "-" * len(head)]
     last = None
     for r in results:
-        w = WORKLOADS[r.workload]
+        w = ALL_WORKLOADS[r.workload]
         label = w.label if r.workload != last else ""
         last = r.workload
         note = ""
         if "accuracy" in r.info:
             note = f"test acc {r.info['accuracy']:.3f}"
-        elif r.info.get("loss") is not None and r.contender != "floor":
+        elif r.info.get("loss") is not None and not r.contender.startswith("floor"):
             note = f"loss {r.info['loss']:.4g}"
         lines.append(
-            f"{label:<28} {r.contender:<13} {r.ms_per_step:>9.4g} {r.quiet_ms_per_step:>9.4g} "
-            f"{r.samples_per_s:>11,.0f} {_fmt(r.x_floor, '8.2f')} {_fmt(r.x_torch, '8.2f')}  {note}")
+            f"{label:<28} {r.contender:<{cw}} {r.ms_per_step:>9.4g} {r.quiet_ms_per_step:>9.4g} "
+            f"{r.samples_per_s:>11,.0f} {_fmt(r.x_floor, '8.2f')} {_fmt(r.x_torch, '8.2f')}"
+            + (f" {_fmt(r.x_graph, '8.2f')}" if gpu else "") + f"  {note}")
     lines.append("x floor = step time / GEMM-only floor (lower is better); "
                  "x torch = PyTorch eager time / time (higher is better);")
+    if gpu:
+        lines.append("GPU rows: x floor against floor-cupy, x torch against torch-cuda (eager), "
+                     "x graph = torch-cuda-graph time / time (higher is better);")
+        lines.append("GPU timing: host clock around k steps with a device synchronize at both ends; "
+                     f"float32, TF32 {'on' if torch_tf32_wanted() else 'off'} (CUPY_TF32 and torch flags);")
     lines.append("ratios: median over rounds of adjacent blocks; digits: ms per batch of 32 "
                  "over whole fits (shuffle, loss read, update)")
     return "\n".join(lines)
@@ -111,6 +123,69 @@ def environment(threads: int, command: str = "fastnn bench") -> dict:
     }
 
 
+def gpu_environment(torch_probe: dict | None = None) -> dict:
+    """The CUDA device, CUDA runtime/driver, CuPy/cuBLAS/NVRTC versions and the
+    TF32 settings (CUPY_TF32; PyTorch's flags as its child process reported them
+    in ``torch_probe``). Never raises: a failing query is recorded as its error."""
+    out: dict = {"CUPY_TF32": os.environ.get("CUPY_TF32"), "tf32": torch_tf32_wanted(),
+                 "timing": "perf_counter around run(k), device synchronize at both ends"}
+    try:
+        import cupy
+
+        rt = cupy.cuda.runtime
+        dev = int(rt.getDevice())
+        props = rt.getDeviceProperties(dev)
+        name = props.get("name", b"")
+        out.update({
+            "cupy": cupy.__version__,
+            "cuda_runtime": rt.runtimeGetVersion(),
+            "cuda_driver": rt.driverGetVersion(),
+            "device": {"id": dev, "name": (name.decode(errors="replace") if isinstance(name, bytes)
+                                           else str(name)).strip(),
+                       "capability": f"{props.get('major')}.{props.get('minor')}",
+                       "sm_count": props.get("multiProcessorCount"),
+                       "memory_gib": round(props.get("totalGlobalMem", 0) / 2**30, 2),
+                       "clock_khz": props.get("clockRate")},
+        })
+        try:
+            out["nvrtc"] = ".".join(map(str, cupy.cuda.nvrtc.getVersion()))
+        except Exception as exc:  # pragma: no cover - GPU only
+            out["nvrtc"] = f"unavailable ({type(exc).__name__})"
+        try:
+            from cupy_backends.cuda.libs import cublas
+
+            out["cublas"] = cublas.getVersion(cupy.cuda.device.get_cublas_handle())
+        except Exception as exc:  # pragma: no cover - GPU only
+            out["cublas"] = f"unavailable ({type(exc).__name__})"
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    if torch_probe is not None:
+        out["torch"] = torch_probe
+    return out
+
+
+def probe_torch_cuda(timeout: float = 180.0) -> tuple[bool, dict]:
+    """Whether PyTorch sees a CUDA device, asked in a child process (the parent
+    never imports torch), with its versions, device and TF32 flags."""
+    code = ("import json, sys\n"
+            "from fastnn.benchmarking.workloads import torch_gpu_settings\n"
+            "import torch\n"
+            "sys.stdout.write(json.dumps(torch_gpu_settings(torch)))\n")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=timeout, env=env)
+    except (OSError, subprocess.SubprocessError) as exc:
+        return False, {"error": f"{type(exc).__name__}: {exc}"}
+    try:
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return False, {"error": f"torch probe exited {proc.returncode}: {tail}"}
+    return bool(info.get("cuda_available")), info
+
+
 def plot(results: list[Result], path) -> None:
     import matplotlib
 
@@ -122,10 +197,11 @@ def plot(results: list[Result], path) -> None:
     for ax, name in zip(axes[:, 0], names):
         rows = [r for r in results if r.workload == name]
         labels = [r.contender for r in rows]
-        colors = ["0.6" if lb in ("floor", "numpy", "torch", "sklearn") else "tab:blue" for lb in labels]
-        batch = WORKLOADS[name].batch  # quiet figures: the medians swing with machine noise
+        colors = ["0.6" if lb in ("floor", "numpy", "torch", "sklearn", "floor-cupy", "torch-cuda",
+                                  "torch-cuda-graph") else "tab:blue" for lb in labels]
+        batch = ALL_WORKLOADS[name].batch  # quiet figures: the medians swing with machine noise
         ax.barh(labels, [batch * 1e3 / r.quiet_ms_per_step for r in rows], color=colors)
-        ax.set_title(WORKLOADS[name].label, fontsize=9, loc="left")
+        ax.set_title(ALL_WORKLOADS[name].label, fontsize=9, loc="left")
         ax.invert_yaxis()
         ax.tick_params(labelsize=8)
     axes[-1, 0].set_xlabel("training samples / s, quiet (lowest-block) figure; higher is better")

@@ -1,8 +1,10 @@
 """Timing the contenders: runners and the alternating-block method.
 
-LocalRunner (in-process contenders), TorchWorker (PyTorch in a child process,
-driven over a pipe) with ``worker_main``, the child's entry point; Result and
-``measure``, which alternates the contenders in blocks.
+LocalRunner (in-process contenders), TorchWorker (PyTorch -- CPU, CUDA eager or
+CUDA graph -- in a child process, driven over a pipe) with ``worker_main``, the
+child's entry point; Result and ``measure``, which alternates the contenders in
+blocks. GPU contenders synchronize the device inside ``run(k)``, so the host
+timer around it measures finished work.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fastnn.benchmarking.workloads import Workload, fit_run, make_step
+from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, fit_run, floor_of,
+                                           is_gpu_contender, make_step, torch_of)
 
 MIN_SAMPLE_S = 0.002
 
@@ -30,6 +33,8 @@ class LocalRunner:
         self.run = fit_run(w, contender, threads, seed) if self.fit else make_step(w, contender, threads, seed)
         self.k = 1
         self.info: dict = {}
+        if getattr(self.run, "info", None):  # torch-cuda*: versions, device, TF32 flags
+            self.info["setup"] = dict(self.run.info)
 
     def calibrate(self, min_sample: float = MIN_SAMPLE_S, warmup_s: float = 0.2) -> int:
         if self.fit:
@@ -76,7 +81,14 @@ class TorchWorker:
         self.proc = subprocess.Popen(
             [sys.executable, "-c", "from fastnn.benchmarking.runner import worker_main; worker_main()"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
-        self._call(cmd="setup", workload=w.__dict__, contender=contender, threads=threads, seed=seed)
+        try:
+            self.setup = self._call(cmd="setup", workload=w.__dict__, contender=contender,
+                                    threads=threads, seed=seed)
+        except BaseException:
+            self.close()  # the child stays alive after a failed setup: end it
+            raise
+        if contender != "torch":
+            self.info["setup"] = self.setup
 
     def _call(self, **msg):
         self.proc.stdin.write(json.dumps(msg) + "\n")
@@ -103,7 +115,11 @@ class TorchWorker:
                 self._call(cmd="quit")
             except (RuntimeError, OSError, ValueError):
                 pass
-            self.proc.wait(timeout=10)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()  # our own child, by its handle
+                self.proc.wait()
 
 
 def worker_main() -> None:
@@ -120,7 +136,8 @@ def worker_main() -> None:
                 runner = LocalRunner(w, msg["contender"], msg["threads"], msg["seed"])
                 import torch
 
-                reply = {"torch": torch.__version__, "threads": torch.get_num_threads()}
+                reply = {**runner.info.get("setup", {}), "torch": torch.__version__,
+                         "threads": torch.get_num_threads()}
             elif cmd == "calibrate":
                 reply = {"k": runner.calibrate(msg["min_sample"], msg["warmup_s"])}
             elif cmd == "block":
@@ -147,25 +164,38 @@ class Result:
     samples_per_s: float        # from the median
     x_floor: float | None = None
     x_torch: float | None = None
+    x_graph: float | None = None  # GPU rows: torch-cuda-graph time / time
     k: int = 1
     blocks_ms: list = field(default_factory=list)
     info: dict = field(default_factory=dict)
 
 
 def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
-            samples: int = 5, log=None) -> list[Result]:
-    """Alternate the contenders in blocks; ratios from the same round."""
+            samples: int = 5, log=None, skipped: dict | None = None) -> list[Result]:
+    """Alternate the contenders in blocks; ratios from the same round.
+
+    A contender that fails to build or warm up is left out (named in ``skipped``
+    with the reason, and always on stderr); the others are still measured.
+    """
     runners = []
     try:
         for name in names:
-            cls = TorchWorker if name == "torch" else LocalRunner
+            cls = TorchWorker if name in TORCH_CONTENDERS else LocalRunner
             try:
                 r = cls(w, name, threads)
-                r.calibrate()
+                try:
+                    r.calibrate()
+                except BaseException:
+                    r.close()
+                    raise
                 runners.append(r)
             except Exception as exc:  # one broken contender must not sink the table
-                if log:
-                    log(f"  {w.name}/{name}: skipped ({type(exc).__name__}: {exc})")
+                why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                if skipped is not None:
+                    skipped[f"{w.name}/{name}"] = why
+                print(f"  {w.name}/{name}: skipped ({why})", file=sys.stderr, flush=True)
+        if not runners:
+            return []
         times = {r.name: [] for r in runners}
         blocks = {r.name: [] for r in runners}
         for rnd in range(rounds):
@@ -194,9 +224,12 @@ def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
                      min(blocks[r.name]) * 1e3 * (w.batch if w.kind == "fit" else 1),
                      per_sample / med, k=getattr(r, "k", 1),
                      blocks_ms=[b * 1e3 for b in blocks[r.name]], info=dict(r.info))
-        if w.kind == "step" and r.name != "floor":
-            res.x_floor = ratio(r.name, "floor")
-        if r.name != "torch":
-            res.x_torch = ratio("torch", r.name)
+        # GPU rows: against floor-cupy and torch-cuda (eager); CPU rows: floor, torch
+        if w.kind == "step" and r.name != floor_of(r.name):
+            res.x_floor = ratio(r.name, floor_of(r.name))
+        if r.name != torch_of(r.name):
+            res.x_torch = ratio(torch_of(r.name), r.name)
+        if is_gpu_contender(r.name) and r.name != "torch-cuda-graph":
+            res.x_graph = ratio("torch-cuda-graph", r.name)
         results.append(res)
     return results

@@ -1,12 +1,16 @@
 """Workloads and the per-contender step builders of ``fastnn bench``.
 
-The Workload dataclass and WORKLOADS; the fixed batch and model builders; the
-in-process steps (fastnn, GEMM floor, hand-written NumPy, PyTorch eager, which
-only ever runs in the child process) and the digits fit runs (the main job).
+The Workload dataclass, WORKLOADS and GPU_WORKLOADS; the contender sets per
+device; the fixed batch and model builders; the in-process steps (fastnn, GEMM
+floor on NumPy or CuPy, hand-written NumPy, PyTorch eager on the CPU or a CUDA
+device, PyTorch with the whole step captured in a CUDA graph -- torch only ever
+runs in a child process) and the digits fit runs (the main job).
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -50,6 +54,15 @@ WORKLOADS = {
 }
 DEFAULT_WORKLOADS = [k for k, w in WORKLOADS.items() if w.default]
 
+# GPU-sized workloads (issue 6): opt-in, and outside WORKLOADS (which the CPU
+# benchmarks in bench/ iterate) because one step is ~2.5 TFLOP: about 45 ms on
+# an H100, minutes on a CPU. ``fastnn bench --workloads e`` still runs them anywhere.
+GPU_WORKLOADS = {
+    "e": Workload("e", (4096, 4096, 4096, 4096, 10), 8192, default=False,
+                  note="opt-in (--workloads e), GPU-sized: ~45 ms/step on an H100"),
+}
+ALL_WORKLOADS = {**WORKLOADS, **GPU_WORKLOADS}
+
 
 def make_batch(w: Workload, seed: int = 0):
     """The fixed batch (X float32 (batch, in), y int64 labels or float32 targets)."""
@@ -70,8 +83,29 @@ def fastnn_backends() -> list[str]:
     return [name for name, reason in fn.available_backends().items() if reason is None]
 
 
-def contenders(w: Workload, torch_ok: bool = True) -> list[str]:
-    names = [f"fastnn-{b}" for b in fastnn_backends()]
+# Contenders that run on the CUDA device; their ratios are taken against the
+# GPU floor (floor-cupy) and PyTorch eager on the GPU (torch-cuda).
+GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "torch-cuda", "torch-cuda-graph")
+TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")  # child-process ones
+
+
+def is_gpu_contender(name: str) -> bool:
+    return name in GPU_CONTENDERS
+
+
+def floor_of(name: str) -> str:
+    """The GEMM-only floor a contender's ``x floor`` is taken against."""
+    return "floor-cupy" if is_gpu_contender(name) else "floor"
+
+
+def torch_of(name: str) -> str:
+    """The PyTorch eager contender its ``x torch`` is taken against."""
+    return "torch-cuda" if is_gpu_contender(name) else "torch"
+
+
+def cpu_contenders(w: Workload, torch_ok: bool = True) -> list[str]:
+    """The CPU set: floor, numpy, fastnn on the CPU backends, torch (sklearn for fits)."""
+    names = [f"fastnn-{b}" for b in fastnn_backends() if b != "cupy"]
     if w.kind == "fit":
         names.append("sklearn")
     else:
@@ -79,6 +113,34 @@ def contenders(w: Workload, torch_ok: bool = True) -> list[str]:
     if torch_ok:
         names.append("torch")
     return names
+
+
+def gpu_contenders(w: Workload, torch_cuda_ok: bool = True) -> list[str]:
+    """The GPU set (the caller checks that CuPy is usable): floor-cupy, fastnn-cupy,
+    torch-cuda, torch-cuda-graph; for fits fastnn-cupy and torch-cuda."""
+    if w.kind == "fit":
+        return ["fastnn-cupy"] + (["torch-cuda"] if torch_cuda_ok else [])
+    names = ["floor-cupy", "fastnn-cupy"]
+    if torch_cuda_ok:
+        names += ["torch-cuda", "torch-cuda-graph"]
+    return names
+
+
+def contenders(w: Workload, torch_ok: bool = True, device: str = "cpu",
+               torch_cuda_ok: bool = False, wanted=None, cupy_ok: bool | None = None) -> list[str]:
+    """Contenders of ``w``: the ``device`` set by default; with ``wanted`` (the
+    ``--contenders`` names) every usable one named there, CPU or GPU.
+
+    ``cupy_ok`` (default: fastnn's cupy backend is usable) gates the GPU set;
+    ``torch_cuda_ok`` says torch sees a CUDA device (probed in a child process).
+    """
+    if cupy_ok is None:
+        cupy_ok = "cupy" in fastnn_backends()
+    cpu = cpu_contenders(w, torch_ok)
+    gpu = gpu_contenders(w, torch_ok and torch_cuda_ok) if cupy_ok else []
+    if wanted is None:
+        return gpu if device == "gpu" else cpu
+    return [c for c in cpu + gpu if c in wanted]
 
 
 # ---------------------------------------------------------------- in-process steps
@@ -114,6 +176,9 @@ def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
         X, y = make_batch(w, seed)
         xb, yb = B.asarray(X), B.asarray(y)
 
+    # fit's inner loop reads the loss every step on the CPU; on a GPU it keeps the
+    # loss on the device (no host sync per step) and reads it once per epoch.
+    on_cpu = str(B.device).startswith("cpu")
     if w.public_api:
         def steps(k):
             loss = None
@@ -129,16 +194,19 @@ def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
             with training_step_mode(model):
                 for _ in range(k):
                     opt.zero_grad()
-                    loss = float(loss_fn.forward(model.forward(xb), yb))
+                    loss = loss_fn.forward(model.forward(xb), yb)
+                    if on_cpu:
+                        loss = float(loss)
                     model.backward(loss_fn.backward())
                     opt.step()
             return loss
 
     def run(k: int) -> float:
+        # B.synchronize(): the timer around run(k) stops only when the device is done.
         with fn.use_backend(B):
             loss = steps(k)
             B.synchronize()
-        return loss
+        return loss if isinstance(loss, float) else float(loss)
 
     run.model = model
     return run
@@ -170,6 +238,35 @@ def floor_step(w: Workload, seed: int = 0):
                 np.matmul(hs[i].T, dzs[i], out=dWs[i])
                 if i > 0:
                     np.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
+        return float(dWs[0][0, 0])
+
+    return run
+
+
+def floor_cupy_step(w: Workload, seed: int = 0):
+    """The GEMMs of a step alone on the GPU: ``cupy.matmul`` into preallocated
+    float32 outputs (same shapes and order as ``floor_step``), then a device
+    synchronize, so the timer around ``run(k)`` measures finished work."""
+    import cupy
+
+    Ws = [cupy.asarray(W) for W in _init_weights(w, seed)[0]]
+    X, _ = make_batch(w, seed)
+    n = w.batch
+    hs = [cupy.asarray(X)] + [cupy.full((n, o), 0.01, cupy.float32) for o in w.sizes[1:]]
+    dzs = [cupy.full((n, o), 0.01, cupy.float32) for o in w.sizes[1:]]
+    dWs = [cupy.empty_like(W) for W in Ws]
+    L = len(Ws)
+    device = cupy.cuda.Device()
+
+    def run(k: int) -> float:
+        for _ in range(k):
+            for i in range(L):
+                cupy.matmul(hs[i], Ws[i], out=hs[i + 1])
+            for i in range(L - 1, -1, -1):
+                cupy.matmul(hs[i].T, dzs[i], out=dWs[i])
+                if i > 0:
+                    cupy.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
+        device.synchronize()
         return float(dWs[0][0, 0])
 
     return run
@@ -252,11 +349,9 @@ def numpy_step(w: Workload, seed: int = 0):
     return run
 
 
-def torch_step(w: Workload, threads: int, seed: int = 0):
-    """PyTorch eager step (imported here: only ever called in the child process)."""
-    import torch
-
-    torch.set_num_threads(threads)
+def _torch_objects(torch, w: Workload, seed: int, device, optimizer_kwargs=None):
+    """(model, loss_fn, optimizer, xb, yb) of ``w`` on ``device``; the same
+    initial weights (seeded on the CPU) wherever it runs."""
     torch.manual_seed(seed)
     acts = {"relu": torch.nn.ReLU, "tanh": torch.nn.Tanh, "sigmoid": torch.nn.Sigmoid}
     layers = []
@@ -266,14 +361,23 @@ def torch_step(w: Workload, threads: int, seed: int = 0):
             layers.append(acts[w.hidden_act]())
         elif w.out_act:
             layers.append(acts[w.out_act]())
-    model = torch.nn.Sequential(*layers)
+    model = torch.nn.Sequential(*layers).to(device)
     loss_fn = torch.nn.CrossEntropyLoss() if w.loss == "xent" else torch.nn.MSELoss()
+    kwargs = dict(optimizer_kwargs or {})
     if w.optimizer == "adam":
-        opt = torch.optim.Adam(model.parameters(), lr=w.lr)
+        opt = torch.optim.Adam(model.parameters(), lr=w.lr, **kwargs)
     else:
-        opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=w.lr, momentum=0.9, **kwargs)
     X, y = make_batch(w, seed)
-    xb, yb = torch.from_numpy(X), torch.from_numpy(y)
+    return model, loss_fn, opt, torch.from_numpy(X).to(device), torch.from_numpy(y).to(device)
+
+
+def torch_step(w: Workload, threads: int, seed: int = 0):
+    """PyTorch eager step (imported here: only ever called in the child process)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, loss_fn, opt, xb, yb = _torch_objects(torch, w, seed, "cpu")
 
     def run(k: int) -> float:
         loss = None
@@ -288,8 +392,121 @@ def torch_step(w: Workload, threads: int, seed: int = 0):
     return run
 
 
+def torch_tf32_wanted() -> bool:
+    """TF32 for the GPU contenders: off unless CUPY_TF32=1 (CuPy's own switch), so
+    PyTorch and CuPy always run their float32 GEMMs at the same precision."""
+    return os.environ.get("CUPY_TF32", "0").strip() == "1"
+
+
+def torch_gpu_settings(torch) -> dict:
+    """Set PyTorch's TF32 flags to match CuPy's (see ``torch_tf32_wanted``) and
+    return them with the versions and the device, for the JSON."""
+    tf32 = torch_tf32_wanted()
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+    info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
+            "cuda_available": bool(torch.cuda.is_available()),
+            "matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
+    try:
+        info["float32_matmul_precision"] = torch.get_float32_matmul_precision()
+    except Exception:  # pragma: no cover - older/newer API
+        pass
+    if info["cuda_available"]:
+        try:
+            index = torch.cuda.current_device()
+            info["device"] = torch.cuda.get_device_name(index)
+            info["capability"] = ".".join(map(str, torch.cuda.get_device_capability(index)))
+            info["cudnn"] = torch.backends.cudnn.version()
+        except Exception as exc:  # pragma: no cover - GPU only
+            info["device_error"] = f"{type(exc).__name__}: {exc}"
+    return info
+
+
+def torch_cuda_step(w: Workload, threads: int = 1, seed: int = 0, graph: bool = False,
+                    device: str = "cuda", warmup: int = 3):
+    """PyTorch on a CUDA device (child process only): ``run(k) -> last loss``.
+
+    ``graph=False`` (torch-cuda): eager steps, the loss left on the device (like
+    fastnn's GPU step), ``torch.cuda.synchronize()`` before and after the k steps.
+    ``graph=True`` (torch-cuda-graph): the whole step -- forward, loss, backward,
+    optimizer.step -- captured once in a CUDA graph, as in PyTorch's "whole network
+    capture" example: ``warmup`` eager steps on a side stream, ``zero_grad
+    (set_to_none=True)``, capture on that stream over the static input/target
+    tensors, then ``g.replay()`` per step. Adam is built ``capturable=True`` there.
+
+    ``device="cpu"`` runs the same code without CUDA (tests): eager works; the
+    graph path does its warm-up steps and then raises (capture needs CUDA).
+    """
+    import torch
+
+    torch.set_num_threads(threads)
+    info = torch_gpu_settings(torch)
+    dev = torch.device(device)
+    cuda = dev.type == "cuda"
+    if cuda and not info["cuda_available"]:
+        raise RuntimeError(f"torch {torch.__version__} sees no CUDA device "
+                           f"(built for CUDA {torch.version.cuda})")
+    if cuda and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    kwargs = {"capturable": True} if graph and cuda and w.optimizer == "adam" else {}
+    model, loss_fn, opt, xb, yb = _torch_objects(torch, w, seed, dev, kwargs)
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def step():  # the captured body: no host sync, no new host values
+        loss = loss_fn(model(xb), yb)
+        loss.backward()
+        opt.step()
+        return loss
+
+    if not graph:
+        def run(k: int) -> float:
+            sync()
+            loss = None
+            for _ in range(k):
+                opt.zero_grad()  # set_to_none: the default, as in the graph path
+                loss = step()
+            sync()
+            return float(loss.item())
+
+        run.info = info
+        return run
+
+    # Warm-up on a side stream (cuBLAS handles, allocator, optimizer state such
+    # as SGD's momentum buffers and Adam's moments exist before capture).
+    stream = torch.cuda.Stream(device=dev) if cuda else None
+    if cuda:
+        stream.wait_stream(torch.cuda.current_stream(dev))
+    ctx = torch.cuda.stream(stream) if cuda else contextlib.nullcontext()
+    with ctx:
+        for _ in range(warmup):
+            opt.zero_grad(set_to_none=True)
+            step()
+    if cuda:
+        torch.cuda.current_stream(dev).wait_stream(stream)
+    if not cuda:
+        raise RuntimeError("torch-cuda-graph: capturing a CUDA graph needs a CUDA device "
+                           f"(got {dev}); ran {warmup} warm-up steps only")
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # grads are allocated inside the graph's pool
+    with torch.cuda.graph(g, stream=stream):  # the warm-up stream: its handles are ready
+        static_loss = step()
+
+    def run(k: int) -> float:
+        sync()
+        for _ in range(k):
+            g.replay()
+        sync()
+        return float(static_loss.item())
+
+    run.info = dict(info, graph_warmup_steps=warmup)
+    run.graph = g  # keep the graph (and its memory pool) alive with the step
+    return run
+
+
 def make_step(w: Workload, contender: str, threads: int | None = None, seed: int = 0):
-    """``run(k) -> loss`` for an in-process contender (not torch: see TorchWorker)."""
+    """``run(k) -> loss`` of a contender; the torch ones are built in TorchWorker's
+    child process (``worker_main``), never in the parent."""
     if contender == "floor":
         return floor_step(w, seed)
     if contender == "numpy":
@@ -298,6 +515,10 @@ def make_step(w: Workload, contender: str, threads: int | None = None, seed: int
         return fastnn_step(w, contender.split("-", 1)[1], seed)
     if contender == "torch":
         return torch_step(w, threads or 1, seed)
+    if contender == "floor-cupy":
+        return floor_cupy_step(w, seed)
+    if contender in ("torch-cuda", "torch-cuda-graph"):
+        return torch_cuda_step(w, threads or 1, seed, graph=contender == "torch-cuda-graph")
     raise ValueError(f"unknown contender {contender!r}")
 
 
@@ -344,11 +565,19 @@ def fit_run(w: Workload, contender: str, threads: int | None = None, seed: int =
                 clf.fit(X, y)
                 dt = time.perf_counter() - t0
             return dt, len(X) * epochs, float((clf.predict(Xt) == yt).mean())
-    elif contender == "torch":
+    elif contender in ("torch", "torch-cuda"):
         import torch
 
         torch.set_num_threads(threads or 1)
-        Xd, yd, Xtd = torch.from_numpy(X), torch.from_numpy(y), torch.from_numpy(Xt)
+        cuda = contender == "torch-cuda"
+        if cuda:
+            info = torch_gpu_settings(torch)
+            if not info["cuda_available"]:
+                raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+            dev = torch.device("cuda", torch.cuda.current_device())
+        else:
+            dev = torch.device("cpu")
+        Xd, yd, Xtd = (torch.from_numpy(a).to(dev) for a in (X, y, Xt))
 
         def run(epochs):
             torch.manual_seed(seed)
@@ -357,23 +586,28 @@ def fit_run(w: Workload, contender: str, threads: int | None = None, seed: int =
                 layers.append(torch.nn.Linear(sizes[i], sizes[i + 1]))
                 if i < len(sizes) - 2:
                     layers.append(torch.nn.ReLU())
-            model = torch.nn.Sequential(*layers)
+            model = torch.nn.Sequential(*layers).to(dev)
             opt = torch.optim.Adam(model.parameters(), lr=w.lr)
             loss_fn = torch.nn.CrossEntropyLoss()
             n = len(Xd)
+            if cuda:
+                torch.cuda.synchronize()
             t0 = time.perf_counter()
             for _ in range(epochs):
-                order = torch.randperm(n)
+                order = torch.randperm(n, device=dev)
                 for lo in range(0, n, w.batch):
                     idx = order[lo:lo + w.batch]
                     opt.zero_grad()
                     loss = loss_fn(model(Xd[idx]), yd[idx])
                     loss.backward()
                     opt.step()
-                    loss.item()
+                    if not cuda:  # like fastnn's fit: a loss read per step on the CPU only
+                        loss.item()
+            if cuda:
+                torch.cuda.synchronize()
             dt = time.perf_counter() - t0
             with torch.no_grad():
-                acc = float((model(Xtd).argmax(1).numpy() == yt).mean())
+                acc = float((model(Xtd).argmax(1).cpu().numpy() == yt).mean())
             return dt, n * epochs, acc
     else:
         raise ValueError(f"unknown contender {contender!r}")

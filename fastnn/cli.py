@@ -28,11 +28,10 @@ def cmd_info(args) -> int:
     if reasons.get("numba") is None:
         import numba
 
-        layer = numba.config.THREADING_LAYER
         try:
             layer = numba.threading_layer()
-        except ValueError:
-            pass  # no parallel function has run yet
+        except ValueError:  # no parallel region has run: the pool is not started
+            layer = f"not started (configured: {numba.config.THREADING_LAYER})"
         print(f"numba {numba.__version__}: threading layer {layer}, "
               f"{numba.get_num_threads()} threads (fastnn's kernels run serial)")
     if reasons.get("cupy") is None:

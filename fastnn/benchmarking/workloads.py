@@ -220,56 +220,43 @@ def _init_weights(w: Workload, seed: int):
     return Ws, bs
 
 
-def floor_step(w: Workload, seed: int = 0):
-    """The GEMMs of a step alone (NumPy float32, preallocated outputs)."""
-    Ws, _ = _init_weights(w, seed)
+def _gemm_floor(w: Workload, seed: int, xp, synchronize=None):
+    """``run(k)``: the GEMMs of k steps alone, in float32 with preallocated
+    outputs (forward one per layer, backward dW per layer and dx for all but
+    the first), then ``synchronize()`` so a timer measures finished work."""
+    Ws = [xp.asarray(W) for W in _init_weights(w, seed)[0]]
     X, _ = make_batch(w, seed)
     n = w.batch
-    hs = [X] + [np.ones((n, o), np.float32) * 0.01 for o in w.sizes[1:]]
-    dzs = [np.ones((n, o), np.float32) * 0.01 for o in w.sizes[1:]]
-    dWs = [np.empty_like(W) for W in Ws]
+    hs = [xp.asarray(X)] + [xp.full((n, o), 0.01, xp.float32) for o in w.sizes[1:]]
+    dzs = [xp.full((n, o), 0.01, xp.float32) for o in w.sizes[1:]]
+    dWs = [xp.empty_like(W) for W in Ws]
     L = len(Ws)
 
     def run(k: int) -> float:
         for _ in range(k):
             for i in range(L):
-                np.matmul(hs[i], Ws[i], out=hs[i + 1])
+                xp.matmul(hs[i], Ws[i], out=hs[i + 1])
             for i in range(L - 1, -1, -1):
-                np.matmul(hs[i].T, dzs[i], out=dWs[i])
+                xp.matmul(hs[i].T, dzs[i], out=dWs[i])
                 if i > 0:
-                    np.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
+                    xp.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
+        if synchronize is not None:
+            synchronize()
         return float(dWs[0][0, 0])
 
     return run
+
+
+def floor_step(w: Workload, seed: int = 0):
+    """The GEMMs of a step alone (NumPy float32, preallocated outputs)."""
+    return _gemm_floor(w, seed, np)
 
 
 def floor_cupy_step(w: Workload, seed: int = 0):
-    """The GEMMs of a step alone on the GPU: ``cupy.matmul`` into preallocated
-    float32 outputs (same shapes and order as ``floor_step``), then a device
-    synchronize, so the timer around ``run(k)`` measures finished work."""
+    """The same GEMMs on the GPU with ``cupy.matmul``, then a device synchronize."""
     import cupy
 
-    Ws = [cupy.asarray(W) for W in _init_weights(w, seed)[0]]
-    X, _ = make_batch(w, seed)
-    n = w.batch
-    hs = [cupy.asarray(X)] + [cupy.full((n, o), 0.01, cupy.float32) for o in w.sizes[1:]]
-    dzs = [cupy.full((n, o), 0.01, cupy.float32) for o in w.sizes[1:]]
-    dWs = [cupy.empty_like(W) for W in Ws]
-    L = len(Ws)
-    device = cupy.cuda.Device()
-
-    def run(k: int) -> float:
-        for _ in range(k):
-            for i in range(L):
-                cupy.matmul(hs[i], Ws[i], out=hs[i + 1])
-            for i in range(L - 1, -1, -1):
-                cupy.matmul(hs[i].T, dzs[i], out=dWs[i])
-                if i > 0:
-                    cupy.matmul(dzs[i], Ws[i].T, out=dzs[i - 1])
-        device.synchronize()
-        return float(dWs[0][0, 0])
-
-    return run
+    return _gemm_floor(w, seed, cupy, cupy.cuda.Device().synchronize)
 
 
 def numpy_step(w: Workload, seed: int = 0):

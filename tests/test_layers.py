@@ -529,3 +529,12 @@ def test_model_moves_between_backends_with_the_same_numbers():
     with fn.use_backend("numpy"):
         model.to("numpy")
         np.testing.assert_allclose(fn.to_numpy(model(x)), expected, rtol=1e-6)
+
+
+def test_sequential_sees_a_module_added_after_its_first_call():
+    model = fn.Sequential(fn.Linear(2, 3, init=-1.0))
+    x = np.ones((4, 2), np.float32)
+    assert (fn.to_numpy(model(x)) == -2).all()
+    setattr(model, "1", fn.ReLU())
+    assert len(model) == 2
+    assert (fn.to_numpy(model(x)) == 0).all()

@@ -77,6 +77,8 @@ class Module:
         elif isinstance(value, Module):
             d.setdefault("_modules", OrderedDict())[name] = value
             d.get("_parameters", {}).pop(name, None)
+            if d.get("_plan") is not None:
+                d["_plan"] = None  # a Sequential's fusion plan is recomputed
         else:
             d.get("_parameters", {}).pop(name, None)
             d.get("_modules", {}).pop(name, None)

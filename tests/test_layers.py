@@ -535,6 +535,11 @@ def test_sequential_sees_a_module_added_after_its_first_call():
     model = fn.Sequential(fn.Linear(2, 3, init=-1.0))
     x = np.ones((4, 2), np.float32)
     assert (fn.to_numpy(model(x)) == -2).all()
-    setattr(model, "1", fn.ReLU())
-    assert len(model) == 2
+    assert model.append(fn.ReLU()) is model
+    assert len(model) == 2 and [name for name, _ in model.named_children()] == ["0", "1"]
     assert (fn.to_numpy(model(x)) == 0).all()
+
+
+def test_append_refuses_non_modules():
+    with pytest.raises(TypeError, match="Sequential.append: expected a fastnn Module, got list"):
+        fn.Sequential().append([fn.ReLU()])

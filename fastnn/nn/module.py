@@ -253,6 +253,13 @@ class Sequential(Module):
     def __len__(self) -> int:
         return len(self.__dict__.get("_modules", {}))
 
+    def append(self, module: Module) -> "Sequential":
+        """Add ``module`` at the end (as ``torch.nn.Sequential.append``)."""
+        if not isinstance(module, Module):
+            raise TypeError(f"Sequential.append: expected a fastnn Module, got {type(module).__name__}")
+        setattr(self, str(len(self)), module)
+        return self
+
     def __iter__(self):
         return iter(self.children())
 

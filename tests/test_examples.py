@@ -30,3 +30,13 @@ def test_example_runs_and_learns(name):
     )
     assert result.returncode == 0, result.stderr
     assert re.search(EXPECT[name], result.stdout), result.stdout
+
+
+def test_readme_first_network_runs(tmp_path, monkeypatch, capsys):
+    """The README's first example is code users paste: it must run as written."""
+    readme = (EXAMPLES.parent / "README.md").read_text()
+    snippet = re.search(r"## A first network\s+```python\n(.*?)```", readme, re.S).group(1)
+    monkeypatch.chdir(tmp_path)  # it saves xor.npz in the working directory
+    exec(compile(snippet, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "[[ 0.]" in printed and (tmp_path / "xor.npz").exists(), printed

@@ -1,10 +1,13 @@
 """Every script in examples/ runs and learns what it says it learns."""
+import os
 import pathlib
 import re
 import subprocess
 import sys
 
 import pytest
+
+import fastnn as fn
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -24,9 +27,14 @@ def test_every_example_is_listed():
 
 
 @pytest.mark.parametrize("name", sorted(EXPECT))
-def test_example_runs_and_learns(name):
+def test_example_runs_and_learns(name, backend_name):
+    """Each example, unchanged, on every usable backend (FASTNN_BACKEND picks it)."""
+    reason = fn.available_backends()[backend_name]
+    if reason is not None:
+        pytest.skip(reason)
+    env = dict(os.environ, FASTNN_BACKEND=backend_name)
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120
+        [sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, timeout=120, env=env
     )
     assert result.returncode == 0, result.stderr
     assert re.search(EXPECT[name], result.stdout), result.stdout

@@ -59,9 +59,11 @@ def _on_disk(kernel) -> bool:
         return False
 
 
-def plan_fast_path(model, loss_fn, optimizer) -> FastPlan | None:
-    """A FastPlan when the compiled path applies exactly, else None."""
-    if os.environ.get("FASTNN_FAST_PATH") == "0" or get_backend().name != "numba":
+def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> FastPlan | None:
+    """A FastPlan when the compiled path applies exactly, else None.
+
+    ``backend_name``: the backend the kernel runs on ("cupy": gpu_compiled)."""
+    if os.environ.get("FASTNN_FAST_PATH") == "0" or get_backend().name != backend_name:
         return None
     if type(model) is not Sequential or type(loss_fn) not in (MSELoss, CrossEntropyLoss):
         return None

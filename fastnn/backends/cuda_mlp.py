@@ -1,0 +1,340 @@
+"""One CUDA launch that runs many training steps of a narrow MLP (GPU twin of numba_mlp).
+
+For XOR-size nets a training step is a few hundred multiply-adds, and on a GPU
+every op launch (~5-10 us) costs more than its arithmetic. ``train_mlp_cuda``
+runs forward, loss, backward and the optimizer update for every batch of one
+or more epochs inside ONE block of one launch: the block's threads split each
+phase (rows x output features for the matmuls, weights for the gradients,
+elements for the update) with ``cuda.syncthreads()`` between phases.
+
+It follows ``numba_mlp.train_mlp`` op for op: the same activation formulas, the
+same loss scaling, the same ``sgd_1d`` / ``adam_1d`` element update, and every
+sum runs over its index in the same order (the forward sums over k, the weight
+gradient over rows, the loss over rows then features in one thread). Under
+Numba's CUDA simulator float64 results therefore match the CPU kernel to
+rounding; on a GPU, NVVM's default FMA contraction and the device's exp/tanh
+make them agree to rounding, not bit for bit.
+
+Arguments are ``train_mlp``'s, plus caller-allocated work arrays (see
+``scratch``) and ``done_out`` (1 element, float64) in place of the return value:
+the number of steps done (it stops at the first non-finite loss, before that
+batch's update). Narrow nets only: every layer <= 64x64 weights
+(compiled.MAX_LAYER_WEIGHTS), batch <= 256 (MAX_BATCH): beyond that one block is the wrong shape (larger
+batches still compute correctly).
+
+Only this module imports numba.cuda; fastnn imports this module lazily (from
+gpu_compiled), so importing fastnn never touches CUDA.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import cuda, int32
+
+from .activations import ACTIVATIONS, GELU_C, GELU_K
+
+IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
+    ACTIVATIONS[name].code for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+)
+LOSS_MSE, LOSS_XENT = 0, 1
+OPT_SGD, OPT_ADAM = 0, 1
+MAX_BATCH = 256
+MAX_THREADS = 256
+N_CONST = 16  # slots of the dtype-cast constants array ``cst``
+
+# cst slots (the param dtype): 0 zero; 1 MSE 2/(m*out); 2 MSE 1/(m*out); 3 xent 1/m;
+# SGD: 4 lr, 5 momentum, 6 1-dampening, 7 weight_decay;
+# Adam: 4 1-beta1, 5 beta2, 6 1-beta2, 7 step_size, 8 sqrt(bias corr. 2), 9 eps,
+#       10 weight_decay, 11 1-lr*weight_decay.
+
+
+@cuda.jit(device=True)
+def _act(v, code, alpha):
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return v if (v > zero or v != v) else zero
+    if code == LEAKY_RELU:
+        return v if v > zero else v * alpha
+    if code == SIGMOID:
+        return one / (one + math.exp(-v))
+    if code == TANH:
+        return math.tanh(v)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        return (one / 2) * v * (one + math.tanh(c * (v + k * v * v * v)))
+    return v
+
+
+@cuda.jit(device=True)
+def _act_grad(g, y, z, code, alpha):
+    """dy * act'(.) from the output y (or the pre-activation z)."""
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return g if y > zero else zero
+    if code == LEAKY_RELU:
+        return g if z > zero else g * alpha
+    if code == SIGMOID:
+        return g * (y * (one - y))
+    if code == TANH:
+        return g * (one - y * y)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        th = math.tanh(c * (z + k * z * z * z))
+        d_inner = c * (one + 3 * k * z * z)
+        return g * ((one / 2) * (one + th) + (one / 2) * z * (one - th * th) * d_inner)
+    return g
+
+
+@cuda.jit(cache=True)
+def train_mlp_cuda(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
+                   layout, acts, alphas, loss_kind, opt_kind, hyper, step0, losses,
+                   done_out, A, Z, dA, dZ, rowloss, cst):
+    """Launch with ONE block: ``train_mlp_cuda[1, threads, stream](...)``.
+
+    Every thread runs the same loops (so every barrier is reached by all);
+    the non-finite stop goes through a shared flag read after a barrier.
+    """
+    tid = cuda.threadIdx.x
+    nt = cuda.blockDim.x
+    flag = cuda.shared.array(1, int32)
+    n = X.shape[0]
+    n_layers = layout.shape[0]
+    in_dim = layout[0, 0]
+    out_dim = layout[n_layers - 1, 1]
+    size = params.shape[0]
+    n_batches = (n + batch_size - 1) // batch_size
+    if tid == 0:
+        cst[0] = 0.0
+        flag[0] = 0
+    cuda.syncthreads()
+    zero = cst[0]  # a zero of the param dtype
+    done = 0
+    stop = False
+    for e in range(orders.shape[0]):
+        for b in range(n_batches):
+            lo = b * batch_size
+            hi = min(lo + batch_size, n)
+            m = hi - lo
+            step = step0 + done + 1
+            if tid == 0:  # this batch's constants, cast to the param dtype by the store
+                cst[1] = 2.0 / (m * out_dim)
+                cst[2] = 1.0 / (m * out_dim)
+                cst[3] = 1.0 / m
+                if opt_kind == OPT_SGD:
+                    cst[4] = hyper[0]
+                    cst[5] = hyper[1]
+                    cst[6] = 1.0 - hyper[2]
+                    cst[7] = hyper[3]
+                else:
+                    lr, beta1, beta2, wd = hyper[0], hyper[1], hyper[2], hyper[4]
+                    cst[4] = 1.0 - beta1
+                    cst[5] = beta2
+                    cst[6] = 1.0 - beta2
+                    cst[7] = lr / (1.0 - beta1 ** step)
+                    cst[8] = (1.0 - beta2 ** step) ** 0.5
+                    cst[9] = hyper[3]
+                    cst[10] = wd
+                    cst[11] = 1.0 - lr * wd
+            for idx in range(tid, m * in_dim, nt):
+                r = idx // in_dim
+                j = idx - r * in_dim
+                A[0, r, j] = X[orders[e, lo + r], j]
+            cuda.syncthreads()
+            # ---------------- forward: one (row, feature) per thread, sum over k in order
+            for l in range(n_layers):
+                fi, fo, wo, bo = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+                code, alpha = acts[l], alphas[l]
+                for idx in range(tid, m * fo, nt):
+                    r = idx // fo
+                    j = idx - r * fo
+                    acc = zero
+                    for k in range(fi):
+                        acc += A[l, r, k] * params[wo + k * fo + j]
+                    v = acc
+                    if bo >= 0:
+                        v += params[bo + j]
+                    Z[l + 1, r, j] = v
+                    A[l + 1, r, j] = _act(v, code, alpha)
+                cuda.syncthreads()
+            # ---------------- loss (thread 0, in numba_mlp's order) and its gradient (into dA)
+            if loss_kind == LOSS_MSE:
+                scale = cst[1]
+                for idx in range(tid, m * out_dim, nt):
+                    r = idx // out_dim
+                    j = idx - r * out_dim
+                    d = A[n_layers, r, j] - Yf[orders[e, lo + r], j]
+                    dA[r, j] = d * scale
+                if tid == 0:
+                    inv = cst[2]
+                    acc = zero
+                    for r in range(m):
+                        src = orders[e, lo + r]
+                        for j in range(out_dim):
+                            d = A[n_layers, r, j] - Yf[src, j]
+                            acc += d * d
+                    total = acc * inv
+                    losses[done] = total
+                    if not math.isfinite(total):
+                        flag[0] = 1
+            else:
+                inv_n = cst[3]
+                for r in range(tid, m, nt):
+                    mx = A[n_layers, r, 0]
+                    for j in range(1, out_dim):
+                        v = A[n_layers, r, j]
+                        if v > mx or v != v:
+                            mx = v
+                    s = 0.0
+                    for j in range(out_dim):
+                        ex = math.exp(A[n_layers, r, j] - mx)
+                        dA[r, j] = ex
+                        s += float(ex)
+                    label = Yi[orders[e, lo + r]]
+                    rowloss[r] = math.log(s) - float(A[n_layers, r, label] - mx)
+                    sc = float(inv_n) / s
+                    for j in range(out_dim):
+                        dA[r, j] = float(dA[r, j]) * sc
+                    dA[r, label] -= inv_n
+                cuda.syncthreads()
+                if tid == 0:
+                    s_total = 0.0
+                    for r in range(m):
+                        s_total += rowloss[r]
+                    total = s_total / m
+                    losses[done] = total
+                    if not math.isfinite(total):
+                        flag[0] = 1
+            cuda.syncthreads()
+            if flag[0] != 0:  # the same value in every thread: all leave together
+                stop = True
+                break
+            # ---------------- backward
+            for li in range(n_layers):
+                l = n_layers - 1 - li
+                fi, fo, wo, bo = layout[l, 0], layout[l, 1], layout[l, 2], layout[l, 3]
+                code, alpha = acts[l], alphas[l]
+                for idx in range(tid, m * fo, nt):
+                    r = idx // fo
+                    j = idx - r * fo
+                    dZ[r, j] = _act_grad(dA[r, j], A[l + 1, r, j], Z[l + 1, r, j], code, alpha)
+                cuda.syncthreads()
+                nw = fi * fo
+                nb = fo if bo >= 0 else 0
+                nd = m * fi if l > 0 else 0
+                for idx in range(tid, nw + nb + nd, nt):
+                    if idx < nw:  # weight gradient: sum over rows in order
+                        k = idx // fo
+                        j = idx - k * fo
+                        acc = zero
+                        for r in range(m):
+                            acc += A[l, r, k] * dZ[r, j]
+                        grads[wo + idx] = acc
+                    elif idx < nw + nb:  # bias gradient
+                        j = idx - nw
+                        acc = zero
+                        for r in range(m):
+                            acc += dZ[r, j]
+                        grads[bo + j] = acc
+                    else:  # dA of the layer below: sum over output features in order
+                        q = idx - nw - nb
+                        r = q // fi
+                        k = q - r * fi
+                        acc = zero
+                        for j in range(fo):
+                            acc += dZ[r, j] * params[wo + k * fo + j]
+                        dA[r, k] = acc
+                cuda.syncthreads()
+            # ---------------- update: sgd_1d / adam_1d, one element per thread
+            if opt_kind == OPT_SGD:
+                lr_c, momentum, dampening_c, weight_decay = cst[4], cst[5], cst[6], cst[7]
+                nesterov = hyper[4] != 0.0
+                first_step = step == 1
+                use_momentum = hyper[1] != 0.0
+                use_wd = hyper[3] != 0.0
+                for i in range(tid, size, nt):
+                    g = grads[i]
+                    if use_wd:
+                        g = g + weight_decay * params[i]
+                    if use_momentum:
+                        if first_step:
+                            bv = g
+                        else:
+                            bv = state1[i] * momentum + dampening_c * g
+                        state1[i] = bv
+                        if nesterov:
+                            g = g + momentum * bv
+                        else:
+                            g = bv
+                    params[i] = params[i] - lr_c * g
+            else:
+                one_minus_b1, beta2_c, one_minus_b2 = cst[4], cst[5], cst[6]
+                step_size, bc2_sqrt, eps, weight_decay, decay_factor = (
+                    cst[7], cst[8], cst[9], cst[10], cst[11])
+                use_wd = hyper[4] != 0.0
+                decoupled = hyper[5] != 0.0
+                for i in range(tid, size, nt):
+                    p = params[i]
+                    g = grads[i]
+                    if decoupled:
+                        p = p * decay_factor
+                    elif use_wd:
+                        g = g + weight_decay * p
+                    mv = state1[i] + one_minus_b1 * (g - state1[i])
+                    vv = state2[i] * beta2_c + one_minus_b2 * g * g
+                    state1[i] = mv
+                    state2[i] = vv
+                    denom = math.sqrt(vv) / bc2_sqrt + eps
+                    params[i] = p - step_size * (mv / denom)
+            cuda.syncthreads()
+            done += 1
+        if stop:
+            break
+    if tid == 0:
+        done_out[0] = done
+
+
+# ---------------------------------------------------------------- host side
+def width_of(layout) -> int:
+    layout = np.asarray(layout)
+    return int(max(layout[:, 0].max(), layout[:, 1].max()))
+
+
+def scratch(layout, batch_size: int, dtype, xp=np) -> dict:
+    """The work arrays one launch needs, allocated with ``xp`` (numpy or cupy)."""
+    layout = np.asarray(layout)
+    width, n_layers = width_of(layout), len(layout)
+    return {
+        "A": xp.zeros((n_layers + 1, batch_size, width), dtype=dtype),
+        "Z": xp.zeros((n_layers + 1, batch_size, width), dtype=dtype),
+        "dA": xp.zeros((batch_size, width), dtype=dtype),
+        "dZ": xp.zeros((batch_size, width), dtype=dtype),
+        "rowloss": xp.zeros(batch_size, dtype=np.float64),
+        "cst": xp.zeros(N_CONST, dtype=dtype),
+    }
+
+
+def pick_threads(layout, batch_size: int) -> int:
+    """Enough threads for the widest phase, a multiple of 32, at most MAX_THREADS."""
+    work = batch_size * width_of(layout)
+    return int(min(MAX_THREADS, max(32, -(-work // 32) * 32)))
+
+
+def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout, acts,
+           alphas, loss_kind, opt_kind, hyper, step0, losses, done_out, work,
+           threads: int | None = None, stream=0) -> None:
+    """Launch ``train_mlp_cuda`` (asynchronously on a GPU); ``work`` from ``scratch``.
+
+    Any batch size works (the work arrays are global memory); MAX_BATCH is where
+    one block stops paying off, a policy for the caller."""
+    if threads is None:
+        threads = pick_threads(layout, batch_size)
+    train_mlp_cuda[1, threads, stream](
+        X, Yf, Yi, orders, int(batch_size), params, grads, state1, state2, layout, acts,
+        alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
+        work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
+    )

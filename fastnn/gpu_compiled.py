@@ -1,0 +1,241 @@
+"""fit's fused fast path for narrow MLPs on the CuPy backend (GPU twin of compiled.py).
+
+Same eligibility as ``compiled.plan_fast_path`` (a plain ``Sequential`` of
+``Linear`` layers of <= 64x64 weights with fusable activations, MSELoss or
+CrossEntropyLoss, SGD/Adam/AdamW over one flat group), on the cupy backend:
+whole epochs then run in ONE launch of ``backends/cuda_mlp.train_mlp_cuda``
+on the optimizer's own flat device buffers, with the same math as
+``numba_mlp.train_mlp``.
+
+Nothing here raises because CUDA is unusable for Numba: when numba.cuda cannot
+import, finds no driver/NVVM, is the simulator, or the kernel fails to compile
+or to give the right answer on a tiny probe, ``plan_fast_path`` / ``ready``
+say no (the reason is cached: ``unavailable_reason()``) and fit takes the
+ordinary path. Importing this module imports neither numba.cuda nor CuPy.
+
+Interface as compiled.py: ``plan_fast_path(model, loss_fn, optimizer)``,
+``worth_compiling(steps)``, ``run_epochs(plan, optimizer, X, y, orders,
+batch_size) -> losses`` (a host float64 array), plus ``ready(plan)``, to call
+last, which compiles (or loads) the kernel for the plan's dtype, and
+``plan_for_fit``, which does all of fit's checks in one call.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import compiled
+
+MAX_BATCH = 256  # cuda_mlp.MAX_BATCH (not imported: that module imports numba.cuda)
+# One plain CuPy step of a small net (issue 6: 0.18-0.39 ms) and a cold NVVM compile.
+ORDINARY_STEP_S = 200e-6
+COLD_COMPILE_S = 3.0
+
+_lock = threading.Lock()
+_status: dict = {}  # "cuda" -> reason or None; dtype str -> reason or None (probe)
+
+
+@dataclass
+class GpuPlan:
+    base: compiled.FastPlan
+    layout_host: np.ndarray
+    layout: object = None  # device copies, made by ready()
+    acts: object = None
+    alphas: object = None
+    work: dict = field(default_factory=dict)  # batch_size -> scratch arrays
+
+    @property
+    def group(self):
+        return self.base.group
+
+    @property
+    def loss_kind(self) -> int:
+        return self.base.loss_kind
+
+    @property
+    def opt_kind(self) -> int:
+        return self.base.opt_kind
+
+
+def unavailable_reason(dtype=None) -> str | None:
+    """Why numba.cuda cannot run the fused kernel here (None: it can).
+
+    With a dtype, also whether the kernel compiled and passed its probe for it
+    (only known after ``ready``; None before)."""
+    with _lock:
+        if "cuda" not in _status:
+            _status["cuda"] = _probe_cuda()
+        reason = _status["cuda"]
+    if reason is None and dtype is not None:
+        reason = _status.get(np.dtype(dtype).name)
+    return reason
+
+
+def _probe_cuda() -> str | None:
+    try:
+        from numba import config
+        if config.ENABLE_CUDASIM:
+            return "numba.cuda is the CUDA simulator (NUMBA_ENABLE_CUDASIM=1)"
+        from numba import cuda
+    except Exception as exc:  # ImportError, a broken toolkit lookup, ...
+        return f"numba.cuda import failed ({type(exc).__name__}: {exc})".splitlines()[0]
+    try:
+        if not cuda.is_available():
+            return "numba.cuda: no usable CUDA driver or device"
+    except Exception as exc:
+        return f"numba.cuda: {type(exc).__name__}: {exc}".splitlines()[0]
+    return None
+
+
+def worth_compiling(steps: int) -> bool:
+    """The kernel is compiled once per process (and cached on disk by Numba)."""
+    mode = os.environ.get("FASTNN_FAST_PATH", "auto")
+    if mode == "1":
+        return True
+    compiled_here = any(k in _status and _status[k] is None for k in ("float32", "float64"))
+    return compiled_here or steps * ORDINARY_STEP_S > COLD_COMPILE_S
+
+
+def plan_fast_path(model, loss_fn, optimizer) -> GpuPlan | None:
+    """A GpuPlan when the fused kernel applies exactly and numba.cuda is usable, else None."""
+    base = compiled.plan_fast_path(model, loss_fn, optimizer, backend_name="cupy")
+    if base is None or unavailable_reason() is not None:
+        return None
+    return GpuPlan(base=base, layout_host=base.layout)
+
+
+def ready(plan: GpuPlan) -> bool:
+    """Compile (or load) the kernel for the plan's dtype and check it on a tiny
+    problem; False (reason cached) instead of raising when that fails."""
+    key = np.dtype(plan.group.dtype).name
+    with _lock:
+        if key not in _status:
+            _status[key] = _probe_kernel(np.dtype(key))
+        ok = _status[key] is None
+    if ok and plan.layout is None:
+        import cupy
+
+        plan.layout = cupy.asarray(plan.base.layout)
+        plan.acts = cupy.asarray(plan.base.acts)
+        plan.alphas = cupy.asarray(plan.base.alphas)
+    return ok
+
+
+def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int) -> GpuPlan | None:
+    """Everything fit needs in one call: a ready GpuPlan for this exact data, or
+    None (the ordinary path then runs, and raises the precise error, if any).
+    Never raises: an unexpected failure is cached as the reason and gives None."""
+    try:
+        plan = plan_fast_path(model, loss_fn, optimizer)
+        if plan is None or batch_size > MAX_BATCH or not worth_compiling(steps):
+            return None
+        if Xd.ndim != 2 or Xd.shape[1] != plan.base.layout[0, 0]:
+            return None
+        classes = int(plan.base.layout[-1, 1])
+        if plan.loss_kind == 0:
+            if tuple(yd.shape) != (len(Xd), classes) or yd.dtype != Xd.dtype:
+                return None
+        elif yd.ndim != 1 or yd.dtype.kind not in "iu" or int(yd.min()) < 0 or int(yd.max()) >= classes:
+            return None
+        return plan if ready(plan) else None
+    except Exception as exc:  # never fail fit because of the fast path
+        with _lock:
+            _status["error"] = f"gpu_compiled: {type(exc).__name__}: {exc}".splitlines()[0]
+        return None
+
+
+def _probe_kernel(dtype) -> str | None:
+    """One SGD step of y = w*x + b on two samples, by hand: loss 0.125, w 0.55, b 0.05."""
+    try:
+        import cupy
+
+        from .backends import cuda_mlp
+
+        X = cupy.asarray([[1.0], [2.0]], dtype=dtype)
+        Yf = cupy.asarray([[1.0], [1.0]], dtype=dtype)
+        params = cupy.asarray([0.5, 0.0], dtype=dtype)
+        state = cupy.zeros(2, dtype=dtype)
+        losses = cupy.zeros(2, dtype=np.float64)
+        layout = np.array([[1, 1, 0, 1]], dtype=np.int64)
+        work = cuda_mlp.scratch(layout, 2, dtype, cupy)
+        cuda_mlp.launch(
+            X, Yf, cupy.zeros(1, dtype=np.int64), cupy.zeros((1, 2), dtype=np.int64), 2,
+            params, cupy.zeros(2, dtype=dtype), state, state, cupy.asarray(layout),
+            cupy.zeros(1, dtype=np.int64), cupy.zeros(1, dtype=dtype), 0, 0,
+            cupy.asarray([0.1, 0.0, 0.0, 0.0, 0.0]), 0, losses[:1], losses[1:], work,
+            threads=32, stream=_stream(),
+        )
+        got = losses.get()
+        p = params.get()
+    except Exception as exc:  # NVVM missing, driver/toolkit mismatch, launch failure
+        return f"numba.cuda kernel unusable ({type(exc).__name__}: {exc})".splitlines()[0]
+    if got[1] != 1 or not np.allclose([got[0], p[0], p[1]], [0.125, 0.55, 0.05], rtol=1e-5):
+        return f"numba.cuda kernel probe gave loss {got[0]}, w {p[0]}, b {p[1]} (want 0.125, 0.55, 0.05)"
+    return None
+
+
+def _stream():
+    """CuPy's current stream as a Numba stream (0: the legacy default stream)."""
+    import cupy
+    from numba import cuda
+
+    ptr = cupy.cuda.get_current_stream().ptr
+    return cuda.external_stream(ptr) if ptr else 0
+
+
+def _dev(a):
+    """A Numba view of a CuPy array with no stream sync (the launch is stream-ordered)."""
+    from numba import cuda
+
+    return cuda.as_cuda_array(a, sync=False)
+
+
+def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: int) -> np.ndarray:
+    """Train len(orders) epochs in one launch; returns the per-batch losses run
+    (host float64; shorter when a loss turned non-finite: that batch is last).
+    One host sync per call (reading the losses back)."""
+    import cupy
+
+    from .backends import cuda_mlp
+
+    if plan.layout is None and not ready(plan):
+        raise RuntimeError(f"gpu_compiled: {unavailable_reason(plan.group.dtype)}")
+    g = plan.group
+    state = g.state
+    if plan.opt_kind == 0:
+        s1 = state["momentum_buffer"]
+        s2 = s1
+    else:
+        s1, s2 = state["exp_avg"], state["exp_avg_sq"]
+    n_batches = -(-len(X) // batch_size)
+    expected = len(orders) * n_batches
+    out = cupy.zeros(expected + 1, dtype=np.float64)  # the losses, then the step count
+    if plan.loss_kind == 0:
+        yf = y if y.ndim == 2 else y.reshape(len(y), -1)
+        yi = cupy.zeros(1, dtype=np.int64)
+    else:
+        yf = cupy.zeros((1, 1), dtype=X.dtype)
+        yi = y.astype(np.int64, copy=False)
+    work = plan.work.get(batch_size)
+    if work is None:
+        work = plan.work[batch_size] = cuda_mlp.scratch(plan.layout_host, batch_size, g.dtype, cupy)
+    orders_d = cupy.asarray(np.ascontiguousarray(orders, dtype=np.int64))
+    args = [cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi, orders_d]
+    cuda_mlp.launch(
+        *map(_dev, args), batch_size, _dev(g.data), _dev(g.grad), _dev(s1), _dev(s2),
+        _dev(plan.layout), _dev(plan.acts), _dev(plan.alphas), plan.loss_kind, plan.opt_kind,
+        _dev(cupy.asarray(compiled._hyper(optimizer))), optimizer.step_count,
+        _dev(out[:expected]), _dev(out[expected:]),
+        {k: _dev(v) for k, v in work.items()},
+        threads=cuda_mlp.pick_threads(plan.layout_host, batch_size), stream=_stream(),
+    )
+    host = out.get()  # the one sync
+    done = int(host[expected])
+    optimizer.step_count += done
+    for p, gv in zip(g.params, g.grad_views):
+        p.grad = gv
+    losses = host[:expected]
+    return losses[: done + 1] if done < expected else losses

@@ -1,0 +1,350 @@
+"""The fused narrow-MLP CUDA kernel (backends/cuda_mlp.py) against the CPU kernel.
+
+On the CPU: ``train_mlp_cuda`` runs under Numba's CUDA simulator in a
+subprocess (``NUMBA_ENABLE_CUDASIM=1`` must be set before numba is imported),
+with NumPy arrays standing in for device arrays and a 32-thread block, on tiny
+problems; its per-batch losses, final parameters, gradients, optimizer state
+and step count must equal ``numba_mlp.train_mlp``'s (float64: to ~1e-12, both
+sum in the same order; float32: to float32 rounding), including the stop at
+the first non-finite loss.
+
+On a GPU (``-m gpu``): the compiled kernel on CuPy arrays through
+``gpu_compiled.plan_fast_path`` / ``run_epochs``, and fit's numbers with and
+without it; skipped with the reason when CuPy or numba.cuda cannot run.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+ACT_NAMES = ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
+SGD_HYPER = dict(lr=0.1, momentum=0.9, dampening=0.0, weight_decay=1e-3, nesterov=1.0)
+
+
+def _case_list() -> list[dict]:
+    """Each case: layers [(in, out, bias, act)], loss, optimizer, data sizes, dtype."""
+    cases = [
+        dict(name="xor_mse_adam", layers=[(2, 8, True, "tanh"), (8, 1, True, "sigmoid")],
+             loss=0, opt=1, hyper=[0.05, 0.9, 0.999, 1e-8, 0.0, 0.0], n=4, batch=2, epochs=3),
+        dict(name="xor_mse_adamw_step0", layers=[(2, 8, True, "relu"), (8, 1, True, "identity")],
+             loss=0, opt=1, hyper=[0.05, 0.8, 0.99, 1e-6, 0.1, 1.0], n=4, batch=4, epochs=3,
+             step0=7),
+        dict(name="xent_adam_coupled_wd", layers=[(6, 16, True, "tanh"), (16, 3, True, "identity")],
+             loss=1, opt=1, hyper=[0.01, 0.9, 0.999, 1e-8, 0.01, 0.0], n=10, batch=4, epochs=2),
+        dict(name="xent_sgd_nesterov_wd", layers=[(6, 16, True, "relu"), (16, 3, True, "identity")],
+             loss=1, opt=0, hyper=list(SGD_HYPER.values()), n=10, batch=4, epochs=3),
+        dict(name="xent_sgd_dampening_step0",
+             layers=[(6, 8, True, "gelu"), (8, 8, False, "leaky_relu"), (8, 3, True, "identity")],
+             loss=1, opt=0, hyper=[0.05, 0.5, 0.25, 0.0, 0.0], n=7, batch=3, epochs=2, step0=3),
+        dict(name="mse_sgd_plain", layers=[(3, 5, True, "sigmoid"), (5, 2, False, "tanh")],
+             loss=0, opt=0, hyper=[0.2, 0.0, 0.0, 0.0, 0.0], n=5, batch=5, epochs=2),
+        dict(name="xent_adam_float32", layers=[(6, 16, True, "gelu"), (16, 3, True, "identity")],
+             loss=1, opt=1, hyper=[0.01, 0.9, 0.999, 1e-8, 0.0, 0.0], n=10, batch=4, epochs=2,
+             dtype="float32"),
+        dict(name="mse_sgd_float32", layers=[(2, 8, True, "tanh"), (8, 1, True, "sigmoid")],
+             loss=0, opt=0, hyper=list(SGD_HYPER.values()), n=4, batch=2, epochs=2,
+             dtype="float32"),
+    ]
+    for act in ACT_NAMES:  # every activation, hidden and at the output
+        cases.append(dict(name=f"act_{act}", layers=[(3, 4, True, act), (4, 2, True, act)],
+                          loss=0, opt=0, hyper=[0.1, 0.9, 0.0, 0.0, 0.0], n=5, batch=3,
+                          epochs=2))
+    # A NaN in one sample (in epoch 0's second batch): the kernel must stop at
+    # that batch, after writing its loss and before its update.
+    cases.append(dict(name="nonfinite_stop_mse", layers=[(2, 8, True, "tanh"), (8, 1, True, "identity")],
+                      loss=0, opt=1, hyper=[0.05, 0.9, 0.999, 1e-8, 0.0, 0.0], n=6, batch=2,
+                      epochs=3, nan_pos=3))
+    cases.append(dict(name="nonfinite_stop_xent", layers=[(6, 8, True, "relu"), (8, 3, True, "identity")],
+                      loss=1, opt=0, hyper=list(SGD_HYPER.values()), n=7, batch=3, epochs=2,
+                      nan_pos=5))
+    return cases
+
+
+CASES = _case_list()
+
+
+# ---------------------------------------------------------------- run in the child
+def _build(case: dict, seed: int = 0) -> dict:
+    """Inputs for train_mlp as in compiled.run_epochs, flat buffers with padding."""
+    from fastnn.backends.activations import get_activation
+
+    rng = np.random.default_rng(seed)
+    dtype = np.dtype(case.get("dtype", "float64"))
+    rows, off, align = [], 0, 4
+    for fi, fo, bias, _ in case["layers"]:
+        wo = off
+        off += -(-fi * fo // align) * align
+        bo = -1
+        if bias:
+            bo = off
+            off += -(-fo // align) * align
+        rows.append((fi, fo, wo, bo))
+    size = off
+    layout = np.array(rows, dtype=np.int64)
+    params = np.zeros(size, dtype)
+    for fi, fo, wo, bo in rows:
+        params[wo:wo + fi * fo] = rng.uniform(-1, 1, fi * fo) / np.sqrt(fi)
+        if bo >= 0:
+            params[bo:bo + fo] = rng.uniform(-0.5, 0.5, fo)
+    acts = np.array([get_activation(a).code for *_, a in case["layers"]], dtype=np.int64)
+    alphas = np.array([0.1 if a == "leaky_relu" else 0.0 for *_, a in case["layers"]], dtype=dtype)
+    n, d_in, d_out = case["n"], layout[0, 0], layout[-1, 1]
+    X = rng.normal(size=(n, d_in)).astype(dtype)
+    if case["loss"] == 0:
+        Yf = rng.uniform(-1, 1, (n, d_out)).astype(dtype)
+        Yi = np.zeros(1, np.int64)
+    else:
+        Yf = np.zeros((1, 1), dtype)
+        Yi = rng.integers(0, d_out, n).astype(np.int64)
+    orders = np.stack([rng.permutation(n) for _ in range(case["epochs"])]).astype(np.int64)
+    if "nan_pos" in case:
+        X[orders[0, case["nan_pos"]], 0] = np.nan
+    step0 = case.get("step0", 0)
+    state1 = np.zeros(size, dtype)
+    state2 = np.zeros(size, dtype)
+    if step0:
+        state1[:] = rng.normal(size=size) * 0.01
+        state2[:] = rng.uniform(0, 1e-3, size)
+    n_batches = -(-n // case["batch"])
+    return dict(
+        X=X, Yf=Yf, Yi=Yi, orders=orders, batch_size=case["batch"], params=params,
+        grads=np.zeros(size, dtype), state1=state1,
+        state2=state2 if case["opt"] == 1 else state1,
+        layout=layout, acts=acts, alphas=alphas, loss_kind=case["loss"], opt_kind=case["opt"],
+        hyper=np.array(case["hyper"], np.float64), step0=step0,
+        losses=np.full(case["epochs"] * n_batches, -1.0),
+    )
+
+
+def _copy(args: dict) -> dict:
+    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
+    if args["state2"] is args["state1"]:
+        out["state2"] = out["state1"]  # SGD passes one buffer twice, as run_epochs does
+    return out
+
+
+def _simulate(out_dir: str, threads: int) -> None:
+    """Child process: run every case on both kernels, save the results."""
+    assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
+    from numba import cuda
+
+    from fastnn.backends import cuda_mlp, numba_mlp
+
+    order = ("X", "Yf", "Yi", "orders", "batch_size", "params", "grads", "state1", "state2",
+             "layout", "acts", "alphas", "loss_kind", "opt_kind", "hyper", "step0", "losses")
+    for case in CASES:
+        base = _build(case)
+        cpu = _copy(base)
+        done_cpu = numba_mlp.train_mlp(*(cpu[k] for k in order))
+        # Fake device arrays, made once per buffer: SGD passes state1 twice, and
+        # the simulator would copy two host arguments back one over the other.
+        dev = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+        if base["state2"] is base["state1"]:
+            dev["state2"] = dev["state1"]
+        done_out = cuda.to_device(np.zeros(1, np.float64))
+        work = {k: cuda.to_device(v) for k, v in
+                cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype).items()}
+        cuda_mlp.launch(*(dev[k] for k in order), done_out, work, threads=threads)
+        sim = {k: (v.copy_to_host() if hasattr(v, "copy_to_host") else v) for k, v in dev.items()}
+        done_out = done_out.copy_to_host()
+        np.savez(
+            Path(out_dir) / f"{case['name']}.npz",
+            done_cpu=done_cpu, done_sim=done_out[0],
+            **{f"{k}_cpu": cpu[k] for k in ("losses", "params", "grads", "state1", "state2")},
+            **{f"{k}_sim": sim[k] for k in ("losses", "params", "grads", "state1", "state2")},
+        )
+
+
+@pytest.fixture(scope="module")
+def simulated(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cuda_mlp_sim")
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1", PYTHONPATH=str(REPO))
+    proc = subprocess.run(
+        [sys.executable, __file__, "--simulate", str(out), "32"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return out
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_simulated_kernel_matches_cpu_kernel(simulated, case):
+    r = np.load(simulated / f"{case['name']}.npz")
+    done = int(r["done_cpu"])
+    assert int(r["done_sim"]) == done
+    n_steps = case["epochs"] * -(-case["n"] // case["batch"])
+    if "nan_pos" in case:
+        assert done == case["nan_pos"] // case["batch"] > 0
+        assert not np.isfinite(r["losses_cpu"][done]) and not np.isfinite(r["losses_cpu"][done])
+        assert not np.isfinite(r["losses_sim"][done])
+        # an untouched tail: the kernel wrote no loss after the stop
+        np.testing.assert_array_equal(r["losses_sim"][done + 1:], -1.0)
+    else:
+        assert done == n_steps
+    f32 = case.get("dtype") == "float32"
+    rtol, atol = (1e-4, 1e-5) if f32 else (1e-12, 1e-14)
+    upto = done + 1 if done < n_steps else done
+    np.testing.assert_allclose(r["losses_sim"][:upto], r["losses_cpu"][:upto], rtol=rtol, atol=atol)
+    for key in ("params", "grads", "state1", "state2"):
+        np.testing.assert_allclose(r[f"{key}_sim"], r[f"{key}_cpu"], rtol=rtol, atol=atol,
+                                   err_msg=key)
+    assert np.isfinite(r["params_sim"]).all()
+    if not f32:  # the trajectory really moved (not a vacuous comparison)
+        finite = r["losses_cpu"][:done]
+        assert len(finite) < 2 or np.ptp(finite) > 0
+
+
+def test_gpu_plan_is_none_off_the_gpu_backend():
+    """Importing gpu_compiled touches no CUDA; off the cupy backend the plan is None."""
+    code = (
+        "import sys, numpy as np, fastnn as fn\n"
+        "from fastnn import gpu_compiled\n"
+        "assert 'numba.cuda' not in sys.modules and 'cupy' not in sys.modules\n"
+        "m = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))\n"
+        "opt = fn.optim.Adam(m.parameters(), lr=0.01)\n"
+        "assert gpu_compiled.plan_fast_path(m, fn.MSELoss(), opt) is None\n"
+        "assert 'numba.cuda' not in sys.modules\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)), timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_simulator_is_reported_unusable_for_fit():
+    """Under the simulator numba.cuda 'works' but must never be used by fit."""
+    code = (
+        "from fastnn import gpu_compiled\n"
+        "r = gpu_compiled.unavailable_reason()\n"
+        "assert r is not None and 'simulator' in r, r\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- GPU only
+def _cupy_or_skip():
+    import fastnn
+
+    reason = fastnn.available_backends().get("cupy")
+    if reason is not None:
+        pytest.skip(f"needs a CUDA device with CuPy: {reason}")
+    from fastnn import gpu_compiled
+
+    why = gpu_compiled.unavailable_reason()
+    if why is not None:
+        pytest.skip(f"numba.cuda unusable: {why}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", [c for c in CASES if "float32" not in c["name"]][:6],
+                         ids=lambda c: c["name"])
+def test_gpu_kernel_matches_cpu_kernel(case):
+    """The compiled kernel on CuPy arrays: same numbers to rounding (FMA, device libm)."""
+    _cupy_or_skip()
+    import cupy
+
+    from fastnn.backends import cuda_mlp, numba_mlp
+
+    order = ("X", "Yf", "Yi", "orders", "batch_size", "params", "grads", "state1", "state2",
+             "layout", "acts", "alphas", "loss_kind", "opt_kind", "hyper", "step0", "losses")
+    base = _build(case)
+    cpu = _copy(base)
+    done_cpu = numba_mlp.train_mlp(*(cpu[k] for k in order))
+    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    if case["opt"] == 0:
+        dev["state2"] = dev["state1"]
+    done_out = cupy.zeros(1, cupy.float64)
+    work = cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype, cupy)
+    cuda_mlp.launch(*(dev[k] for k in order), done_out, work,
+                    threads=cuda_mlp.pick_threads(base["layout"], base["batch_size"]))
+    assert int(done_out.get()[0]) == done_cpu
+    upto = min(done_cpu + 1, len(base["losses"]))
+    np.testing.assert_allclose(dev["losses"].get()[:upto], cpu["losses"][:upto], rtol=1e-9)
+    for key in ("params", "state1", "state2"):
+        np.testing.assert_allclose(dev[key].get(), cpu[key], rtol=1e-9, atol=1e-12, err_msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gpu_run_epochs_matches_cpu_compiled_path(dtype):
+    """gpu_compiled.run_epochs (cupy) vs compiled.run_epochs (numba), same weights and orders."""
+    _cupy_or_skip()
+    import fastnn as fn
+    from fastnn import compiled, gpu_compiled
+
+    rng = np.random.default_rng(1)
+    X = rng.normal(size=(50, 6)).astype(dtype)
+    y = rng.integers(0, 3, 50)
+    orders = np.stack([rng.permutation(50) for _ in range(3)])
+
+    def train(backend):
+        fn.set_default_dtype(dtype)
+        try:
+            fn.manual_seed(0)
+            with fn.use_backend(backend) as be:
+                m = fn.Sequential(fn.Linear(6, 16), fn.GELU(), fn.Linear(16, 3))
+                opt = fn.SGD(m.parameters(), lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)
+                loss_fn = fn.CrossEntropyLoss()
+                Xd, yd = be.asarray(X), be.asarray(y)
+                if backend == "cupy":
+                    plan = gpu_compiled.plan_for_fit(m, loss_fn, opt, Xd, yd, 10**6, 16)
+                    assert plan is not None, gpu_compiled.unavailable_reason(dtype)
+                    losses = gpu_compiled.run_epochs(plan, opt, Xd, yd, orders, 16)
+                else:
+                    plan = compiled.plan_fast_path(m, loss_fn, opt)
+                    losses = compiled.run_epochs(plan, opt, Xd, yd, orders, 16)
+                return losses, [fn.to_numpy(p.data) for p in m.parameters()], opt.step_count
+        finally:
+            fn.set_default_dtype(np.float32)
+
+    if fn.available_backends()["numba"] is not None:
+        pytest.skip("numba backend unusable")
+    gl, gp, gs = train("cupy")
+    cl, cp, cs = train("numba")
+    assert isinstance(gl, np.ndarray) and gl.shape == (12,) and gs == cs == 12
+    tol = dict(rtol=1e-9, atol=1e-12) if dtype == np.float64 else dict(rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gl, cl, **tol)
+    for a, b in zip(gp, cp):
+        np.testing.assert_allclose(a, b, **tol)
+
+
+@pytest.mark.gpu
+def test_gpu_fused_kernel_speed(capsys):
+    """Informational: steps/s of the fused kernel on XOR 2-8-1 (Adam, batch 4)."""
+    _cupy_or_skip()
+    import time
+
+    import cupy
+
+    from fastnn.backends import cuda_mlp
+
+    case = CASES[0]
+    base = _build(dict(case, epochs=2000, n=4, batch=4))
+    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    order = ("X", "Yf", "Yi", "orders", "batch_size", "params", "grads", "state1", "state2",
+             "layout", "acts", "alphas", "loss_kind", "opt_kind", "hyper", "step0", "losses")
+    done_out = cupy.zeros(1, cupy.float64)
+    work = cuda_mlp.scratch(base["layout"], 4, base["params"].dtype, cupy)
+    args = [dev[k] for k in order]
+    cuda_mlp.launch(*args, done_out, work, threads=32)  # compile
+    cupy.cuda.Device().synchronize()
+    t = time.perf_counter()
+    cuda_mlp.launch(*args, done_out, work, threads=32)
+    cupy.cuda.Device().synchronize()
+    dt = time.perf_counter() - t
+    with capsys.disabled():
+        print(f"\ncuda_mlp XOR 2-8-1 Adam b4: {2000 / dt:.0f} steps/s ({dt / 2000 * 1e6:.2f} us/step)")
+
+
+if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--simulate":
+    _simulate(sys.argv[2], int(sys.argv[3]))

@@ -226,13 +226,13 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         orders = np.tile(np.arange(n), (count, 1))
         if shuffle:  # row by row, the same draws as ``count`` permutation(n) calls
             orders = shuffler.permuted(orders, axis=1)
-        losses = run_epochs(plan, optimizer, Xd, yd, orders, batch_size)
+        losses = runner(plan, optimizer, Xd, yd, orders, batch_size)
         if len(losses) < count * n_batches or not np.isfinite(losses[-1]):
             k = len(losses) - 1
             raise diverged(losses[k], epoch + k // n_batches, k % n_batches)
         return list(losses.reshape(count, n_batches) @ sizes / n)
 
-    plan = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches)
+    plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size)
     # Return to Python after every epoch only when something must run there.
     per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
@@ -265,8 +265,20 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     return history
 
 
-def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int):
-    """The compiled fast path's plan when it applies to this exact data, else None."""
+def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int):
+    """(plan, its run_epochs) when a compiled fast path applies to this exact
+    data: Numba on the CPU, the one-launch numba.cuda kernel on CuPy; else
+    (None, None)."""
+    if get_backend().name == "cupy":
+        from . import gpu_compiled
+
+        plan = gpu_compiled.plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps, batch_size)
+        return (plan, gpu_compiled.run_epochs) if plan is not None else (None, None)
+    plan = _cpu_compiled_plan(model, loss_fn, optimizer, Xd, yd, steps)
+    return (plan, run_epochs) if plan is not None else (None, None)
+
+
+def _cpu_compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int):
     from .compiled import plan_fast_path, worth_compiling
 
     plan = plan_fast_path(model, loss_fn, optimizer)

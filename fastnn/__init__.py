@@ -26,6 +26,7 @@ from .errors import (
     TrainingDiverged,
 )
 from .threads import get_num_threads, set_num_threads
+from .precision import get_precision, set_precision
 from .random import manual_seed
 from .nn import (
     BCELoss,

@@ -133,6 +133,9 @@ class CupyBackend(Backend):
         self._max_blocks = info["sm_count"] * 32
         self._oom_error = cupy.cuda.memory.OutOfMemoryError
         self._functions: dict = {}
+        from ..precision import apply_to_cupy
+
+        apply_to_cupy()  # exact float32 GEMMs unless fn.set_precision("tf32")
 
     # ------------------------------------------------------------ arrays
     @property

@@ -1,0 +1,77 @@
+"""fn.set_precision: the GEMM precision policy (exact float32 unless asked for TF32)."""
+import sys
+import types
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn import precision
+
+
+@pytest.fixture(autouse=True)
+def restore_policy():
+    yield
+    precision._precision = "float32"
+
+
+def test_default_is_exact_float32():
+    assert fn.get_precision() == "float32"
+
+
+def test_unknown_mode_is_a_clear_error():
+    with pytest.raises(ValueError, match="expected one of .*'float32', 'tf32'.*got 'fp8'"):
+        fn.set_precision("fp8")
+    with pytest.raises(ValueError, match="bf16 mixed precision is not implemented yet"):
+        fn.set_precision("bf16")
+
+
+def test_cpu_results_do_not_change_with_tf32():
+    x = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
+    model = fn.Sequential(fn.Linear(5, 3))
+    before = fn.to_numpy(model(x))
+    fn.set_precision("tf32")
+    np.testing.assert_array_equal(fn.to_numpy(model(x)), before)
+
+
+def test_policy_sets_cupys_float32_compute_type(monkeypatch):
+    """Stand-in for cupy._core._routines_linalg, with CuPy's constants and
+    set_compute_type signature: the policy must pick TF32 or the default."""
+    calls = []
+    linalg = types.SimpleNamespace(
+        COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+        set_compute_type=lambda dtype, kind: calls.append((np.dtype(dtype), kind)),
+    )
+    core = types.SimpleNamespace(_routines_linalg=linalg)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(_core=core))
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    fn.set_precision("tf32")
+    fn.set_precision("float32")
+    assert calls == [(np.dtype(np.float32), 7), (np.dtype(np.float32), 1)]
+
+
+@pytest.mark.gpu
+def test_tf32_changes_gpu_gemms_and_float32_is_exact():
+    if fn.available_backends()["cupy"] is not None:
+        pytest.skip(fn.available_backends()["cupy"])
+    import cupy
+
+    with fn.use_backend("cupy") as b:
+        a = cupy.full((256, 256), 1.0001, cupy.float32)
+        exact = float(b.gemm(a, a)[0, 0])
+        fn.set_precision("tf32")
+        fast = float(b.gemm(a, a)[0, 0])
+        fn.set_precision("float32")
+        assert abs(exact - 256 * 1.0001 ** 2) < 1e-3 and abs(fast - exact) > 1e-3
+
+
+def test_a_cupy_without_the_switch_only_fails_for_tf32(monkeypatch):
+    core = types.SimpleNamespace(_routines_linalg=types.SimpleNamespace())  # no constants
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(_core=core))
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", core._routines_linalg)
+    fn.set_precision("float32")  # exact is CuPy's own default: nothing to do
+    with pytest.raises(NotImplementedError, match="CUPY_TF32=1"):
+        fn.set_precision("tf32")
+    assert fn.get_precision() == "float32"  # a refused switch changes nothing

@@ -111,33 +111,45 @@ def _hyper(optimizer) -> np.ndarray:
                      float(optimizer.decoupled)], dtype=np.float64)
 
 
+def kernel_inputs(plan, X, y, xp):
+    """(state1, state2, float targets, int labels) in the form both the Numba and
+    the CUDA kernel take: SGD passes its momentum buffer twice, and the unused
+    target kind is a small dummy array."""
+    state = plan.group.state
+    if plan.opt_kind == 0:
+        s1 = s2 = state["momentum_buffer"]
+    else:
+        s1, s2 = state["exp_avg"], state["exp_avg_sq"]
+    if plan.loss_kind == 0:
+        yf = y if y.ndim == 2 else y.reshape(len(y), -1)
+        yi = xp.zeros(1, dtype=np.int64)
+    else:
+        yf = xp.zeros((1, 1), dtype=X.dtype)
+        yi = y.astype(np.int64, copy=False)
+    return s1, s2, yf, yi
+
+
+def after_run(optimizer, group, done: int) -> None:
+    """The optimizer's step count and gradient views after ``done`` kernel steps."""
+    optimizer.step_count += int(done)
+    for p, gv in zip(group.params, group.grad_views):
+        p.grad = gv
+
+
 def run_epochs(plan: FastPlan, optimizer, X, y, orders: np.ndarray, batch_size: int) -> np.ndarray:
     """Train len(orders) epochs in one call; returns the per-batch losses run
     (shorter than expected when a loss turned non-finite: that batch is last)."""
     from .backends import numba_mlp
 
     g = plan.group
-    state = g.state
-    if plan.opt_kind == 0:
-        s1 = state["momentum_buffer"]
-        s2 = s1
-    else:
-        s1, s2 = state["exp_avg"], state["exp_avg_sq"]
+    s1, s2, yf, yi = kernel_inputs(plan, X, y, np)
     n_batches = -(-len(X) // batch_size)
     losses = np.empty(len(orders) * n_batches, dtype=np.float64)
-    if plan.loss_kind == 0:
-        yf = y if y.ndim == 2 else y.reshape(len(y), -1)
-        yi = np.zeros(1, dtype=np.int64)
-    else:
-        yf = np.zeros((1, 1), dtype=X.dtype)
-        yi = y.astype(np.int64, copy=False)
     done = numba_mlp.train_mlp(
         X.reshape(len(X), -1), yf, yi, orders, batch_size, g.data, g.grad, s1, s2,
         plan.layout, plan.acts, plan.alphas, plan.loss_kind, plan.opt_kind,
         _hyper(optimizer), optimizer.step_count, losses,
     )
-    optimizer.step_count += int(done)
-    for p, gv in zip(g.params, g.grad_views):
-        p.grad = gv
+    after_run(optimizer, g, done)
     expected = len(losses)
     return losses[: done + 1] if done < expected else losses

@@ -204,21 +204,10 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
     if plan.layout is None and not ready(plan):
         raise RuntimeError(f"gpu_compiled: {unavailable_reason(plan.group.dtype)}")
     g = plan.group
-    state = g.state
-    if plan.opt_kind == 0:
-        s1 = state["momentum_buffer"]
-        s2 = s1
-    else:
-        s1, s2 = state["exp_avg"], state["exp_avg_sq"]
+    s1, s2, yf, yi = compiled.kernel_inputs(plan, X, y, cupy)
     n_batches = -(-len(X) // batch_size)
     expected = len(orders) * n_batches
     out = cupy.zeros(expected + 1, dtype=np.float64)  # the losses, then the step count
-    if plan.loss_kind == 0:
-        yf = y if y.ndim == 2 else y.reshape(len(y), -1)
-        yi = cupy.zeros(1, dtype=np.int64)
-    else:
-        yf = cupy.zeros((1, 1), dtype=X.dtype)
-        yi = y.astype(np.int64, copy=False)
     work = plan.work.get(batch_size)
     if work is None:
         work = plan.work[batch_size] = cuda_mlp.scratch(plan.layout_host, batch_size, g.dtype, cupy)
@@ -234,8 +223,6 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
     )
     host = out.get()  # the one sync
     done = int(host[expected])
-    optimizer.step_count += done
-    for p, gv in zip(g.params, g.grad_views):
-        p.grad = gv
+    compiled.after_run(optimizer, g, done)
     losses = host[:expected]
     return losses[: done + 1] if done < expected else losses

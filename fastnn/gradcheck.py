@@ -57,7 +57,6 @@ def gradcheck(module: Module, x, dy=None, eps: float = 1e-6, rtol: float = 1e-5,
     """
     backend = get_backend()
     rng = np.random.default_rng(seed)
-    params = module.named_parameters()
     saved = [(p, p.data, p.grad) for _, p in module.named_parameters()]
     x64 = backend.asarray(host_array(x), dtype=np.float64)
     try:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 from numba import njit
 
 from .activations import ACTIVATIONS, GELU_C, GELU_K

@@ -52,8 +52,8 @@ from fastnn.benchmarking.workloads import (ALL_WORKLOADS, DEFAULT_WORKLOADS, GPU
                                            build_fastnn_model, contenders, cpu_contenders,
                                            fastnn_backends, fastnn_step, fit_run, floor_cupy_step,
                                            floor_step, gpu_contenders, make_batch, make_step,
-                                           numpy_step, torch_cuda_step, torch_gpu_settings,
-                                           torch_step)
+                                           numpy_step)
+from fastnn.benchmarking.torch_steps import torch_cuda_step, torch_gpu_settings, torch_step
 
 __all__ = [
     "ALL_WORKLOADS", "DEFAULT_WORKLOADS", "GPU_CONTENDERS", "GPU_WORKLOADS", "MIN_SAMPLE_S",

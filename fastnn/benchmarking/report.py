@@ -16,7 +16,8 @@ import sys
 import numpy as np
 
 from fastnn.benchmarking.runner import Result
-from fastnn.benchmarking.workloads import ALL_WORKLOADS, GPU_CONTENDERS, torch_tf32_wanted
+from fastnn.benchmarking.torch_steps import torch_tf32_wanted
+from fastnn.benchmarking.workloads import ALL_WORKLOADS, GPU_CONTENDERS
 
 
 def _fmt(v, spec):
@@ -168,7 +169,7 @@ def probe_torch_cuda(timeout: float = 180.0) -> tuple[bool, dict]:
     """Whether PyTorch sees a CUDA device, asked in a child process (the parent
     never imports torch), with its versions, device and TF32 flags."""
     code = ("import json, sys\n"
-            "from fastnn.benchmarking.workloads import torch_gpu_settings\n"
+            "from fastnn.benchmarking.torch_steps import torch_gpu_settings\n"
             "import torch\n"
             "sys.stdout.write(json.dumps(torch_gpu_settings(torch)))\n")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -80,10 +80,13 @@ def cmd_train(args) -> int:
         if i < len(sizes) - 2:
             layers.append(fn.ReLU())
     model = fn.Sequential(*layers)
-    optimizers = {"adam": fn.Adam, "adamw": fn.AdamW, "sgd": fn.SGD, "rmsprop": fn.RMSprop}
-    opt_cls = optimizers[args.optimizer]
-    opt = opt_cls(model.parameters(), lr=args.lr) if args.optimizer != "sgd" else \
-        fn.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    optimizers = {
+        "adam": lambda p: fn.Adam(p, lr=args.lr),
+        "adamw": lambda p: fn.AdamW(p, lr=args.lr),
+        "sgd": lambda p: fn.SGD(p, lr=args.lr, momentum=0.9),
+        "rmsprop": lambda p: fn.RMSprop(p, lr=args.lr),
+    }
+    opt = optimizers[args.optimizer](model.parameters())
     print(f"fastnn {fn.__version__} on {backend.name} ({backend.device}): "
           f"MLP {'-'.join(map(str, sizes))}, {type(opt).__name__} lr={args.lr}, "
           f"batch {args.batch_size}, {args.epochs} epochs, {len(X)} training samples")

@@ -102,6 +102,19 @@ def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> Fa
     )
 
 
+def fits_data(plan: FastPlan, X, y, label_range) -> bool:
+    """Whether the kernels can take (X, y) as they are; when not, the ordinary
+    path runs and raises the precise error, if any. ``label_range`` is fit's
+    (min, max) of integer labels, read once on the host."""
+    if X.ndim != 2 or X.shape[1] != plan.layout[0, 0]:
+        return False
+    classes = int(plan.layout[-1, 1])
+    if plan.loss_kind == 0:
+        return tuple(y.shape) == (len(X), classes) and y.dtype == X.dtype
+    return (y.ndim == 1 and y.dtype.kind in "iu" and label_range is not None
+            and label_range[0] >= 0 and label_range[1] < classes)
+
+
 def _hyper(optimizer) -> np.ndarray:
     if type(optimizer) is SGD:
         return np.array([optimizer.lr, optimizer.momentum, optimizer.dampening,
@@ -117,7 +130,8 @@ def kernel_inputs(plan, X, y, xp):
     target kind is a small dummy array."""
     state = plan.group.state
     if plan.opt_kind == 0:
-        s1 = s2 = state["momentum_buffer"]
+        # Plain SGD has no momentum buffer; the kernels then never touch it.
+        s1 = s2 = state.get("momentum_buffer", plan.group.grad)
     else:
         s1, s2 = state["exp_avg"], state["exp_avg_sq"]
     if plan.loss_kind == 0:

@@ -40,8 +40,7 @@ _status: dict = {}  # "cuda" -> reason or None; dtype str -> reason or None (pro
 
 @dataclass
 class GpuPlan:
-    base: compiled.FastPlan
-    layout_host: np.ndarray
+    base: compiled.FastPlan  # its layout/acts/alphas are the host copies
     layout: object = None  # device copies, made by ready()
     acts: object = None
     alphas: object = None
@@ -104,7 +103,7 @@ def plan_fast_path(model, loss_fn, optimizer) -> GpuPlan | None:
     base = compiled.plan_fast_path(model, loss_fn, optimizer, backend_name="cupy")
     if base is None or unavailable_reason() is not None:
         return None
-    return GpuPlan(base=base, layout_host=base.layout)
+    return GpuPlan(base=base)
 
 
 def ready(plan: GpuPlan) -> bool:
@@ -124,7 +123,8 @@ def ready(plan: GpuPlan) -> bool:
     return ok
 
 
-def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int) -> GpuPlan | None:
+def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int,
+                 label_range=None) -> GpuPlan | None:
     """Everything fit needs in one call: a ready GpuPlan for this exact data, or
     None (the ordinary path then runs, and raises the precise error, if any).
     Never raises: an unexpected failure is cached as the reason and gives None."""
@@ -132,13 +132,9 @@ def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int)
         plan = plan_fast_path(model, loss_fn, optimizer)
         if plan is None or batch_size > MAX_BATCH or not worth_compiling(steps):
             return None
-        if Xd.ndim != 2 or Xd.shape[1] != plan.base.layout[0, 0]:
-            return None
-        classes = int(plan.base.layout[-1, 1])
-        if plan.loss_kind == 0:
-            if tuple(yd.shape) != (len(Xd), classes) or yd.dtype != Xd.dtype:
-                return None
-        elif yd.ndim != 1 or yd.dtype.kind not in "iu" or int(yd.min()) < 0 or int(yd.max()) >= classes:
+        if label_range is None and yd.dtype.kind in "iu":
+            label_range = (int(yd.min()), int(yd.max()))  # a caller other than fit
+        if not compiled.fits_data(plan.base, Xd, yd, label_range):
             return None
         return plan if ready(plan) else None
     except Exception as exc:  # never fail fit because of the fast path
@@ -210,7 +206,7 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
     out = cupy.zeros(expected + 1, dtype=np.float64)  # the losses, then the step count
     work = plan.work.get(batch_size)
     if work is None:
-        work = plan.work[batch_size] = cuda_mlp.scratch(plan.layout_host, batch_size, g.dtype, cupy)
+        work = plan.work[batch_size] = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
     orders_d = cupy.asarray(np.ascontiguousarray(orders, dtype=np.int64))
     args = [cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi, orders_d]
     cuda_mlp.launch(
@@ -219,7 +215,7 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
         _dev(cupy.asarray(compiled._hyper(optimizer))), optimizer.step_count,
         _dev(out[:expected]), _dev(out[expected:]),
         {k: _dev(v) for k, v in work.items()},
-        threads=cuda_mlp.pick_threads(plan.layout_host, batch_size), stream=_stream(),
+        threads=cuda_mlp.pick_threads(plan.base.layout, batch_size), stream=_stream(),
     )
     host = out.get()  # the one sync
     done = int(host[expected])

@@ -2,8 +2,10 @@
 
 Each optimizer packs its parameters into one flat buffer per dtype (each
 ``Parameter.data`` / ``.grad`` becomes a view into it), so an update is a
-single backend op over contiguous memory, and ``zero_grad`` is one fill.
-If a user rebinds ``p.data`` or ``p.grad`` to a new array, ``step`` copies it
+single backend op over contiguous memory; ``zero_grad`` sets the gradients to
+None and the next backward writes straight into the flat gradient buffer.
+State buffers exist only when the hyper-parameters need them (no momentum
+buffer for plain SGD), created on first use. If a user rebinds ``p.data`` or ``p.grad`` to a new array, ``step`` copies it
 back into the buffer first, so the views never go stale silently.
 """
 from __future__ import annotations
@@ -46,6 +48,13 @@ class _FlatGroup:
             self.grad_views.append(gv)
         self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
 
+    def buffer(self, name: str):
+        """The flat state buffer ``name``, created (zeros) on first use."""
+        buf = self.state.get(name)
+        if buf is None:
+            buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
+        return buf
+
     def sync(self) -> None:
         """Copy back any data/grad array a user rebound since the last step."""
         for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
@@ -80,8 +89,12 @@ def _shapes(params) -> str:
 class Optimizer:
     """Base class: flat buffers, ``step`` / ``zero_grad`` / state dicts."""
 
-    state_names: tuple = ()
+    state_names: tuple = ()  # every state buffer the update can use
     hyper_names: tuple = ()
+
+    def _needed_state(self) -> tuple:
+        """The state buffers the current hyper-parameters use (made up front)."""
+        return self.state_names
 
     def __init__(self, params):
         from .nn.module import Module
@@ -103,7 +116,7 @@ class Optimizer:
         by_dtype: dict = {}
         for p in unique:
             by_dtype.setdefault(np.dtype(p.data.dtype).str, []).append(p)
-        self.groups = [_FlatGroup(ps, backend, self.state_names) for ps in by_dtype.values()]
+        self.groups = [_FlatGroup(ps, backend, self._needed_state()) for ps in by_dtype.values()]
         self.step_count = 0
 
     def _check_hyper(self, **values) -> None:
@@ -149,12 +162,12 @@ class Optimizer:
                     f"{type(self).__name__}.load_state_dict: the state is for parameters "
                     f"{str(host_array(saved))}, this optimizer has {_shapes(g.params)} (different model?)"
                 )
-            for name, buf in g.state.items():
+            for name in self._loaded_names(state, g, gi):
                 value = host_array(state[f"{name}.{gi}"])
-                if value.shape != buf.shape:
+                if value.shape != (g.size,):
                     raise InputError(
                         f"{type(self).__name__}.load_state_dict: {name}.{gi} has shape "
-                        f"{value.shape}, expected {buf.shape} (different model?)"
+                        f"{value.shape}, expected {(g.size,)} (different model?)"
                     )
         self.step_count = int(host_array(state["step"]))
         for name in self.hyper_names:
@@ -162,9 +175,15 @@ class Optimizer:
                 value = host_array(state[name])
                 setattr(self, name, value.item() if value.ndim == 0 else tuple(value.tolist()))
         for gi, g in enumerate(self.groups):
-            for name, buf in g.state.items():
+            for name in self._loaded_names(state, g, gi):
+                buf = g.buffer(name)
                 buf[...] = g.backend.asarray(host_array(state[f"{name}.{gi}"]), dtype=buf.dtype)
 
+    def _loaded_names(self, state: dict, group: _FlatGroup, gi: int) -> list:
+        """The buffers a state dict restores: those this optimizer holds now
+        (they must be there) and any other one it can use that was saved."""
+        return [name for name in self.state_names
+                if name in group.state or f"{name}.{gi}" in state]
     def __repr__(self) -> str:
         hyper = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.hyper_names)
         return f"{type(self).__name__}({hyper})"
@@ -184,6 +203,9 @@ class SGD(Optimizer):
     state_names = ("momentum_buffer",)
     hyper_names = ("lr", "momentum", "dampening", "nesterov", "weight_decay")
 
+    def _needed_state(self) -> tuple:
+        return self.state_names if self.momentum else ()
+
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, dampening=0.0):
         self._check_hyper(lr=lr, momentum=momentum, weight_decay=weight_decay, dampening=dampening)
         if nesterov and (momentum <= 0 or dampening != 0):
@@ -194,7 +216,8 @@ class SGD(Optimizer):
 
     def _update(self, g):
         g.backend.sgd_step(
-            g.data, g.grad, g.state["momentum_buffer"], lr=self.lr, momentum=self.momentum,
+            g.data, g.grad, g.buffer("momentum_buffer") if self.momentum else None,
+            lr=self.lr, momentum=self.momentum,
             dampening=self.dampening, nesterov=self.nesterov, weight_decay=self.weight_decay,
             first_step=self.step_count == 1,
         )
@@ -259,6 +282,10 @@ class RMSprop(Optimizer):
     state_names = ("square_avg", "momentum_buffer", "grad_avg")
     hyper_names = ("lr", "alpha", "eps", "weight_decay", "momentum", "centered")
 
+    def _needed_state(self) -> tuple:
+        return ("square_avg",) + (("momentum_buffer",) if self.momentum > 0 else ()) \
+            + (("grad_avg",) if self.centered else ())
+
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0.0,
                  momentum=0.0, centered=False):
         self._check_hyper(lr=lr, alpha=alpha, eps=eps, weight_decay=weight_decay, momentum=momentum)
@@ -268,7 +295,8 @@ class RMSprop(Optimizer):
 
     def _update(self, g):
         g.backend.rmsprop_step(
-            g.data, g.grad, g.state["square_avg"], lr=self.lr, alpha=self.alpha, eps=self.eps,
+            g.data, g.grad, g.buffer("square_avg"), lr=self.lr, alpha=self.alpha, eps=self.eps,
             weight_decay=self.weight_decay, momentum=self.momentum,
-            buf=g.state["momentum_buffer"], centered=self.centered, grad_avg=g.state["grad_avg"],
+            buf=g.buffer("momentum_buffer") if self.momentum > 0 else None,
+            centered=self.centered, grad_avg=g.buffer("grad_avg") if self.centered else None,
         )

@@ -40,13 +40,14 @@ def apply() -> int:
     """Push the thread count to every pool that is loaded now."""
     global _limiter
     n = get_num_threads()
-    if _requested is not None:
-        from threadpoolctl import threadpool_limits
+    # Only on request: the default leaves every pool as it is (setting Numba's
+    # count would start its OpenMP pool, which fastnn's serial kernels never use).
+    if _requested is None:
+        return n
+    from threadpoolctl import threadpool_limits
 
-        _limiter = threadpool_limits(limits=n)
-    # Only on request: setting Numba's count starts its (OpenMP) pool, which
-    # fastnn's serial kernels never use.
-    if _requested is not None and "numba" in sys.modules:
+    _limiter = threadpool_limits(limits=n)
+    if "numba" in sys.modules:
         import numba
 
         numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))

@@ -232,7 +232,8 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             raise diverged(losses[k], epoch + k // n_batches, k % n_batches)
         return list(losses.reshape(count, n_batches) @ sizes / n)
 
-    plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size)
+    plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size,
+                                  label_range)
     # Return to Python after every epoch only when something must run there.
     per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
@@ -265,31 +266,22 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     return history
 
 
-def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int):
+def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int, label_range):
     """(plan, its run_epochs) when a compiled fast path applies to this exact
     data: Numba on the CPU, the one-launch numba.cuda kernel on CuPy; else
     (None, None)."""
     if get_backend().name == "cupy":
         from . import gpu_compiled
 
-        plan = gpu_compiled.plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps, batch_size)
+        plan = gpu_compiled.plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps, batch_size,
+                                         label_range)
         return (plan, gpu_compiled.run_epochs) if plan is not None else (None, None)
-    plan = _cpu_compiled_plan(model, loss_fn, optimizer, Xd, yd, steps)
-    return (plan, run_epochs) if plan is not None else (None, None)
-
-
-def _cpu_compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int):
-    from .compiled import plan_fast_path, worth_compiling
+    from .compiled import fits_data, plan_fast_path, worth_compiling
 
     plan = plan_fast_path(model, loss_fn, optimizer)
-    if plan is None or not worth_compiling(steps) or Xd.ndim != 2 or Xd.shape[1] != plan.layout[0, 0]:
-        return None  # the ordinary path raises the precise error, if any
-    classes = int(plan.layout[-1, 1])
-    if plan.loss_kind == 0:
-        return plan if tuple(yd.shape) == (len(Xd), classes) and yd.dtype == Xd.dtype else None
-    if yd.ndim != 1 or yd.dtype.kind not in "iu" or yd.min() < 0 or yd.max() >= classes:
-        return None
-    return plan
+    if plan is None or not worth_compiling(steps) or not fits_data(plan, Xd, yd, label_range):
+        return None, None
+    return plan, run_epochs
 
 
 def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:

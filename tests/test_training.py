@@ -471,3 +471,24 @@ def test_float32_stays_float32_through_training(opt_name, backend):
     assert state_buffers >= 1
     assert isinstance(h.loss[0], float)
     assert fn.predict(model, X).dtype == np.float32
+
+
+def test_optimizers_hold_only_the_state_their_hyper_parameters_use():
+    model = fn.Sequential(fn.Linear(3, 4), fn.ReLU(), fn.Linear(4, 1))
+    assert set(fn.SGD(model.parameters(), lr=0.1).groups[0].state) == set()
+    assert set(fn.SGD(model.parameters(), lr=0.1, momentum=0.9).groups[0].state) == {"momentum_buffer"}
+    assert set(fn.RMSprop(model.parameters()).groups[0].state) == {"square_avg"}
+    full = fn.RMSprop(model.parameters(), momentum=0.5, centered=True)
+    assert set(full.groups[0].state) == {"square_avg", "momentum_buffer", "grad_avg"}
+    # momentum switched on later gets its buffer on the next step
+    opt = fn.SGD(model.parameters(), lr=0.1)
+    x = np.ones((2, 3), np.float32)
+    model.backward(np.ones_like(fn.to_numpy(model(x))))
+    opt.momentum = 0.9
+    opt.step()
+    assert set(opt.groups[0].state) == {"momentum_buffer"}
+    # a saved momentum buffer is restored into an optimizer that has none yet
+    fresh = fn.SGD(model.parameters(), lr=0.1)
+    fresh.load_state_dict(opt.state_dict())
+    np.testing.assert_array_equal(fn.to_numpy(fresh.groups[0].state["momentum_buffer"]),
+                                  fn.to_numpy(opt.groups[0].state["momentum_buffer"]))

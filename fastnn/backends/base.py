@@ -155,8 +155,7 @@ class Backend:
         exp_avg += t(1 - beta1) * (grad - exp_avg)
         exp_avg_sq *= t(beta2)
         exp_avg_sq += t(1 - beta2) * grad * grad
-        step_size = lr / (1 - beta1 ** step)
-        bc2_sqrt = (1 - beta2 ** step) ** 0.5
+        step_size, bc2_sqrt = adam_bias_correction(step, lr, beta1, beta2)
         denom = xp.sqrt(exp_avg_sq) / t(bc2_sqrt) + t(eps)
         param -= t(step_size) * (exp_avg / denom)
 
@@ -179,6 +178,12 @@ class Backend:
             param -= t(lr) * buf
         else:
             param -= t(lr) * (grad / avg)
+
+
+def adam_bias_correction(step: int, lr: float, beta1: float, beta2: float):
+    """``(lr / (1 - beta1**step), sqrt(1 - beta2**step))`` in double precision on
+    the host, as torch.optim.Adam computes them; every backend casts these."""
+    return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
 
 
 def host_array(x) -> np.ndarray:

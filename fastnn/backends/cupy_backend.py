@@ -22,7 +22,7 @@ import numpy as np
 from ..errors import BackendUnavailable, FastnnError
 from . import kernel_sources
 from .activations import get_activation
-from .base import Backend, host_array
+from .base import Backend, adam_bias_correction, host_array
 
 _FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
@@ -348,7 +348,7 @@ class CupyBackend(Backend):
         # Host-side scalars in double, rounded once to the array dtype (as base.py).
         self._launch_1d(fn, param.size, (
             param, grad, exp_avg, exp_avg_sq, np.int64(param.size), t(1 - beta1), t(beta2),
-            t(1 - beta2), t(lr / (1 - beta1 ** step)), t((1 - beta2 ** step) ** 0.5), t(eps),
+            t(1 - beta2), *map(t, adam_bias_correction(step, lr, beta1, beta2)), t(eps),
             t(weight_decay), t(1 - lr * weight_decay), np.int32(bool(weight_decay)),
             np.int32(bool(decoupled)),
         ))

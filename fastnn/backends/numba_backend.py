@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 
 from .activations import get_activation
+from .base import adam_bias_correction
 from .numpy_backend import NumpyBackend
 
 _FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
@@ -19,6 +20,14 @@ _SMALL_FORWARD = {"sigmoid", "tanh", "gelu"}
 _FUSED_BACKWARD = {"identity", "relu", "leaky_relu", "sigmoid", "tanh"}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_BIAS = {dt: np.empty(0, dt) for dt in _FLOATS}  # typed placeholder when bias is None
+
+
+def _kernel_layout(z, bias, out) -> bool:
+    """The 2-D kernels take z (N, F) float, out like z, bias (F,) of the same dtype or None."""
+    return (
+        z.ndim == 2 and z.dtype in _FLOATS and out.dtype == z.dtype and out.shape == z.shape
+        and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
+    )
 
 
 def _same_layout(a, b) -> bool:
@@ -46,31 +55,21 @@ class NumbaBackend(NumpyBackend):
     def bias_act(self, z, bias, act, alpha=0.0, out=None):
         if out is None:
             out = z
-        if (
-            act in _FUSED_FORWARD
-            and z.ndim == 2
-            and z.dtype in _FLOATS
-            and out.dtype == z.dtype
-            and out.shape == z.shape
-            and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
-        ):
-            t = z.dtype.type
-            b = bias if bias is not None else _NO_BIAS[z.dtype]  # z[0] fails for 0 rows
+        if not _kernel_layout(z, bias, out):
+            return super().bias_act(z, bias, act, alpha, out)
+        t = z.dtype.type
+        b = bias if bias is not None else _NO_BIAS[z.dtype]  # z[0] fails for 0 rows
+        if act in _FUSED_FORWARD:
             if out is z:
                 self.k.bias_act_inplace_2d(z, b, self.k_code(act), t(alpha), bias is not None)
                 return out
             if not np.may_share_memory(out, z):
                 self.k.bias_act_2d(z, b, out, self.k_code(act), t(alpha), bias is not None)
                 return out
-        elif (
-            act in _SMALL_FORWARD and z.ndim == 2 and z.size <= SMALL_ARRAY
-            and z.dtype in _FLOATS and out.dtype == z.dtype and out.shape == z.shape
-            and (bias is None or (bias.dtype == z.dtype and bias.shape == (z.shape[1],)))
-            and (out is z or not np.may_share_memory(out, z))
-        ):
-            b = bias if bias is not None else _NO_BIAS[z.dtype]
-            self.k.bias_act_small_2d(z, b, out, self.k_code(act), z.dtype.type(alpha),
-                                     bias is not None, out is z)
+        elif act in _SMALL_FORWARD and z.size <= SMALL_ARRAY and (
+                out is z or not np.may_share_memory(out, z)):
+            self.k.bias_act_small_2d(z, b, out, self.k_code(act), t(alpha), bias is not None,
+                                     out is z)
             return out
         return super().bias_act(z, bias, act, alpha, out)
 
@@ -118,9 +117,10 @@ class NumbaBackend(NumpyBackend):
     def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
                   beta2, eps, weight_decay, decoupled):
         t = param.dtype.type
+        step_size, bc2_sqrt = adam_bias_correction(step, lr, beta1, beta2)
         self.k.adam_1d(
             param, grad, exp_avg, exp_avg_sq, t(1 - beta1), t(beta2), t(1 - beta2),
-            t(lr / (1 - beta1 ** step)), t((1 - beta2 ** step) ** 0.5), t(eps),
+            t(step_size), t(bc2_sqrt), t(eps),
             t(weight_decay), t(1 - lr * weight_decay), bool(weight_decay), bool(decoupled),
         )
 

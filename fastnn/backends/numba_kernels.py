@@ -27,6 +27,48 @@ IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
 )
 
 
+@njit(cache=True, nogil=True)
+def act_value(v, code, alpha):
+    """act(v) for one element: the Numba definition of every activation."""
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return v if (v > zero or v != v) else zero
+    if code == LEAKY_RELU:
+        return v if v > zero else v * alpha
+    if code == SIGMOID:
+        return one / (one + math.exp(-v))
+    if code == TANH:
+        return math.tanh(v)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        return (one / 2) * v * (one + math.tanh(c * (v + k * v * v * v)))
+    return v
+
+
+@njit(cache=True, nogil=True)
+def act_grad_value(g, y, z, code, alpha):
+    """dy * act'(.) from the output y (or the pre-activation z)."""
+    one = alpha - alpha + 1
+    zero = alpha - alpha
+    if code == RELU:
+        return g if y > zero else zero
+    if code == LEAKY_RELU:
+        return g if z > zero else g * alpha
+    if code == SIGMOID:
+        return g * (y * (one - y))
+    if code == TANH:
+        return g * (one - y * y)
+    if code == GELU:
+        c = alpha - alpha + GELU_C
+        k = alpha - alpha + GELU_K
+        th = math.tanh(c * (z + k * z * z * z))
+        d_inner = c * (one + 3 * k * z * z)
+        return g * ((one / 2) * (one + th) + (one / 2) * z * (one - th * th) * d_inner)
+    return g
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def bias_act_inplace_2d(z, bias, act, alpha, has_bias):
     """z = act(z + bias) for act in {identity, relu, leaky_relu}.
@@ -53,8 +95,6 @@ def bias_act_small_2d(z, bias, out, act, alpha, has_bias, in_place):
     """bias + sigmoid / tanh / gelu for *small* arrays, where NumPy's per-call
     overhead (several ufuncs, ~1 us each) outweighs Numba's scalar libm calls."""
     n, m = z.shape
-    one = alpha - alpha + 1
-    half = one / 2
     for i in range(n):
         for j in range(m):
             v = z[i, j]
@@ -62,13 +102,7 @@ def bias_act_small_2d(z, bias, out, act, alpha, has_bias, in_place):
                 v += bias[j]
                 if not in_place:
                     z[i, j] = v
-            if act == SIGMOID:
-                r = one / (one + math.exp(-v))
-            elif act == TANH:
-                r = math.tanh(v)
-            else:  # GELU, tanh approximation
-                r = half * v * (one + math.tanh(GELU_C * (v + GELU_K * v * v * v)))
-            out[i, j] = r
+            out[i, j] = act_value(v, act, alpha)
 
 
 @njit(cache=True, nogil=True, error_model="numpy")

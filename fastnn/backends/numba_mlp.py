@@ -18,53 +18,10 @@ import math
 import numpy as np
 from numba import njit
 
-from .numba_kernels import (
-    GELU, GELU_C, GELU_K, LEAKY_RELU, RELU, SIGMOID, TANH, adam_1d, sgd_1d,
-)
+from .numba_kernels import act_grad_value, act_value, adam_1d, sgd_1d
 
 LOSS_MSE, LOSS_XENT = 0, 1
 OPT_SGD, OPT_ADAM = 0, 1
-
-
-@njit(cache=True, nogil=True)
-def _act(v, code, alpha):
-    one = alpha - alpha + 1
-    zero = alpha - alpha
-    if code == RELU:
-        return v if (v > zero or v != v) else zero
-    if code == LEAKY_RELU:
-        return v if v > zero else v * alpha
-    if code == SIGMOID:
-        return one / (one + math.exp(-v))
-    if code == TANH:
-        return math.tanh(v)
-    if code == GELU:
-        c = alpha - alpha + GELU_C
-        k = alpha - alpha + GELU_K
-        return (one / 2) * v * (one + math.tanh(c * (v + k * v * v * v)))
-    return v
-
-
-@njit(cache=True, nogil=True)
-def _act_grad(g, y, z, code, alpha):
-    """dy * act'(.) from the output y (or the pre-activation z)."""
-    one = alpha - alpha + 1
-    zero = alpha - alpha
-    if code == RELU:
-        return g if y > zero else zero
-    if code == LEAKY_RELU:
-        return g if z > zero else g * alpha
-    if code == SIGMOID:
-        return g * (y * (one - y))
-    if code == TANH:
-        return g * (one - y * y)
-    if code == GELU:
-        c = alpha - alpha + GELU_C
-        k = alpha - alpha + GELU_K
-        th = math.tanh(c * (z + k * z * z * z))
-        d_inner = c * (one + 3 * k * z * z)
-        return g * ((one / 2) * (one + th) + (one / 2) * z * (one - th * th) * d_inner)
-    return g
 
 
 @njit(cache=True, nogil=True)
@@ -116,7 +73,7 @@ def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
                         if bo >= 0:
                             v += params[bo + j]
                             Z[l + 1, r, j] = v
-                        A[l + 1, r, j] = _act(v, code, alpha)
+                        A[l + 1, r, j] = act_value(v, code, alpha)
             # ---------------- loss and its gradient (into dA)
             total = 0.0
             if loss_kind == LOSS_MSE:
@@ -160,7 +117,7 @@ def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
                 code, alpha = acts[l], alphas[l]
                 for r in range(m):
                     for j in range(fo):
-                        dZ[r, j] = _act_grad(dA[r, j], A[l + 1, r, j], Z[l + 1, r, j], code, alpha)
+                        dZ[r, j] = act_grad_value(dA[r, j], A[l + 1, r, j], Z[l + 1, r, j], code, alpha)
                 for k in range(fi):
                     for j in range(fo):
                         grads[wo + k * fo + j] = 0

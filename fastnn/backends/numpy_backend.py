@@ -11,7 +11,7 @@ import threading
 import numpy as np
 
 from .activations import GELU_C, GELU_K, get_activation
-from .base import Backend
+from .base import Backend, adam_bias_correction
 
 
 class NumpyBackend(Backend):
@@ -171,8 +171,9 @@ class NumpyBackend(Backend):
         exp_avg_sq *= t(beta2)
         exp_avg_sq += tmp
         np.sqrt(exp_avg_sq, out=tmp)
-        tmp /= t((1 - beta2 ** step) ** 0.5)
+        step_size, bc2_sqrt = adam_bias_correction(step, lr, beta1, beta2)
+        tmp /= t(bc2_sqrt)
         tmp += t(eps)
         np.divide(exp_avg, tmp, out=tmp)
-        tmp *= t(lr / (1 - beta1 ** step))
+        tmp *= t(step_size)
         param -= tmp

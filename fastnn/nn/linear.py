@@ -137,13 +137,13 @@ class Linear(Module):
         w = self.weight
         w.accumulate_grad(
             lambda out: backend.gemm(x2, dz, out=out, trans_a=True),
-            scratch=self._buffer("dw", w.shape, w.dtype, backend),
+            scratch=lambda: self._buffer("dw", w.shape, w.dtype, backend),
         )
         if self.bias is not None:
             b = self.bias
             b.accumulate_grad(
                 lambda out: backend.bias_grad(dz, out=out),
-                scratch=self._buffer("db", b.shape, b.dtype, backend),
+                scratch=lambda: self._buffer("db", b.shape, b.dtype, backend),
             )
         if not need_input_grad:
             return None

@@ -53,9 +53,10 @@ class Loss:
 
     def _same_shape_target(self, pred, target):
         backend = get_backend()
-        if not backend.is_array(target) or target.dtype != pred.dtype:
-            target = backend.asarray(target, dtype=pred.dtype) if not backend.is_array(target) \
-                else target.astype(pred.dtype)
+        if not backend.is_array(target):
+            target = backend.asarray(target, dtype=pred.dtype)
+        elif target.dtype != pred.dtype:
+            target = target.astype(pred.dtype)
         if tuple(target.shape) != tuple(pred.shape):
             hint = ""
             if target.size == pred.size:
@@ -142,7 +143,7 @@ class BCEWithLogitsLoss(Loss):
         target = self._same_shape_target(logits, target)
         t = logits.dtype.type
         loss = (xp.maximum(logits, t(0)) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
-        prob = get_backend().bias_act(logits, None, "sigmoid", out=xp.empty_like(logits))
+        prob = get_backend().bias_act(logits, None, "sigmoid", out=self._grad_buffer(logits))
         prob -= target
         prob *= t(1.0 / logits.size)
         self._grad = prob

@@ -45,7 +45,8 @@ class Parameter:
         ``compute(out)`` writes the gradient into ``out`` (or a new array when
         ``out`` is None) and returns it. A cleared gradient is written straight
         into the optimizer's slot (no zero fill, no extra pass); an existing
-        one gets the new gradient computed into ``scratch`` and added.
+        one gets the new gradient computed into ``scratch()`` (a callable, so
+        the buffer exists only for modules that really accumulate) and added.
         """
         if self.grad is None:
             view = self._grad_view
@@ -55,7 +56,7 @@ class Parameter:
             else:
                 self.grad = compute(None)
         else:
-            self.grad += compute(scratch)
+            self.grad += compute(scratch() if scratch is not None else None)
 
     def __repr__(self) -> str:
         label = f" {self.name!r}" if self.name else ""

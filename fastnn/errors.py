@@ -27,3 +27,7 @@ class TrainingDiverged(FastnnError, ArithmeticError):
 
 class OutOfMemory(FastnnError, MemoryError):
     """A layer ran out of (device) memory; the message names the layer and the size."""
+
+
+class CaptureUnsupported(FastnnError, RuntimeError):
+    """A training step cannot be recorded in a CUDA graph; fit then runs it op by op."""

@@ -152,3 +152,28 @@ extern "C" __global__ void rmsprop_f64(double* param, const double* grad, double
     rmsprop_impl<double>(param, grad, square_avg, buf, grad_avg, n, lr, alpha, one_minus_alpha,
                       eps, weight_decay, momentum, use_wd, centered, use_momentum);
 }
+
+// Adam inside a recorded CUDA graph: the two step-dependent scalars come from
+// device memory (step_scalars = {step_size, bc2_sqrt}, rewritten for every
+// step by graph_step.cu's step_begin); the rest are fixed for the graph's life.
+extern "C" __global__ void adam_captured_f32(float* param, const float* grad, float* exp_avg,
+                                             float* exp_avg_sq, long long n,
+                                             float one_minus_b1, float beta2,
+                                             float one_minus_b2, const float* step_scalars,
+                                             float eps, float weight_decay, float decay_factor,
+                                             int use_wd, int decoupled) {
+    adam_impl<float>(param, grad, exp_avg, exp_avg_sq, n, one_minus_b1, beta2, one_minus_b2,
+                     step_scalars[0], step_scalars[1], eps, weight_decay, decay_factor, use_wd,
+                     decoupled);
+}
+
+extern "C" __global__ void adam_captured_f64(double* param, const double* grad,
+                                             double* exp_avg, double* exp_avg_sq, long long n,
+                                             double one_minus_b1, double beta2,
+                                             double one_minus_b2, const double* step_scalars,
+                                             double eps, double weight_decay,
+                                             double decay_factor, int use_wd, int decoupled) {
+    adam_impl<double>(param, grad, exp_avg, exp_avg_sq, n, one_minus_b1, beta2, one_minus_b2,
+                      step_scalars[0], step_scalars[1], eps, weight_decay, decay_factor, use_wd,
+                      decoupled);
+}

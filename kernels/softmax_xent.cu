@@ -3,47 +3,6 @@
 // rows), blockDim.x a multiple of 32 and at most 1024.
 #include "fastnn_common.cuh"
 
-__device__ __forceinline__ float fn_nan(float) { return __int_as_float(0x7fc00000); }
-__device__ __forceinline__ double fn_nan(double) {
-    return __longlong_as_double(0x7ff8000000000000LL);
-}
-
-// max that propagates NaN (a NaN logit must give a NaN loss, never be skipped).
-template <typename T>
-__device__ __forceinline__ T fn_max_nan(T a, T b) {
-    return (a > b || a != a) ? a : b;
-}
-
-template <typename T, bool IsMax>
-__device__ __forceinline__ T warp_reduce(T v) {
-    // Fixed butterfly order: the sum is deterministic run to run.
-    for (int offset = 16; offset > 0; offset >>= 1) {
-        const T other = __shfl_xor_sync(0xffffffffu, v, offset);
-        v = IsMax ? fn_max_nan<T>(v, other) : v + other;
-    }
-    return v;
-}
-
-// Reduce v over the block; every thread gets the result. smem: 32 slots.
-template <typename T, bool IsMax>
-__device__ T block_reduce(T v, T* smem) {
-    const int lane = threadIdx.x & 31;
-    const int warp = threadIdx.x >> 5;
-    const int n_warps = (blockDim.x + 31) >> 5;
-    v = warp_reduce<T, IsMax>(v);
-    __syncthreads();  // smem may still be read by the previous reduction
-    if (lane == 0) smem[warp] = v;
-    __syncthreads();
-    if (warp == 0) {
-        // Pad with a neutral value: smem[0] for max (a real partial), 0 for sum.
-        T r = lane < n_warps ? smem[lane] : (IsMax ? smem[0] : T(0));
-        r = warp_reduce<T, IsMax>(r);
-        if (lane == 0) smem[0] = r;
-    }
-    __syncthreads();
-    return smem[0];
-}
-
 // logits, grad: (n_rows, n_cols) row-major contiguous; grad may alias logits.
 // labels: (n_rows,) integers. row_loss: (n_rows,).
 // grad = (softmax(logits) - onehot(labels)) * inv_n (inv_n = 1/N of the mean);

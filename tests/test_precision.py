@@ -1,4 +1,7 @@
-"""fn.set_precision: the GEMM precision policy (exact float32 unless asked for TF32)."""
+"""fn.set_precision: the GEMM precision policy (exact float32 unless asked for TF32 or bf16).
+
+The bf16 rounding itself (bf16_bits / bf16_round, kernels/convert.cu) is tested in
+tests/test_bf16.py."""
 import sys
 import types
 
@@ -20,23 +23,32 @@ def test_default_is_exact_float32():
 
 
 def test_unknown_mode_is_a_clear_error():
-    with pytest.raises(ValueError, match="expected one of .*'float32', 'tf32'.*got 'fp8'"):
+    with pytest.raises(ValueError, match="expected one of .*'float32', 'tf32', 'bf16'.*got 'fp8'"):
         fn.set_precision("fp8")
-    with pytest.raises(ValueError, match="bf16 mixed precision is not implemented yet"):
-        fn.set_precision("bf16")
+    with pytest.raises(ValueError, match="got 'bfloat16'"):  # only the exact names
+        fn.set_precision("bfloat16")
+    assert fn.get_precision() == "float32"  # a refused mode changes nothing
 
 
-def test_cpu_results_do_not_change_with_tf32():
+@pytest.mark.parametrize("mode", precision.PRECISIONS)
+def test_every_mode_is_accepted_and_reported(mode):
+    fn.set_precision(mode)
+    assert fn.get_precision() == mode
+
+
+@pytest.mark.parametrize("mode", ["tf32", "bf16"])
+def test_cpu_results_do_not_change_with_a_gpu_mode(mode):
     x = np.random.default_rng(0).standard_normal((8, 5)).astype(np.float32)
     model = fn.Sequential(fn.Linear(5, 3))
     before = fn.to_numpy(model(x))
-    fn.set_precision("tf32")
+    fn.set_precision(mode)
     np.testing.assert_array_equal(fn.to_numpy(model(x)), before)
 
 
 def test_policy_sets_cupys_float32_compute_type(monkeypatch):
     """Stand-in for cupy._core._routines_linalg, with CuPy's constants and
-    set_compute_type signature: the policy must pick TF32 or the default."""
+    set_compute_type signature: the policy must pick TF32 or the default.
+    bf16 keeps CuPy exact: fastnn's own cuBLAS handle runs the bf16 GEMMs."""
     calls = []
     linalg = types.SimpleNamespace(
         COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
@@ -47,8 +59,10 @@ def test_policy_sets_cupys_float32_compute_type(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
     fn.set_precision("tf32")
+    fn.set_precision("bf16")
     fn.set_precision("float32")
-    assert calls == [(np.dtype(np.float32), 7), (np.dtype(np.float32), 1)]
+    f32 = np.dtype(np.float32)
+    assert calls == [(f32, 7), (f32, 1), (f32, 1)]
 
 
 @pytest.mark.gpu
@@ -72,6 +86,9 @@ def test_a_cupy_without_the_switch_only_fails_for_tf32(monkeypatch):
     monkeypatch.setitem(sys.modules, "cupy._core", core)
     monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", core._routines_linalg)
     fn.set_precision("float32")  # exact is CuPy's own default: nothing to do
+    fn.set_precision("bf16")  # leaves CuPy exact too
+    assert fn.get_precision() == "bf16"
+    fn.set_precision("float32")
     with pytest.raises(NotImplementedError, match="CUPY_TF32=1"):
         fn.set_precision("tf32")
     assert fn.get_precision() == "float32"  # a refused switch changes nothing

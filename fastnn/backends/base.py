@@ -64,6 +64,10 @@ class Backend:
     def zeros(self, shape, dtype):
         return self.xp.zeros(shape, dtype=dtype)
 
+    def upload(self, dst, host) -> None:
+        """Copy the host array ``host`` into ``dst`` (same shape), in place."""
+        dst[...] = host
+
     # ------------------------------------------------------------ linear algebra
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
         """``out = op(a) @ op(b)``; op transposes when asked (no copy: BLAS flags)."""
@@ -78,6 +82,10 @@ class Backend:
         return dz.sum(axis=0, out=out)
 
     # ------------------------------------------------------------ activations
+    def add_bias(self, z, bias) -> None:
+        """``z += bias`` in place, z (N, F), bias (F,): a Linear with no activation."""
+        z += bias
+
     def bias_act(self, z, bias, act: str, alpha: float = 0.0, out=None):
         """``out = act(z + bias)`` for z (N, F), bias (F,) or None.
 
@@ -106,6 +114,20 @@ class Backend:
         return out
 
     # ------------------------------------------------------------ losses
+    def mse(self, pred, target, grad_out):
+        """Mean squared error: returns ``(loss, grad)``, loss a 0-d array of
+        pred's dtype (left on the device), grad = 2 (pred - target) / size
+        written to ``grad_out`` (pred's shape; it may be pred itself)."""
+        xp = self.xp
+        t = pred.dtype.type
+        xp.subtract(pred, target, out=grad_out)
+        flat = grad_out.reshape(-1)
+        # BLAS, no temporary. (No errstate here: it costs more than the whole
+        # dot on a small net; an overflow warning precedes TrainingDiverged.)
+        loss = xp.dot(flat, flat) * t(1.0 / flat.size)
+        grad_out *= t(2.0 / flat.size)
+        return loss, grad_out
+
     def softmax_xent(self, logits, labels, grad_out=None):
         """Mean cross-entropy of logits (N, C) against int labels (N,).
 

@@ -19,8 +19,9 @@ import threading
 
 import numpy as np
 
-from ..errors import BackendUnavailable, FastnnError
-from . import kernel_sources
+from ..errors import BackendUnavailable, CaptureUnsupported, FastnnError
+from ..precision import get_precision
+from . import cublas, kernel_sources
 from .activations import get_activation
 from .base import Backend, adam_bias_correction, host_array
 
@@ -32,6 +33,7 @@ _COMPILE_OPTIONS = ("--fmad=false",)
 _BLOCK = 256  # threads per block of the elementwise (grid-stride) kernels
 _MAX_ROW_BLOCKS = 1 << 24  # softmax_xent walks further rows with a grid-stride loop
 _DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
+_MSE_BLOCKS = 1024  # fixed partial-sum count per size: the loss is deterministic
 
 
 class GPUOutOfMemory(FastnnError, MemoryError):
@@ -133,9 +135,14 @@ class CupyBackend(Backend):
         self._max_blocks = info["sm_count"] * 32
         self._oom_error = cupy.cuda.memory.OutOfMemoryError
         self._functions: dict = {}
+        # Kept for the backend's life: CUDA graphs recorded with them point here.
+        self._ones: dict = {}  # (n, dtype) -> ones (1, n) for bias_grad
+        self._bf16: dict = {}  # (operand, size) -> uint16 scratch for bf16 GEMMs
+        self._capture = None  # the CUDA-graph recording in progress (fastnn/cuda_graph.py)
         from ..precision import apply_to_cupy
 
         apply_to_cupy()  # exact float32 GEMMs unless fn.set_precision("tf32")
+        self._blas, self.blas_status = self._start_own_cublas()
 
     # ------------------------------------------------------------ arrays
     @property
@@ -165,6 +172,10 @@ class CupyBackend(Backend):
             return x.get()
         return host_array(x)
 
+    def upload(self, dst, host) -> None:
+        """Host -> device copy into ``dst`` in place (no new device array)."""
+        dst.set(np.ascontiguousarray(host, dtype=dst.dtype))
+
     def synchronize(self) -> None:
         """Wait until every queued kernel on this device has finished."""
         self.xp.cuda.Device(self._device_id).synchronize()
@@ -173,6 +184,99 @@ class CupyBackend(Backend):
         """``(free, total)`` device memory in bytes (CuPy's pool counts as used)."""
         free, total = self.xp.cuda.runtime.memGetInfo()
         return int(free), int(total)
+
+    # ------------------------------------------------------------ cuBLAS
+    def _start_own_cublas(self):
+        """(handle, status line): fastnn's own cuBLAS handle, which CUDA graphs
+        can record, checked against ``cupy.matmul`` on every transpose case;
+        ``(None, why not)`` when it cannot be used (GEMMs then go through
+        CuPy and training steps are not captured)."""
+        cupy = self.xp
+        try:
+            handle = cublas.Handle(cupy, cublas.load_library(cupy))
+            self._blas = handle
+            rng = np.random.default_rng(0)
+            for dtype in (np.float32, np.float64):
+                a = cupy.asarray(rng.standard_normal((5, 3)), dtype=dtype)
+                b = cupy.asarray(rng.standard_normal((3, 4)), dtype=dtype)
+                want = cupy.matmul(a, b)
+                at, bt = cupy.ascontiguousarray(a.T), cupy.ascontiguousarray(b.T)
+                for x, y, ta, tb in ((a, b, False, False), (at, b, True, False),
+                                     (a, bt, False, True), (at, bt, True, True)):
+                    got = self._gemm(x, y, None, ta, tb, "float32")
+                    err = float(cupy.abs(got - want).max())
+                    if not err <= 1e-5:
+                        raise RuntimeError(f"{dtype.__name__} trans=({ta}, {tb}) differs from "
+                                           f"cupy.matmul by {err:.3g}")
+        except Exception as exc:
+            return None, f"CuPy's matmul (own cuBLAS handle unusable: {_one_line(exc)})"
+        return handle, "own cuBLAS handle (training steps can be captured in CUDA graphs)"
+
+    def _blas_operands(self, a, b, out) -> bool:
+        nd = self.xp.ndarray
+        if not (isinstance(a, nd) and isinstance(b, nd) and a.ndim == 2 and b.ndim == 2):
+            return False
+        if a.dtype not in _FLOATS or b.dtype != a.dtype:
+            return False
+        if not (a.flags.c_contiguous and b.flags.c_contiguous):
+            return False
+        return out is None or (isinstance(out, nd) and out.dtype == a.dtype
+                               and out.flags.c_contiguous)
+
+    @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(a, b))
+    def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
+        """``out = op(a) @ op(b)`` on fastnn's cuBLAS handle, at the GEMM precision
+        of ``fn.set_precision`` (float32, TF32 or bf16 inputs; float64 exact)."""
+        return self._gemm(a, b, out, trans_a, trans_b, get_precision())
+
+    def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
+        blas = getattr(self, "_blas", None)
+        if blas is None or not self._blas_operands(a, b, out):
+            return super().gemm(a, b, out, trans_a, trans_b)
+        m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+        kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if kb != k or 0 in (m, n, k) or (out is not None and out.shape != (m, n)):
+            return super().gemm(a, b, out, trans_a, trans_b)  # CuPy's error, or an empty product
+        if out is None:
+            out = self.xp.empty((m, n), dtype=a.dtype)
+        if a.dtype == np.float64:
+            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_64F,
+                      compute=cublas.COMPUTE_64F)
+        elif precision == "bf16":
+            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_16BF,
+                      compute=cublas.COMPUTE_32F, a_bits=self._to_bf16(a, "a"),
+                      b_bits=self._to_bf16(b, "b"))
+        else:
+            compute = cublas.COMPUTE_32F_FAST_TF32 if precision == "tf32" else cublas.COMPUTE_32F
+            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_32F, compute=compute)
+        return out
+
+    def _to_bf16(self, x, operand: str):
+        """bf16 bits of float32 ``x`` (round to nearest even) in a reused scratch buffer."""
+        key = (operand, x.size)
+        bits = self._bf16.get(key)
+        if bits is None:
+            bits = self._bf16[key] = self.xp.empty((x.size,), dtype=np.uint16)
+        self._launch_1d(self._kernel("convert.cu", "f32_to_bf16"), x.size,
+                        (x, bits, np.int64(x.size)))
+        return bits
+
+    def bias_grad(self, dz, out=None):
+        """Column sums of dz (N, F) as ``ones(1, N) @ dz`` on cuBLAS, always exact
+        float32 (gradients never take TF32/bf16 shortcuts)."""
+        ok_out = out is None or (self._fusable(out) and out.dtype == dz.dtype
+                                 and out.shape == dz.shape[1:])
+        if getattr(self, "_blas", None) is None or dz.ndim != 2 or not self._fusable(dz) \
+                or not ok_out:
+            return super().bias_grad(dz, out)
+        n, f = dz.shape
+        ones = self._ones.get((n, dz.dtype))
+        if ones is None:
+            ones = self._ones[(n, dz.dtype)] = self.xp.ones((1, n), dtype=dz.dtype)
+        if out is None:
+            out = self.xp.empty((f,), dtype=dz.dtype)
+        self._gemm(ones, dz, out.reshape(1, f), False, False, "float32")
+        return out
 
     # ------------------------------------------------------------ kernels
     def _kernel(self, filename: str, name: str):
@@ -233,6 +337,10 @@ class CupyBackend(Backend):
         )
 
     # ------------------------------------------------------------ activations
+    def add_bias(self, z, bias) -> None:
+        """``z += bias`` as the identity case of the bias_act kernel (one launch)."""
+        self.bias_act(z, bias, "identity")
+
     @_oom_guard("bias_act", lambda z, *a, **k: _nbytes(z))
     def bias_act(self, z, bias, act, alpha=0.0, out=None):
         """``z += bias`` (z (N, F), bias (F,) or None), ``out = act(z)``; out may be z."""
@@ -301,7 +409,28 @@ class CupyBackend(Backend):
             logits.dtype.type(1.0 / n),
         ))
         # Per-row losses + a tree mean: deterministic, unlike atomicAdd.
-        return row_loss.mean(), grad
+        return self._scaled_sum(row_loss, 1.0 / n), grad
+
+    def _scaled_sum(self, x, scale: float):
+        """0-d device array ``scale * sum(x)`` (x 1-D, contiguous), one block."""
+        out = self.xp.empty((), dtype=x.dtype)
+        fn = self._kernel("reduce.cu", f"sum_scaled_{_FLOATS[x.dtype]}")
+        fn((1,), (_row_threads(x.size),), (x, out, np.int64(x.size), x.dtype.type(scale)))
+        return out
+
+    @_oom_guard("mse", lambda pred, *a, **k: 2 * _nbytes(pred))
+    def mse(self, pred, target, grad_out):
+        """Mean squared error and its gradient in two launches (no cuBLAS dot:
+        recordable in a CUDA graph), deterministic for a given size."""
+        if not self._fusable(pred, target, grad_out):
+            return super().mse(pred, target, grad_out)
+        n = pred.size
+        blocks = min((n + _BLOCK - 1) // _BLOCK, _MSE_BLOCKS)
+        partial = self.xp.empty((blocks,), dtype=pred.dtype)
+        fn = self._kernel("reduce.cu", f"mse_partial_{_FLOATS[pred.dtype]}")
+        fn((blocks,), (_BLOCK,), (pred, target, grad_out, partial, np.int64(n),
+                                  pred.dtype.type(2.0 / n)))
+        return self._scaled_sum(partial, 1.0 / n), grad_out
 
     def _device_labels(self, labels, n: int):
         """Labels as a contiguous int32/int64 device vector of length n, else None."""
@@ -322,6 +451,8 @@ class CupyBackend(Backend):
                  weight_decay, first_step):
         use_momentum = bool(momentum)
         arrays = (param, grad) + ((buf,) if use_momentum else ())
+        if self._capture is not None and first_step and use_momentum:
+            raise CaptureUnsupported("SGD's first momentum step differs from the later ones")
         if not self._fusable(*arrays, same_shape=False):
             return super().sgd_step(
                 param, grad, buf, lr=lr, momentum=momentum, dampening=dampening,
@@ -339,19 +470,27 @@ class CupyBackend(Backend):
     def adam_step(self, param, grad, exp_avg, exp_avg_sq, *, step, lr, beta1,
                   beta2, eps, weight_decay, decoupled):
         if not self._fusable(param, grad, exp_avg, exp_avg_sq, same_shape=False):
+            if self._capture is not None:  # the generic path would freeze the bias corrections
+                raise CaptureUnsupported("Adam on buffers the fused kernel does not take")
             return super().adam_step(
                 param, grad, exp_avg, exp_avg_sq, step=step, lr=lr, beta1=beta1,
                 beta2=beta2, eps=eps, weight_decay=weight_decay, decoupled=decoupled,
             )
         t = param.dtype.type
-        fn = self._kernel("optim.cu", f"adam_{_FLOATS[param.dtype]}")
+        suffix = _FLOATS[param.dtype]
         # Host-side scalars in double, rounded once to the array dtype (as base.py).
-        self._launch_1d(fn, param.size, (
-            param, grad, exp_avg, exp_avg_sq, np.int64(param.size), t(1 - beta1), t(beta2),
-            t(1 - beta2), *map(t, adam_bias_correction(step, lr, beta1, beta2)), t(eps),
-            t(weight_decay), t(1 - lr * weight_decay), np.int32(bool(weight_decay)),
-            np.int32(bool(decoupled)),
-        ))
+        head = (param, grad, exp_avg, exp_avg_sq, np.int64(param.size), t(1 - beta1), t(beta2),
+                t(1 - beta2))
+        tail = (t(eps), t(weight_decay), t(1 - lr * weight_decay), np.int32(bool(weight_decay)),
+                np.int32(bool(decoupled)))
+        if self._capture is None:
+            fn = self._kernel("optim.cu", f"adam_{suffix}")
+            step_scalars = tuple(map(t, adam_bias_correction(step, lr, beta1, beta2)))
+        else:  # a graph replays this launch every step: the bias corrections come from memory
+            fn = self._kernel("optim.cu", f"adam_captured_{suffix}")
+            step_scalars = (self._capture.step_scalars(
+                lambda s: adam_bias_correction(s, lr, beta1, beta2), param.dtype),)
+        self._launch_1d(fn, param.size, head + step_scalars + tail)
 
     @_oom_guard("rmsprop_step", lambda param, *a, **k: 3 * _nbytes(param))
     def rmsprop_step(self, param, grad, square_avg, *, lr, alpha, eps,

@@ -94,7 +94,7 @@ class Linear(Module):
         pre = None
         if act is None:
             if bias is not None:
-                z += bias
+                backend.add_bias(z, bias)
             y = z
         else:
             keep_pre = get_activation(act).needs_pre(alpha) and self.training

@@ -1,0 +1,366 @@
+"""A ``cupy`` stand-in built on NumPy, for checking the CuPy backend on the CPU.
+
+``_fake_cupy()`` is enough of CuPy for CupyBackend: arrays are NumPy arrays,
+``RawModule`` parses the kernel signatures from the source it is given, and
+each launch is checked against the C types of its parameters, then emulated
+by name in NumPy (``_emulate``), so a swapped argument or a wrong host
+constant changes the numbers. ``FakeCublas`` does the same for fastnn's cuBLAS
+calls: a column-major GEMM on the raw memory the pointers name.
+
+Streams can record: while a fake stream captures, kernel launches and GEMMs
+are kept (with the very arrays they were given) instead of run, and the
+graph's ``launch`` runs them again. That is what a CUDA graph does with the
+device pointers it recorded, so the bookkeeping of fastnn/cuda_graph.py
+(static buffers, step counter, per-step scalars) is checked on the CPU.
+Anything else done while recording (a NumPy op standing in for a CuPy one)
+runs once, at once: a step that leans on one does not replay correctly here.
+"""
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import re
+import types
+
+import numpy as np
+
+from fastnn.backends.activations import ACTIVATIONS
+
+_SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
+_C_TYPES = {  # C parameter type -> (is_pointer, numpy dtype)
+    "float*": (True, np.float32), "double*": (True, np.float64),
+    "int*": (True, np.int32), "long long*": (True, np.int64),
+    "unsigned short*": (True, np.uint16), "unsigned int*": (True, np.uint32),
+    "float": (False, np.float32), "double": (False, np.float64),
+    "int": (False, np.int32), "long long": (False, np.int64),
+}
+
+
+def kernel_signatures(source: str) -> dict[str, list[tuple[str, str]]]:
+    """``{kernel name: [(C type, parameter name), ...]}`` of every extern "C" kernel."""
+    found = {}
+    for name, params in _SIGNATURE.findall(source):
+        parsed = []
+        for param in params.split(","):
+            words = param.replace("*", " * ").replace("const", " ").split()
+            ctype = " ".join(words[:-1]).replace(" *", "*")
+            parsed.append((ctype, words[-1]))
+        found[name] = parsed
+    return found
+
+
+
+def _act_by_code(code):
+    return next(a for a in ACTIVATIONS.values() if a.code == code)
+
+
+def _emulate(kernel: str, a: dict) -> None:
+    """Run kernel ``kernel`` in NumPy, reading arguments by their C names."""
+    stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", kernel)
+    flat = {k: v.reshape(-1) for k, v in a.items() if isinstance(v, np.ndarray)}
+    if stem == "bias_act":
+        z = a["z"].reshape(int(a["n_rows"]), int(a["n_cols"]))
+        if a["has_bias"]:
+            z += a["bias"]
+        spec = _act_by_code(int(a["act"]))
+        a["out"].reshape(z.shape)[...] = spec.forward(np, z, a["alpha"])
+    elif stem == "act_backward":
+        n, spec = int(a["n"]), _act_by_code(int(a["act"]))
+        pre = flat["pre"][:n] if a["use_pre"] else None
+        y = None if spec.name == "gelu" else flat["y"][:n]
+        flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
+    elif stem == "softmax_xent":
+        x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
+        rows = np.arange(x.shape[0])
+        m = x.max(axis=1, keepdims=True)
+        e = np.exp(x - m)
+        s = e.sum(axis=1, keepdims=True)
+        a["row_loss"][...] = np.log(s[:, 0]) - (x[rows, a["labels"]] - m[:, 0])
+        g = e / s
+        g[rows, a["labels"]] -= 1
+        a["grad"].reshape(x.shape)[...] = g * a["inv_n"]
+    elif stem == "sgd":
+        p, g, buf = flat["param"], flat["grad"].copy(), flat["buf"]
+        if a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        if a["use_momentum"]:
+            buf[...] = g if a["first_step"] else buf * a["momentum"] + a["dampening_c"] * g
+            g = g + a["momentum"] * buf if a["nesterov"] else buf
+        p -= a["lr"] * g
+    elif stem == "adam":
+        p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
+        if a["decoupled"]:
+            p *= a["decay_factor"]
+        elif a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        m += a["one_minus_b1"] * (g - m)
+        v[...] = v * a["beta2"] + a["one_minus_b2"] * g * g
+        p -= a["step_size"] * (m / (np.sqrt(v) / a["bc2_sqrt"] + a["eps"]))
+    elif stem == "rmsprop":
+        p, g, sq = flat["param"], flat["grad"], flat["square_avg"]
+        if a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        sq[...] = sq * a["alpha"] + a["one_minus_alpha"] * g * g
+        if a["centered"]:
+            ga = flat["grad_avg"]
+            ga += a["one_minus_alpha"] * (g - ga)
+            avg = np.sqrt(sq - ga * ga) + a["eps"]
+        else:
+            avg = np.sqrt(sq) + a["eps"]
+        if a["use_momentum"]:
+            flat["buf"][...] = flat["buf"] * a["momentum"] + g / avg
+            p -= a["lr"] * flat["buf"]
+        else:
+            p -= a["lr"] * (g / avg)
+    elif stem == "adam_captured":
+        p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
+        step_size, bc2_sqrt = flat["step_scalars"][:2]
+        if a["decoupled"]:
+            p *= a["decay_factor"]
+        elif a["use_wd"]:
+            g = g + a["weight_decay"] * p
+        m += a["one_minus_b1"] * (g - m)
+        v[...] = v * a["beta2"] + a["one_minus_b2"] * g * g
+        p -= step_size * (m / (np.sqrt(v) / bc2_sqrt + a["eps"]))
+    elif stem == "sum_scaled":
+        n = int(a["n"])
+        flat["out"][0] = flat["x"][:n].sum(dtype=flat["x"].dtype) * a["scale"]
+    elif stem == "mse_partial":
+        n = int(a["n"])
+        d = flat["pred"][:n] - flat["target"][:n]
+        flat["grad"][:n] = d * a["grad_scale"]
+        flat["partial"][...] = 0
+        flat["partial"][0] = (d * d).sum(dtype=d.dtype)  # the block split is the GPU's business
+    elif stem == "step_begin":
+        step, batch = int(flat["counter"][0]), int(a["batch"])
+        rows = flat["order"][step * batch:(step + 1) * batch]
+        for name, width in (("x", int(a["x_row_words"])), ("y", int(a["y_row_words"]))):
+            src = flat[f"{name}_all"].reshape(-1, width)
+            flat[f"{name}_batch"][:batch * width] = src[rows].reshape(-1)
+        k = int(a["scalar_words"])
+        flat["scalars"][:k] = flat["table"][step * k:(step + 1) * k]
+    elif stem == "step_end":
+        step = int(flat["counter"][0])
+        flat["losses"][step] = flat["loss"][0]
+        flat["counter"][0] = step + 1
+    elif stem == "f32_to_bf16":
+        from fastnn.precision import bf16_bits
+
+        n = int(a["n"])
+        flat["out"][:n] = bf16_bits(flat["x"][:n])
+    else:
+        raise AssertionError(f"no emulation for kernel {kernel}")
+
+
+# ---------------------------------------------------------------- streams and graphs
+class FakeGraph:
+    """What a capture recorded; ``launch`` runs it again on the same arrays."""
+
+    def __init__(self, calls):
+        self.calls = calls
+        self.launches = 0
+
+    def upload(self, stream=None):
+        pass
+
+    def launch(self, stream=None):
+        assert not _recording(), "a graph launched inside a capture"
+        self.launches += 1
+        for call in self.calls:
+            call()
+
+
+class FakeStream:
+    _next_ptr = 1
+
+    def __init__(self, null=False, non_blocking=False):
+        self.ptr = 0 if null else FakeStream._next_ptr
+        FakeStream._next_ptr += 0 if null else 1
+        self.recorded = None  # a list while capturing
+
+    def __enter__(self):
+        _streams.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _streams.remove(self)
+        return False
+
+    def begin_capture(self, mode=None):
+        assert self.ptr != 0, "CUDA cannot capture the legacy default stream"
+        assert self.recorded is None, "capture begun twice"
+        self.recorded = []
+
+    def end_capture(self):
+        assert self.recorded is not None, "end_capture without begin_capture"
+        calls, self.recorded = self.recorded, None
+        return FakeGraph(calls)
+
+    def is_capturing(self):
+        return self.recorded is not None
+
+
+class FakeMemoryPool:
+    def malloc(self, size):
+        raise AssertionError("the fake allocates with NumPy")
+
+
+_streams = [FakeStream(null=True)]
+
+
+def _recording():
+    return _streams[-1].recorded is not None
+
+
+def _run_or_record(call) -> None:
+    """Run a kernel or GEMM now, or keep it in the capturing stream's graph."""
+    if _recording():
+        _streams[-1].recorded.append(call)
+    else:
+        call()
+
+
+class FakeCublas:
+    """libcublas's calls fastnn makes, on host memory: a column-major GEMM
+    reading the operands at the addresses it is given (cuBLAS's own contract)."""
+
+    _TYPES = {0: np.float32, 1: np.float64, 14: np.uint16}
+
+    def __init__(self):
+        self.calls: list = []
+        self.stream = None
+
+    def cublasCreate_v2(self, handle_address):
+        ctypes.c_void_p.from_address(handle_address).value = 1234
+        return 0
+
+    def cublasDestroy_v2(self, handle):
+        return 0
+
+    def cublasSetMathMode(self, handle, mode):
+        assert mode == 0
+        return 0
+
+    def cublasSetStream_v2(self, handle, stream):
+        assert not _recording(), "cuBLAS re-bound to a stream inside a capture"
+        self.stream = stream
+        self.calls.append(("stream", stream))
+        return 0
+
+    def cublasSetWorkspace_v2(self, handle, workspace, size):
+        assert self.calls and self.calls[-1][0] == "stream", "workspace must follow setStream"
+        assert size >= 4 << 20
+        self.calls.append(("workspace", size))
+        return 0
+
+    def cublasGemmEx(self, handle, op_a, op_b, m, n, k, alpha, a, a_type, lda, b, b_type, ldb,
+                     beta, c, c_type, ldc, compute, algo):
+        assert self.stream == _streams[-1].ptr, "cuBLAS bound to another stream than the current"
+        assert a_type == b_type and compute in (68, 70, 77)
+        scalar = ctypes.c_double if compute == 70 else ctypes.c_float
+        alpha_v, beta_v = scalar.from_address(alpha).value, scalar.from_address(beta).value
+        out_dtype = self._TYPES[c_type]
+
+        def run():
+            first = self._matrix(a, a_type, op_a, m, k, lda)
+            second = self._matrix(b, b_type, op_b, k, n, ldb)
+            result = np.lib.stride_tricks.as_strided(
+                self._memory(c, out_dtype, ldc * n), (m, n),
+                (np.dtype(out_dtype).itemsize, ldc * np.dtype(out_dtype).itemsize))
+            product = np.matmul(first.astype(out_dtype), second.astype(out_dtype))
+            result[...] = alpha_v * product + (beta_v * result if beta_v else 0)
+
+        self.calls.append(("gemm", (m, n, k)))
+        _run_or_record(run)
+        return 0
+
+    @staticmethod
+    def _memory(address, dtype, count):
+        ctype = {np.float32: ctypes.c_float, np.float64: ctypes.c_double,
+                 np.uint16: ctypes.c_uint16}[dtype]
+        return np.ctypeslib.as_array((ctype * int(count)).from_address(address))
+
+    def _matrix(self, address, dtype_code, op, rows, cols, ld):
+        """op(X) as (rows, cols), X column-major with leading dimension ld."""
+        dtype = self._TYPES[dtype_code]
+        stored = (cols, rows) if op == 1 else (rows, cols)
+        size = np.dtype(dtype).itemsize
+        mem = self._memory(address, dtype, ld * stored[1])
+        x = np.lib.stride_tricks.as_strided(mem, stored, (size, ld * size))
+        if dtype is np.uint16:  # bf16 bits -> float32
+            x = (x.astype(np.uint32) << 16).view(np.float32)
+        return x.T if op == 1 else x
+
+
+class _FakeFunction:
+    def __init__(self, name, params, launches):
+        self.name, self.params, self.launches = name, params, launches
+
+    def __call__(self, grid, block, args):
+        assert len(grid) >= 1 and all(int(g) >= 1 for g in grid), (self.name, grid)
+        assert 1 <= block[0] <= 1024, (self.name, block)
+        if self.name.startswith("softmax_xent"):
+            assert block[0] % 32 == 0, "block reductions need whole warps"
+        assert len(args) == len(self.params), f"{self.name}: {len(args)} args for {self.params}"
+        named = {}
+        for value, (ctype, pname) in zip(args, self.params):
+            is_ptr, dtype = _C_TYPES[ctype]
+            if is_ptr:
+                assert isinstance(value, np.ndarray), f"{self.name}.{pname}: not an array"
+                assert value.dtype == dtype and value.flags.c_contiguous, (self.name, pname, value.dtype)
+            else:
+                assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
+            named[pname] = value
+        self.launches.append(self.name)
+        _run_or_record(lambda: _emulate(self.name, named))
+
+
+def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
+    """A ``cupy`` stand-in built on NumPy, enough for CupyBackend."""
+    fake = types.ModuleType("cupy")
+    fake.__getattr__ = lambda name: getattr(np, name)  # the array API is NumPy's
+
+    def arange(*args, **kwargs):
+        if probe_error is not None:
+            raise probe_error
+        return np.arange(*args, **kwargs)
+
+    def get_device_count():
+        if count_error is not None:
+            raise count_error
+        return device_count
+
+    class Device:
+        def __init__(self, device_id=0):
+            self.id = device_id
+
+        def synchronize(self):
+            pass
+
+    class RawModule:
+        def __init__(self, code, options=()):
+            assert "--fmad=false" in options
+            self.sigs = kernel_signatures(code)
+
+        def get_function(self, name):
+            return _FakeFunction(name, self.sigs[name], launches)
+
+    fake.arange = arange
+    fake.RawModule = RawModule
+    fake.cuda = types.SimpleNamespace(
+        Stream=FakeStream, get_current_stream=lambda: _streams[-1], Graph=FakeGraph,
+        MemoryPool=FakeMemoryPool, using_allocator=lambda malloc: contextlib.nullcontext(),
+        runtime=types.SimpleNamespace(
+            getDeviceCount=get_device_count, getDevice=lambda: 0,
+            getDeviceProperties=lambda i: {
+                "name": b"Fake GPU", "totalGlobalMem": 80 * 2**30, "multiProcessorCount": 4,
+            },
+            memGetInfo=lambda: (2**30, 80 * 2**30),
+        ),
+        Device=Device,
+        memory=types.SimpleNamespace(OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {})),
+        compiler=types.SimpleNamespace(CompileException=type("CompileException", (Exception,), {})),
+    )
+    return fake
+
+

@@ -24,6 +24,10 @@ class History:
     epochs_run: int = 0
     samples_per_second: float = 0.0
     seconds: float = 0.0
+    # How the steps ran: "per-op", "compiled" (CPU, whole epochs per call),
+    # "cuda-kernel" (tiny nets, one launch) or "cuda-graph"; "per-op (...)"
+    # says why no faster path applied.
+    step_path: str = ""
 
     def plot(self, path) -> None:
         """Write the loss curve(s) as a PNG (needs matplotlib: ``pip install 'fastnn[plot]'``)."""
@@ -184,32 +188,40 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         )
 
     def run_epoch(epoch: int) -> float:
-        """One epoch on the ordinary (per-op) path; returns the mean loss."""
+        """One epoch on the ordinary (per-op) path, or replaying the step
+        recorded as a CUDA graph (``graphed``); returns the mean loss."""
         if shuffle:
             order_d = backend.asarray(shuffler.permutation(n))
+        if graphed is not None:
+            graphed.new_epoch(order_d if shuffle else graphed_order)
         loss_sum = 0.0
         with training_step_mode(model, label_range):
             for b in range(n_batches):
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
                 m = hi - lo
-                if shuffle:
-                    idx = order_d[lo:hi]
-                    xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
-                    xp.take(Xd, idx, axis=0, out=xs)
-                    xp.take(yd, idx, axis=0, out=ys)
+                if graphed is not None and m == batch_size and graphed.ready(b):
+                    graphed.replay()  # gathers batch b and stores its loss on the device
                 else:
-                    xs, ys = Xd[lo:hi], yd[lo:hi]
-                optimizer.zero_grad()
-                loss = loss_fn.forward(model.forward(xs), ys)
-                if on_cpu:
-                    value = float(loss)
-                    if not math.isfinite(value):
-                        raise diverged(value, epoch, b)
-                    loss_sum += value * m
-                else:
-                    batch_losses[b] = loss  # stays on the device: no sync per step
-                model.backward(loss_fn.backward())
-                optimizer.step()
+                    if shuffle:
+                        idx = order_d[lo:hi]
+                        xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
+                        xp.take(Xd, idx, axis=0, out=xs)
+                        xp.take(yd, idx, axis=0, out=ys)
+                    else:
+                        xs, ys = Xd[lo:hi], yd[lo:hi]
+                    optimizer.zero_grad()
+                    loss = loss_fn.forward(model.forward(xs), ys)
+                    if on_cpu:
+                        value = float(loss)
+                        if not math.isfinite(value):
+                            raise diverged(value, epoch, b)
+                        loss_sum += value * m
+                    else:
+                        batch_losses[b] = loss  # stays on the device: no sync per step
+                    model.backward(loss_fn.backward())
+                    optimizer.step()
+                    if graphed is not None and m == batch_size:
+                        graphed.ran_plain_step()
                 if bar.bar is not None:
                     bar.update(epoch, m, (lambda: loss_sum / hi) if on_cpu
                                else (lambda: float(batch_losses[:b + 1].mean())))
@@ -234,6 +246,9 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
 
     plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size,
                                   label_range)
+    graphed, history.step_path = _step_path(plan, model, loss_fn, optimizer, Xd, yd, xb, yb,
+                                            batch_losses, epochs * (n // batch_size))
+    graphed_order = backend.asarray(np.arange(n)) if graphed is not None and not shuffle else None
     # Return to Python after every epoch only when something must run there.
     per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
@@ -263,7 +278,27 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     finally:
         bar.close()
         model.train()
+    if graphed is not None and graphed.failed is not None:
+        history.step_path = f"per-op (CUDA graph failed: {graphed.failed})"
     return history
+
+
+def _step_path(plan, model, loss_fn, optimizer, Xd, yd, xb, yb, batch_losses, full_steps):
+    """(the CUDA-graph step or None, how fit's steps run, for ``History.step_path``)."""
+    backend = get_backend()
+    if plan is not None:
+        return None, "compiled (whole epochs in one call)" if backend.name != "cupy" \
+            else "cuda-kernel (whole epochs in one launch)"
+    if backend.name != "cupy":
+        return None, "per-op"
+    from . import cuda_graph
+
+    reason = cuda_graph.ineligible_reason(backend, model, loss_fn, optimizer, Xd, yd, full_steps)
+    if reason is not None:
+        return None, f"per-op (no CUDA graph: {reason})"
+    graphed = cuda_graph.GraphedStep(backend, model, loss_fn, optimizer, Xd, yd, xb, yb,
+                                     batch_losses)
+    return graphed, "cuda-graph (one recorded step replayed per batch)"
 
 
 def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int, label_range):

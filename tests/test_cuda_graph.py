@@ -1,0 +1,320 @@
+"""fastnn's own cuBLAS handle and the CUDA-graph training step (fastnn/cuda_graph.py).
+
+On the CPU, ``tests/fake_cupy.py`` stands in for CuPy and libcublas: a fake
+capture keeps each kernel launch and GEMM with the very arrays it was given
+and the graph's launch runs them again, as a CUDA graph replays the device
+pointers it recorded. So a fit that replays its recorded step must end with
+the same bits as the same fit op by op; a buffer that moved, a counter off by
+one or a per-step scalar frozen at its recorded value shows up as a
+difference. The ``gpu`` tests do the same on a real device.
+"""
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fake_cupy import FakeCublas, FakeGraph, _fake_cupy
+from fastnn import cuda_graph
+from fastnn.backends import cublas
+from fastnn.backends.numpy_backend import NumpyBackend
+from fastnn.precision import bf16_round
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """(CupyBackend on the fake cupy with the fake cuBLAS, launched kernel names, the fake lib)."""
+    from fastnn.backends import cupy_backend
+
+    launches: list[str] = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    lib = FakeCublas()
+    monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)
+    monkeypatch.setenv("FASTNN_FAST_PATH", "0")  # the one-launch tiny-MLP kernel is another test's
+    backend = cupy_backend.CupyBackend()
+    assert backend._blas is not None, backend.blas_status
+    # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
+    monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
+    monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
+    FakeGraph.made = []
+    yield backend, launches, lib
+    monkeypatch.undo()  # the real apply_to_cupy again, and no fake cupy to apply it to
+    fn.set_precision("float32")
+
+
+def _counting_init(init):
+    def counted(self, calls):
+        init(self, calls)
+        FakeGraph.made.append(self)
+    return counted
+
+
+# =========================================================== cuBLAS argument mapping
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_own_cublas_gemm_matches_numpy_for_every_transpose(fake_gpu, trans_a, trans_b, dtype):
+    backend, _, lib = fake_gpu
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((7, 3)).astype(dtype)   # op(a) is (7, 3)
+    b = rng.standard_normal((3, 5)).astype(dtype)   # op(b) is (3, 5)
+    a_arg = np.ascontiguousarray(a.T) if trans_a else a
+    b_arg = np.ascontiguousarray(b.T) if trans_b else b
+    lib.calls.clear()
+    out = np.full((7, 5), np.nan, dtype=dtype)
+    got = backend.gemm(a_arg, b_arg, out=out, trans_a=trans_a, trans_b=trans_b)
+    assert got is out and ("gemm", (5, 7, 3)) in lib.calls  # column-major: C^T = op(b)^T op(a)^T
+    np.testing.assert_allclose(got, a @ b, rtol=1e-6 if dtype == np.float32 else 1e-13)
+    fresh = backend.gemm(a_arg, b_arg, trans_a=trans_a, trans_b=trans_b)
+    assert fresh.shape == (7, 5) and fresh.dtype == dtype
+
+
+def test_gemm_arguments_reject_mismatched_inner_dimensions():
+    with pytest.raises(ValueError, match=r"op\(a\) is \(2, 3\), op\(b\) is \(4, 5\)"):
+        cublas.gemm_arguments((2, 3), (4, 5), False, False)
+
+
+def test_own_cublas_precision_modes(fake_gpu, monkeypatch):
+    backend, launches, lib = fake_gpu
+    from fastnn import precision
+
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked
+    rng = np.random.default_rng(1)
+    a = rng.standard_normal((6, 9)).astype(np.float32)
+    b = rng.standard_normal((9, 4)).astype(np.float32)
+    seen = []
+    real = lib.cublasGemmEx
+    monkeypatch.setattr(lib, "cublasGemmEx", lambda *args: seen.append(args[8]) or real(*args))
+    np.testing.assert_allclose(backend.gemm(a, b), a @ b, rtol=1e-6)
+    fn.set_precision("tf32")
+    backend.gemm(a, b)
+    fn.set_precision("bf16")
+    got = backend.gemm(a, b)
+    assert seen == [cublas.R_32F, cublas.R_32F, cublas.R_16BF]
+    assert launches.count("f32_to_bf16") == 2
+    want = bf16_round(a) @ bf16_round(b)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert got.dtype == np.float32 and np.abs(got - a @ b).max() > 1e-4  # really rounded
+    # Gradients never take the shortcut: the bias gradient stays exact float32.
+    dz = rng.standard_normal((6, 4)).astype(np.float32)
+    np.testing.assert_allclose(backend.bias_grad(dz), dz.sum(0), rtol=1e-6, atol=1e-6)
+    assert seen[-1] == cublas.R_32F
+
+
+def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
+    backend, _, lib = fake_gpu
+    a = np.ones((2, 2), np.float32)
+    lib.calls.clear()
+    backend.gemm(a, a)
+    backend.gemm(a, a)
+    assert [c[0] for c in lib.calls] == ["gemm", "gemm"]  # bound at start-up, not per call
+    stream = sys.modules["cupy"].cuda.Stream(non_blocking=True)
+    with stream:
+        backend.gemm(a, a)
+    assert [c[0] for c in lib.calls[2:]] == ["stream", "workspace", "gemm"]
+
+
+def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
+    from fastnn.backends import cupy_backend
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([]))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+
+    def broken(cupy):
+        raise OSError("libcublas.so.13: cannot open shared object file")
+
+    monkeypatch.setattr(cublas, "load_library", broken)
+    backend = cupy_backend.CupyBackend()
+    assert backend._blas is None
+    assert backend.blas_status == ("CuPy's matmul (own cuBLAS handle unusable: OSError: "
+                                   "libcublas.so.13: cannot open shared object file)")
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(backend.gemm(a, a.T.copy()), a @ a.T)
+    assert "own cuBLAS" in cuda_graph.ineligible_reason(backend, None, None, None, None, None, 999)
+
+
+# =========================================================== recorded step == op by op
+def _data(loss: str, n: int = 50):
+    rng = np.random.default_rng(7)
+    X = rng.standard_normal((n, 6)).astype(np.float32)
+    if loss == "xent":
+        return X, rng.integers(0, 4, n)
+    return X, rng.standard_normal((n, 4)).astype(np.float32)
+
+
+def _fit(backend, monkeypatch, graph: str, loss="xent", optimizer="adam", shuffle=True,
+         epochs=3, batch=8, stop_when=None, dtype=np.float32):
+    monkeypatch.setenv("FASTNN_CUDA_GRAPH", graph)
+    X, y = _data(loss)
+    with fn.use_backend(backend):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(6, 16), fn.Tanh(), fn.Linear(16, 12), fn.ReLU(),
+                              fn.Linear(12, 4))
+        model.astype(dtype)
+        params = model.parameters()
+        opt = {
+            "adam": lambda: fn.Adam(params, lr=1e-2, weight_decay=1e-3),
+            "adamw": lambda: fn.AdamW(params, lr=1e-2),
+            "sgd": lambda: fn.SGD(params, lr=0.05, momentum=0.9, nesterov=True),
+            "rmsprop": lambda: fn.RMSprop(params, lr=1e-3, momentum=0.5, centered=True),
+        }[optimizer]()
+        loss_fn = fn.CrossEntropyLoss() if loss == "xent" else fn.MSELoss()
+        history = fn.fit(model, loss_fn, opt, X.astype(dtype), y if loss == "xent" else y.astype(dtype),
+                         epochs=epochs, batch_size=batch, shuffle=shuffle, seed=3,
+                         stop_when=stop_when(opt) if stop_when else None, progress=False)
+    return history, model.state_dict(), opt
+
+
+@pytest.mark.parametrize("loss, optimizer, shuffle, dtype", [
+    ("xent", "adam", True, np.float32),
+    ("xent", "sgd", False, np.float32),
+    ("mse", "adamw", True, np.float64),
+    ("mse", "rmsprop", True, np.float32),
+])
+def test_replayed_step_gives_the_bits_of_the_plain_step(fake_gpu, monkeypatch, loss, optimizer,
+                                                        shuffle, dtype):
+    backend = fake_gpu[0]
+    plain, want, opt_plain = _fit(backend, monkeypatch, "0", loss, optimizer, shuffle, dtype=dtype)
+    assert FakeGraph.made == [] and plain.step_path == "per-op (no CUDA graph: FASTNN_CUDA_GRAPH=0)"
+    graphed, got, opt_graph = _fit(backend, monkeypatch, "1", loss, optimizer, shuffle, dtype=dtype)
+    assert graphed.step_path.startswith("cuda-graph")
+    # 50 samples in batches of 8: 6 full batches and one of 2, 3 epochs; the
+    # first full batch runs op by op (it allocates what the graph points at).
+    assert len(FakeGraph.made) == 1 and FakeGraph.made[0].launches == 3 * 6 - 1
+    assert opt_graph.step_count == opt_plain.step_count == 21
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert graphed.loss == plain.loss
+    for key, value in opt_plain.state_dict().items():
+        np.testing.assert_array_equal(opt_graph.state_dict()[key], value, err_msg=key)
+
+
+def test_fake_gpu_fit_agrees_with_the_numpy_backend(fake_gpu, monkeypatch):
+    """The fake kernels and GEMM are the CUDA contracts, not a copy of NumPy's path."""
+    graphed, got, _ = _fit(fake_gpu[0], monkeypatch, "1")
+    reference, want, _ = _fit(NumpyBackend(), monkeypatch, "1")
+    assert reference.step_path == "per-op"
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=2e-4, atol=2e-5, err_msg=name)
+    np.testing.assert_allclose(graphed.loss, reference.loss, rtol=1e-4)
+
+
+def test_changed_hyper_parameters_are_recorded_again(fake_gpu, monkeypatch):
+    """A graph fixes the learning rate: an epoch with another one records anew."""
+    def halve_lr(opt):
+        def stop_when(history):
+            opt.lr *= 0.5
+            return False
+        return stop_when
+
+    backend = fake_gpu[0]
+    _, want, _ = _fit(backend, monkeypatch, "0", optimizer="sgd", stop_when=halve_lr)
+    _, got, _ = _fit(backend, monkeypatch, "1", optimizer="sgd", stop_when=halve_lr)
+    assert len(FakeGraph.made) == 3  # one per epoch
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_failed_recording_falls_back_to_the_plain_step(fake_gpu, monkeypatch):
+    backend = fake_gpu[0]
+    _, want, _ = _fit(backend, monkeypatch, "0")
+
+    def refuse(self):
+        raise fn.errors.CaptureUnsupported("refused for the test")
+
+    monkeypatch.setattr(cuda_graph.GraphedStep, "_step_body", refuse)
+    monkeypatch.setattr(cuda_graph, "MIN_STEPS", 1)
+    history, got, _ = _fit(backend, monkeypatch, "auto")
+    assert history.step_path == "per-op (CUDA graph failed: CaptureUnsupported: refused for the test)"
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert backend._capture is None and sys.modules["cupy"].cuda.get_current_stream().ptr == 0
+    with pytest.raises(fn.errors.CaptureUnsupported):  # =1 is for tests: no silent fallback
+        _fit(backend, monkeypatch, "1")
+
+
+def test_steps_the_graph_cannot_hold_stay_per_op(fake_gpu, monkeypatch):
+    backend = fake_gpu[0]
+    X, y = _data("xent")
+    with fn.use_backend(backend):
+        model = fn.Sequential(fn.Linear(6, 4))
+        opt = fn.SGD(model.parameters(), lr=0.1)
+
+        class Scaled(fn.Module):  # a user module: its forward may read the host
+            def forward(self, x):
+                return x * 2.0
+
+            def backward(self, dy):
+                return dy * 2.0
+
+        reason = cuda_graph.ineligible_reason
+        Xd, yd = backend.asarray(X), backend.asarray(y)
+        monkeypatch.setenv("FASTNN_CUDA_GRAPH", "auto")
+        assert "too few" in reason(backend, model, fn.CrossEntropyLoss(), opt, Xd, yd, 10)
+        assert reason(backend, model, fn.CrossEntropyLoss(), opt, Xd, yd, 100) is None
+        custom = fn.Sequential(fn.Linear(6, 4), Scaled())
+        assert "Scaled is not one of fastnn's own" in reason(
+            backend, custom, fn.CrossEntropyLoss(), opt, Xd, yd, 100)
+        assert "BCELoss" in reason(backend, model, fn.BCELoss(), opt, Xd, yd, 100)
+        odd = backend.asarray(np.zeros((50, 3), np.uint8))
+        assert "rows of 3 bytes" in reason(backend, model, fn.CrossEntropyLoss(), opt, odd, yd, 100)
+
+
+# =========================================================== on a GPU
+@pytest.fixture(scope="module")
+def gpu():
+    reason = fn.available_backends()["cupy"]
+    if reason is not None:
+        pytest.skip(reason)
+    backend = fn.use_backend("cupy")
+    if backend._blas is None:
+        pytest.fail(backend.blas_status)  # on a GPU machine the own handle must work
+    return backend
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("loss, optimizer", [("xent", "adam"), ("xent", "sgd"), ("mse", "adamw")])
+def test_gpu_replayed_step_gives_the_bits_of_the_plain_step(gpu, monkeypatch, loss, optimizer):
+    monkeypatch.setenv("FASTNN_FAST_PATH", "0")
+    plain, want, _ = _fit(gpu, monkeypatch, "0", loss, optimizer, epochs=5)
+    graphed, got, _ = _fit(gpu, monkeypatch, "1", loss, optimizer, epochs=5)
+    assert graphed.step_path.startswith("cuda-graph"), graphed.step_path
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    assert graphed.loss == plain.loss
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("trans_a", [False, True])
+@pytest.mark.parametrize("trans_b", [False, True])
+def test_gpu_own_cublas_matches_numpy(gpu, trans_a, trans_b):
+    rng = np.random.default_rng(2)
+    a = rng.standard_normal((300, 200)).astype(np.float32)
+    b = rng.standard_normal((200, 100)).astype(np.float32)
+    a_arg = np.ascontiguousarray(a.T) if trans_a else a
+    b_arg = np.ascontiguousarray(b.T) if trans_b else b
+    got = gpu.gemm(gpu.asarray(a_arg), gpu.asarray(b_arg), trans_a=trans_a, trans_b=trans_b)
+    np.testing.assert_allclose(gpu.to_numpy(got), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_and_tf32_gemms_round_their_inputs(gpu):
+    rng = np.random.default_rng(3)
+    a = rng.standard_normal((256, 512)).astype(np.float32)
+    b = rng.standard_normal((512, 128)).astype(np.float32)
+    exact = a.astype(np.float64) @ b
+    try:
+        fn.set_precision("bf16")
+        got = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(b)))
+        want = bf16_round(a).astype(np.float64) @ bf16_round(b)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
+        fn.set_precision("tf32")
+        tf32 = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(b)))
+        assert 1e-5 < np.abs(tf32 - exact).max() < 0.1
+    finally:
+        fn.set_precision("float32")
+    f32 = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(b)))
+    assert np.abs(f32 - exact).max() < 1e-3

@@ -83,7 +83,7 @@ gpu_bench() {
     local budget="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
     local limit=$(( budget - SECONDS ))
     (( limit > 300 )) && limit=300
-    local workloads="${FASTNN_GPU_BENCH_WORKLOADS:-a,c,x,d,e}"
+    local workloads="${FASTNN_GPU_BENCH_WORKLOADS:-a,c,x,e,e-tf32,e-bf16,d,d-tf32,d-bf16}"
     local stem="$RESULTS_DIR/gpu-bench-$STAMP"
     section "fastnn bench --device gpu --workloads $workloads --rounds 3 (time guard ${limit} s)"
     if (( limit < 45 )); then

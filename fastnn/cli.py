@@ -42,6 +42,7 @@ def cmd_info(args) -> int:
         free, total = backend.memory_info() if hasattr(backend, "memory_info") else (0, 0)
         print(f"cupy {cupy.__version__}, CUDA runtime {rt.runtimeGetVersion()}, driver "
               f"{rt.driverGetVersion()}, memory {free / 2**30:.1f} of {total / 2**30:.1f} GiB free")
+        print(f"  GEMMs: {backend.blas_status}; GEMM precision {fn.get_precision()}")
     print("native thread pools (threadpoolctl):")
     for pool in threads.thread_info():
         print(f"  {pool.get('internal_api')}: {pool.get('num_threads')} threads, "

@@ -182,6 +182,11 @@ class GraphedStep:
         cupy = backend.xp
         if opt.step_count < 1:
             raise CaptureUnsupported("no ordinary step has run yet")
+        # Modules load before the capture: only kernel launches belong in it.
+        suffix = "f32" if self.dtype == np.float32 else "f64"
+        backend._kernel("graph_step.cu", "step_begin")
+        backend._kernel("graph_step.cu", f"step_end_{suffix}")
+        backend._kernel("optim.cu", f"adam_captured_{suffix}")
         stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.cuda.MemoryPool()
         backend._blas.bind(int(stream.ptr))  # before the capture: cuBLAS cannot be re-bound in it
@@ -227,7 +232,8 @@ class GraphedStep:
             raise CaptureUnsupported(f"the loss is a {type(loss).__name__}, not a 0-d device array")
         self.model.backward(self.loss_fn.backward())
         self.optimizer.step()
-        end = backend._kernel("graph_step.cu", f"step_end_{'f32' if self.dtype == np.float32 else 'f64'}")
+        suffix = "f32" if self.dtype == np.float32 else "f64"
+        end = backend._kernel("graph_step.cu", f"step_end_{suffix}")
         end((1,), (32,), (loss, self.batch_losses, self.counter))
         return loss
 

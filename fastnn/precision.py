@@ -19,6 +19,7 @@ nobody sees.
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import numpy as np
@@ -43,6 +44,17 @@ def set_precision(mode: str) -> None:
 
 def get_precision() -> str:
     return _precision
+
+
+@contextlib.contextmanager
+def using(mode: str):
+    """``with fastnn.precision.using("tf32"):`` the policy for a block, then the previous one."""
+    previous = _precision
+    set_precision(mode)
+    try:
+        yield
+    finally:
+        set_precision(previous)
 
 
 def apply_to_cupy() -> None:

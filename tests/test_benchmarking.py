@@ -15,7 +15,7 @@ from fastnn.cli import main
 
 CUPY_REASON = fn.available_backends()["cupy"]
 needs_cupy = pytest.mark.skipif(CUPY_REASON is not None, reason=str(CUPY_REASON))
-GPU_SET = ["floor-cupy", "fastnn-cupy", "torch-cuda", "torch-cuda-graph"]
+GPU_SET = ["floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "torch-cuda", "torch-cuda-graph"]
 
 
 def test_bench_quick_xor_table_and_json(tmp_path, capsys):
@@ -70,14 +70,29 @@ def test_workload_e_shapes_and_opt_in():
     assert y.min() >= 0 and y.max() < 10
 
 
+def test_precision_variants_of_the_gemm_bound_workloads():
+    for base in ("d", "e"):
+        for precision in ("tf32", "bf16"):
+            w = bm.ALL_WORKLOADS[f"{base}-{precision}"]
+            same = {k: v for k, v in w.__dict__.items() if k not in ("name", "precision", "note")}
+            assert same == {k: v for k, v in bm.ALL_WORKLOADS[base].__dict__.items()
+                            if k not in ("name", "precision", "note")}
+            assert w.precision == precision and w.label.endswith(f" {precision}")
+            assert f"{base}-{precision}" in bm.GPU_WORKLOADS and not w.default
+    assert bm.WORKLOADS["a"].precision == "float32" and bm.WORKLOADS["a"].label.endswith("256")
+
+
 def test_contenders_per_device():
     c, digits = bm.WORKLOADS["c"], bm.WORKLOADS["digits"]
     cpu = bm.contenders(c, torch_ok=True, device="cpu", cupy_ok=True, torch_cuda_ok=True)
     assert cpu[:2] == ["floor", "numpy"] and cpu[-1] == "torch"
     assert not set(cpu) & set(bm.GPU_CONTENDERS)  # fastnn-cupy only on the GPU set
     assert bm.contenders(c, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET
-    assert bm.contenders(c, True, "gpu", torch_cuda_ok=False, cupy_ok=True) == GPU_SET[:2]
-    assert bm.contenders(c, False, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[:2]
+    assert bm.contenders(c, True, "gpu", torch_cuda_ok=False, cupy_ok=True) == GPU_SET[:3]
+    assert bm.contenders(c, False, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[:3]
+    # bf16 has no GEMM-only floor: CuPy has no bf16 GEMM to build one with
+    e_bf16 = bm.ALL_WORKLOADS["e-bf16"]
+    assert bm.contenders(e_bf16, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[1:]
     assert bm.contenders(digits, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == \
         ["fastnn-cupy", "torch-cuda"]
     # no usable CuPy: GPU contenders are never offered, even when named
@@ -165,14 +180,24 @@ def torch_flags():
     torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
-def test_torch_gpu_settings_tf32_follows_cupy(torch_flags, monkeypatch):
-    monkeypatch.delenv("CUPY_TF32", raising=False)
+def test_torch_gpu_settings_follow_the_workload_precision(torch_flags, monkeypatch):
+    """TF32 on for the tf32 workloads only, never from CUPY_TF32: fastnn's own
+    GEMMs follow fn.set_precision, so both sides always match."""
+    monkeypatch.setenv("CUPY_TF32", "1")
     info = bm.torch_gpu_settings(torch_flags)
     assert info["matmul.allow_tf32"] is False and info["cudnn.allow_tf32"] is False
     assert {"torch", "torch_cuda", "cuda_available"} <= set(info)
-    monkeypatch.setenv("CUPY_TF32", "1")
-    info = bm.torch_gpu_settings(torch_flags)
+    info = bm.torch_gpu_settings(torch_flags, "tf32")
     assert info["matmul.allow_tf32"] is True and info["cudnn.allow_tf32"] is True
+    info = bm.torch_gpu_settings(torch_flags, "bf16")
+    assert info["matmul.allow_tf32"] is False and info["autocast"] == "bfloat16"
+
+
+def test_torch_cuda_step_bf16_autocast_code_path_on_cpu(torch_flags):
+    w = bm.Workload(**{**bm.WORKLOADS["c"].__dict__, "precision": "bf16"})
+    run = bm.torch_cuda_step(w, device="cpu")
+    first = run(1)
+    assert math.isfinite(first) and run(5) < first
 
 
 @pytest.mark.parametrize("name", ["c", "x"])

@@ -38,6 +38,9 @@ def fake_gpu(monkeypatch):
     assert backend._blas is not None, backend.blas_status
     # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
     monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
+    from fastnn import backends as registry
+
+    monkeypatch.setitem(registry._instances, "cupy", backend)  # use_backend("cupy") finds it
     monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
     FakeGraph.made = []
     yield backend, launches, lib
@@ -261,6 +264,37 @@ def test_steps_the_graph_cannot_hold_stay_per_op(fake_gpu, monkeypatch):
         assert "BCELoss" in reason(backend, model, fn.BCELoss(), opt, Xd, yd, 100)
         odd = backend.asarray(np.zeros((50, 3), np.uint8))
         assert "rows of 3 bytes" in reason(backend, model, fn.CrossEntropyLoss(), opt, odd, yd, 100)
+
+
+def test_bench_graph_contender_is_fits_replay_path(fake_gpu):
+    """fastnn-cupy-graph: 20 replays over 16 batches (an epoch wrap) give the
+    numbers of the same 21 steps run op by op over the same order."""
+    from fastnn import benchmarking as bm
+    from fastnn.nn.module import training_step_mode
+
+    backend = fake_gpu[0]
+    w = bm.Workload("t", (6, 16, 4), 8, optimizer="adam", lr=1e-2)
+    run = bm.make_step(w, "fastnn-cupy-graph")
+    last = run(20)
+    assert FakeGraph.made[-1].launches == 20
+    got = run.model.state_dict()
+
+    with fn.use_backend(backend):
+        model, loss_fn, opt = bm.build_fastnn_model(w)
+        parts = [bm.make_batch(w, i) for i in range(16)]
+        X = np.concatenate([x for x, _ in parts])
+        y = np.concatenate([t for _, t in parts])
+        order = np.random.default_rng(0).permutation(len(X))
+        with training_step_mode(model):
+            for step in range(21):
+                rows = order[(step % 16) * 8:(step % 16 + 1) * 8]  # epoch 2 from step 16
+                opt.zero_grad()
+                loss = loss_fn.forward(model.forward(X[rows]), y[rows])
+                model.backward(loss_fn.backward())
+                opt.step()
+    assert last == float(loss)
+    for name, value in model.state_dict().items():
+        np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
 # =========================================================== on a GPU

@@ -62,8 +62,9 @@ def _loaded_path(fragment: str):
     """Path of a shared library this process has mapped whose name holds ``fragment``."""
     try:
         with open("/proc/self/maps") as maps:
-            for line in maps:
-                path = line.split()[-1] if line.count("/") else ""
+            for line in maps:  # address perms offset dev inode [path]
+                fields = line.split(maxsplit=5)
+                path = fields[5].strip() if len(fields) == 6 else ""
                 name = path.rsplit("/", 1)[-1]
                 if name.startswith(fragment) and ".so" in name:
                     return path

@@ -18,10 +18,13 @@ CuPy is unusable):
 * digits only: ``sklearn`` (``MLPClassifier``) and ``torch`` fitting the same data.
 
 ``--device gpu`` (the default where fastnn's CuPy backend is usable): ``fastnn-cupy``
-(loss left on the device, as in ``fit``), ``floor-cupy`` (the same GEMMs with
-``cupy.matmul`` into preallocated outputs), ``torch-cuda`` (PyTorch eager on the GPU)
-and ``torch-cuda-graph`` (the whole step captured once in a CUDA graph and
-replayed), float32 with TF32 off (unless CUPY_TF32=1, then on for both). Each
+(loss left on the device, as in ``fit``), ``fastnn-cupy-graph`` (fit's CUDA-graph
+path: the recorded step replayed, a new batch gathered every step),
+``floor-cupy`` (the same GEMMs with ``cupy.matmul`` into preallocated outputs),
+``torch-cuda`` (PyTorch eager on the GPU) and ``torch-cuda-graph`` (the whole step
+captured once in a CUDA graph and replayed). GEMM precision is the workload's:
+float32 with TF32 off, or the ``-tf32`` / ``-bf16`` variants of d and e (fastnn's
+``set_precision``; torch's TF32 flag or bf16 autocast; no floor for bf16). Each
 GPU ``run(k)`` synchronizes the device before returning. The CPU contenders join
 only when named in ``--contenders``. Workload ``e`` (4096x3 hidden, batch 8192)
 is GPU-sized and opt-in.
@@ -156,7 +159,7 @@ def main(args) -> int:
         print(f"fastnn bench: device {device}: {dev.get('name', '?')} (sm {dev.get('capability', '?')}, "
               f"{dev.get('memory_gib', '?')} GiB), CUDA runtime {gpu.get('cuda_runtime')}, driver "
               f"{gpu.get('cuda_driver')}, cupy {gpu.get('cupy')}, torch {t.get('torch', 'not used')} "
-              f"(CUDA {t.get('torch_cuda')}), TF32 {'on' if gpu['tf32'] else 'off'}", flush=True)
+              f"(CUDA {t.get('torch_cuda')}), GEMM precision per workload", flush=True)
     results: list[Result] = []
     skipped: dict = {}
 

@@ -16,7 +16,6 @@ import sys
 import numpy as np
 
 from fastnn.benchmarking.runner import Result
-from fastnn.benchmarking.torch_steps import torch_tf32_wanted
 from fastnn.benchmarking.workloads import ALL_WORKLOADS, GPU_CONTENDERS
 
 
@@ -51,7 +50,8 @@ def format_table(results: list[Result]) -> str:
         lines.append("GPU rows: x floor against floor-cupy, x torch against torch-cuda (eager), "
                      "x graph = torch-cuda-graph time / time (higher is better);")
         lines.append("GPU timing: host clock around k steps with a device synchronize at both ends; "
-                     f"float32, TF32 {'on' if torch_tf32_wanted() else 'off'} (CUPY_TF32 and torch flags);")
+                     "GEMM precision per workload: float32 = TF32 off; tf32 = fn.set_precision('tf32') "
+                     "/ torch allow_tf32; bf16 = fn.set_precision('bf16') / torch bf16 autocast;")
     lines.append("ratios: median over rounds of adjacent blocks; digits: ms per batch of 32 "
                  "over whole fits (shuffle, loss read, update)")
     return "\n".join(lines)
@@ -128,7 +128,7 @@ def gpu_environment(torch_probe: dict | None = None) -> dict:
     """The CUDA device, CUDA runtime/driver, CuPy/cuBLAS/NVRTC versions and the
     TF32 settings (CUPY_TF32; PyTorch's flags as its child process reported them
     in ``torch_probe``). Never raises: a failing query is recorded as its error."""
-    out: dict = {"CUPY_TF32": os.environ.get("CUPY_TF32"), "tf32": torch_tf32_wanted(),
+    out: dict = {"CUPY_TF32": os.environ.get("CUPY_TF32"), "tf32": "per workload (precision)",
                  "timing": "perf_counter around run(k), device synchronize at both ends"}
     try:
         import cupy

@@ -52,20 +52,22 @@ def torch_step(w: Workload, threads: int, seed: int = 0):
     return run
 
 
-def torch_tf32_wanted() -> bool:
-    """TF32 for the GPU contenders: off unless CUPY_TF32=1 (CuPy's own switch), so
-    PyTorch and CuPy always run their float32 GEMMs at the same precision."""
-    return os.environ.get("CUPY_TF32", "0").strip() == "1"
+def torch_tf32_wanted(precision: str = "float32") -> bool:
+    """TF32 for the GPU contenders: on for the tf32 workloads only, as fastnn's
+    ``set_precision`` (which also sets CuPy's compute type), so PyTorch and
+    fastnn always run their float32 GEMMs at the same precision."""
+    return precision == "tf32"
 
 
-def torch_gpu_settings(torch) -> dict:
-    """Set PyTorch's TF32 flags to match CuPy's (see ``torch_tf32_wanted``) and
+def torch_gpu_settings(torch, precision: str = "float32") -> dict:
+    """Set PyTorch's TF32 flags for ``precision`` (see ``torch_tf32_wanted``) and
     return them with the versions and the device, for the JSON."""
-    tf32 = torch_tf32_wanted()
+    tf32 = torch_tf32_wanted(precision)
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
     info = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
-            "cuda_available": bool(torch.cuda.is_available()),
+            "cuda_available": bool(torch.cuda.is_available()), "precision": precision,
+            "autocast": "bfloat16" if precision == "bf16" else None,
             "matmul.allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
             "cudnn.allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
     try:
@@ -101,7 +103,7 @@ def torch_cuda_step(w: Workload, threads: int = 1, seed: int = 0, graph: bool = 
     import torch
 
     torch.set_num_threads(threads)
-    info = torch_gpu_settings(torch)
+    info = torch_gpu_settings(torch, w.precision)
     dev = torch.device(device)
     cuda = dev.type == "cuda"
     if cuda and not info["cuda_available"]:
@@ -113,8 +115,15 @@ def torch_cuda_step(w: Workload, threads: int = 1, seed: int = 0, graph: bool = 
     model, loss_fn, opt, xb, yb = _torch_objects(torch, w, seed, dev, kwargs)
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
+    def forward_loss():
+        if w.precision != "bf16":
+            return loss_fn(model(xb), yb)
+        # bf16 mixed precision, PyTorch's way; no weight-cast cache (graph capture).
+        with torch.autocast(dev.type, dtype=torch.bfloat16, cache_enabled=False):
+            return loss_fn(model(xb), yb)
+
     def step():  # the captured body: no host sync, no new host values
-        loss = loss_fn(model(xb), yb)
+        loss = forward_loss()
         loss.backward()
         opt.step()
         return loss

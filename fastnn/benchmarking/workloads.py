@@ -31,10 +31,12 @@ class Workload:
     epochs: int = 0           # fit: epochs per measured run
     default: bool = True      # part of the default table
     note: str = ""
+    precision: str = "float32"  # GEMM precision (fn.set_precision; torch: TF32 flag / bf16 autocast)
 
     @property
     def label(self) -> str:
-        return f"{self.name}: {'-'.join(map(str, self.sizes))} batch {self.batch}"
+        tag = "" if self.precision == "float32" else f" {self.precision}"
+        return f"{self.name}: {'-'.join(map(str, self.sizes))} batch {self.batch}{tag}"
 
 
 WORKLOADS = {
@@ -59,6 +61,15 @@ GPU_WORKLOADS = {
     "e": Workload("e", (4096, 4096, 4096, 4096, 10), 8192, default=False,
                   note="opt-in (--workloads e), GPU-sized: ~45 ms/step on an H100"),
 }
+# The big GEMM-bound ones again at the faster GEMM precisions: TF32 (torch's
+# allow_tf32 flag) and bf16 mixed precision (torch: bf16 autocast).
+for _base in ("d", "e"):
+    for _precision in ("tf32", "bf16"):
+        _w = {**WORKLOADS, **GPU_WORKLOADS}[_base]
+        GPU_WORKLOADS[f"{_base}-{_precision}"] = Workload(
+            **{**_w.__dict__, "name": f"{_base}-{_precision}", "precision": _precision,
+               "note": f"opt-in, GPU only: {_base} with {_precision} GEMMs"})
+del _base, _precision, _w
 ALL_WORKLOADS = {**WORKLOADS, **GPU_WORKLOADS}
 
 
@@ -83,7 +94,8 @@ def fastnn_backends() -> list[str]:
 
 # Contenders that run on the CUDA device; their ratios are taken against the
 # GPU floor (floor-cupy) and PyTorch eager on the GPU (torch-cuda).
-GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "torch-cuda", "torch-cuda-graph")
+GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "torch-cuda",
+                  "torch-cuda-graph")
 TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")  # child-process ones
 
 
@@ -115,10 +127,12 @@ def cpu_contenders(w: Workload, torch_ok: bool = True) -> list[str]:
 
 def gpu_contenders(w: Workload, torch_cuda_ok: bool = True) -> list[str]:
     """The GPU set (the caller checks that CuPy is usable): floor-cupy, fastnn-cupy,
-    torch-cuda, torch-cuda-graph; for fits fastnn-cupy and torch-cuda."""
+    fastnn-cupy-graph, torch-cuda, torch-cuda-graph; for fits fastnn-cupy and
+    torch-cuda. bf16 has no GEMM-only floor (CuPy has no bf16 GEMM)."""
     if w.kind == "fit":
         return ["fastnn-cupy"] + (["torch-cuda"] if torch_cuda_ok else [])
-    names = ["floor-cupy", "fastnn-cupy"]
+    names = [] if w.precision == "bf16" else ["floor-cupy"]
+    names += ["fastnn-cupy", "fastnn-cupy-graph"]
     if torch_cuda_ok:
         names += ["torch-cuda", "torch-cuda-graph"]
     return names
@@ -201,13 +215,67 @@ def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
 
     def run(k: int) -> float:
         # B.synchronize(): the timer around run(k) stops only when the device is done.
-        with fn.use_backend(B):
+        with fn.use_backend(B), use_precision(w.precision):
             loss = steps(k)
             B.synchronize()
         return loss if isinstance(loss, float) else float(loss)
 
     run.model = model
     return run
+
+
+def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
+    """``run(k) -> last loss``: k steps of fit's CUDA-graph path on CuPy
+    (fastnn-cupy-graph): the recorded step replayed, each replay gathering a
+    new batch from ``batches`` batches of data by a shuffled order, as fit does
+    (a new epoch, with its order and counter reset, every ``batches`` steps)."""
+    import fastnn as fn
+    from fastnn import cuda_graph
+    from fastnn.nn.module import training_step_mode
+
+    with fn.use_backend("cupy") as B, use_precision(w.precision):
+        model, loss_fn, opt = build_fastnn_model(w, seed)
+        parts = [make_batch(w, seed + i) for i in range(batches)]
+        Xd = B.asarray(np.concatenate([X for X, _ in parts]))
+        yd = B.asarray(np.concatenate([y for _, y in parts]))
+        xb, yb = B.empty((w.batch,) + Xd.shape[1:], Xd.dtype), B.empty((w.batch,) + yd.shape[1:], yd.dtype)
+        losses = B.zeros((batches,), Xd.dtype)
+        order = B.asarray(np.random.default_rng(seed).permutation(len(Xd)))
+        graphed = cuda_graph.GraphedStep(B, model, loss_fn, opt, Xd, yd, xb, yb, losses)
+        with training_step_mode(model):  # fit's first step, op by op: it allocates the buffers
+            B.xp.take(Xd, order[:w.batch], axis=0, out=xb)
+            B.xp.take(yd, order[:w.batch], axis=0, out=yb)
+            opt.zero_grad()
+            losses[0] = loss_fn.forward(model.forward(xb), yb)
+            model.backward(loss_fn.backward())
+            opt.step()
+            graphed.ran_plain_step()
+            graphed.new_epoch(order)
+            if not graphed.ready(1):
+                raise RuntimeError(f"fastnn-cupy-graph: recording failed: {graphed.failed}")
+    position = {"batch": 1}
+
+    def run(k: int) -> float:
+        with fn.use_backend(B):
+            for _ in range(k):
+                if position["batch"] == batches:
+                    graphed.new_epoch(order)
+                    position["batch"] = 0
+                graphed.replay()
+                position["batch"] += 1
+            B.synchronize()
+            return float(losses[position["batch"] - 1])
+
+    run.model = model
+    run.graph = graphed  # keeps the graph and what it points at alive
+    return run
+
+
+def use_precision(mode: str):
+    """``with use_precision("tf32"):`` fastnn's GEMM precision for a block."""
+    from fastnn import precision
+
+    return precision.using(mode)
 
 
 def _init_weights(w: Workload, seed: int):
@@ -251,10 +319,17 @@ def floor_step(w: Workload, seed: int = 0):
 
 
 def floor_cupy_step(w: Workload, seed: int = 0):
-    """The same GEMMs on the GPU with ``cupy.matmul``, then a device synchronize."""
+    """The same GEMMs on the GPU with ``cupy.matmul`` (TF32 for tf32 workloads),
+    then a device synchronize."""
     import cupy
 
-    return _gemm_floor(w, seed, cupy, cupy.cuda.Device().synchronize)
+    run = _gemm_floor(w, seed, cupy, cupy.cuda.Device().synchronize)
+
+    def at_precision(k: int) -> float:
+        with use_precision(w.precision):  # CuPy's compute type follows the policy
+            return run(k)
+
+    return at_precision
 
 
 def numpy_step(w: Workload, seed: int = 0):
@@ -341,6 +416,8 @@ def make_step(w: Workload, contender: str, threads: int | None = None, seed: int
         return floor_step(w, seed)
     if contender == "numpy":
         return numpy_step(w, seed)
+    if contender == "fastnn-cupy-graph":
+        return fastnn_graph_step(w, seed)
     if contender.startswith("fastnn-"):
         return fastnn_step(w, contender.split("-", 1)[1], seed)
     if contender == "torch":

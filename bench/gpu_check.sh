@@ -7,8 +7,9 @@
 #
 # Report: ${FASTNN_RESULTS_DIR:-bench/results}/gpu-check-<UTC time>.txt with the
 # nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table, the
-# pytest output (GPU tests included, slow CPU-only tests left out) and the
-# benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
+# pytest output (GPU tests included, slow CPU-only tests left out), the main
+# job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
+# time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
 # (+ .png when matplotlib is there) beside it. The benchmark runs under a time
 # guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
 # the bench gets what is left, at most 300 s; its JSON is rewritten after every
@@ -74,6 +75,8 @@ try:
 except Exception as exc:
     print("fastnn: import failed:", type(exc).__name__, exc)
 PY
+    section "fastnn info"
+    "$PYTHON" -m fastnn info 2>&1 || echo "(fastnn info failed)"
 }
 
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
@@ -108,12 +111,35 @@ gpu_bench() {
     fi
 }
 
+# Accuracy and speed of the main job at each GEMM precision, through fit's
+# per-op / CUDA-graph path (FASTNN_FAST_PATH=0: the one-launch kernel for tiny
+# nets computes in float32 whatever the policy), then the default main job.
+digits_by_precision() {
+    local p
+    for p in float32 tf32 bf16; do
+        section "fastnn train --backend cupy --precision $p --hidden 512 512 --epochs 40 (FASTNN_FAST_PATH=0)"
+        FASTNN_FAST_PATH=0 timeout -k 5 90 "$PYTHON" -m fastnn train --backend cupy --precision "$p" \
+            --hidden 512 512 --epochs 40 --quiet || echo "gpu-check: train at $p failed ($?)"
+    done
+    section "fastnn train --backend cupy (the main job, default path)"
+    timeout -k 5 90 "$PYTHON" -m fastnn train --backend cupy --quiet || echo "gpu-check: train failed ($?)"
+}
+
+# Fused elementwise kernels against the device-to-device copy bandwidth.
+kernel_bandwidth() {
+    section "python -m fastnn.benchmarking.gpu_kernels"
+    timeout -k 5 120 "$PYTHON" -m fastnn.benchmarking.gpu_kernels \
+        --json "$RESULTS_DIR/gpu-kernels-$STAMP.json" || echo "gpu-check: kernel bandwidth failed ($?)"
+}
+
 install_local_wheels 2>&1 | tee "$REPORT"
 environment_info 2>&1 | tee -a "$REPORT"
 section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
 "$PYTHON" -m pytest -q tests -m "gpu or not slow" -ra -p no:cacheprovider 2>&1 | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
+digits_by_precision 2>&1 | tee -a "$REPORT"
+kernel_bandwidth 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
 exit "$status"

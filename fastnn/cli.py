@@ -51,12 +51,20 @@ def cmd_info(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from fastnn.precision import using
+
+    with using(args.precision):  # the GEMM policy for this run only
+        return _train(args)
+
+
+def _train(args) -> int:
     import numpy as np
 
     import fastnn as fn
     from fastnn import data
 
     backend = fn.use_backend(args.backend)
+    fn.set_precision(args.precision)
     if args.threads:
         fn.set_num_threads(args.threads)
     fn.manual_seed(args.seed)
@@ -90,7 +98,8 @@ def cmd_train(args) -> int:
     opt = optimizers[args.optimizer](model.parameters())
     print(f"fastnn {fn.__version__} on {backend.name} ({backend.device}): "
           f"MLP {'-'.join(map(str, sizes))}, {type(opt).__name__} lr={args.lr}, "
-          f"batch {args.batch_size}, {args.epochs} epochs, {len(X)} training samples")
+          f"batch {args.batch_size}, {args.epochs} epochs, {len(X)} training samples"
+          + ("" if args.precision == "float32" else f", {args.precision} GEMMs"))
     t0 = time.perf_counter()
     history = fn.fit(model, fn.CrossEntropyLoss(), opt, X, y, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed,
@@ -101,6 +110,7 @@ def cmd_train(args) -> int:
     print(f"test accuracy: {accuracy:.4f} ({len(Xt)} samples)")
     print(f"throughput: {history.samples_per_second:,.0f} samples/s "
           f"({history.seconds:.2f} s training, {wall:.2f} s with validation)")
+    print(f"steps: {history.step_path}")
     if args.plot:
         history.plot(args.plot)
         print(f"loss curve written to {args.plot}")
@@ -145,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--lr", type=_positive(float), default=1e-3)
     train.add_argument("--optimizer", default="adam", choices=["adam", "adamw", "sgd", "rmsprop"])
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--precision", default="float32", choices=["float32", "tf32", "bf16"],
+                       help="GEMM precision on a GPU (fn.set_precision; no effect on the CPU)")
     train.add_argument("--threads", type=_positive(int), default=None,
                        help="CPU threads (BLAS and Numba)")
     train.add_argument("--plot", metavar="PATH", help="write the loss curve as a PNG")

@@ -29,12 +29,20 @@ def test_train_writes_plot_and_checkpoint(tmp_path, capsys):
                      "--quiet", "--plot", str(plot), "--save", str(ckpt)]) == 0
     out = capsys.readouterr().out
     assert "test accuracy:" in out and "samples/s" in out
+    assert "steps: per-op" in out  # History.step_path: how the steps ran
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and plot.stat().st_size > 5000
     state = fn.load(ckpt)
     assert state["epoch"] == 3 and list(state["sizes"]) == [64, 32, 10]
     model = fn.Sequential(fn.Linear(64, 32), fn.ReLU(), fn.Linear(32, 10))
     model.load_state_dict(state["model"])
     assert state["optimizer"]["step"] > 0
+
+
+def test_train_precision_option_applies_to_the_run_only(capsys):
+    assert cli.main(["train", "--backend", "numpy", "--epochs", "1", "--hidden", "16",
+                     "--quiet", "--precision", "bf16"]) == 0
+    assert "bf16 GEMMs" in capsys.readouterr().out
+    assert fn.get_precision() == "float32"
 
 
 def test_history_plot_with_validation(tmp_path):
@@ -61,3 +69,17 @@ def test_python_dash_m_fastnn():
     result = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "backends:" in result.stdout, result.stderr
+
+
+def test_gpu_check_script_parses_and_writes_where_asked():
+    """make gpu-check runs only on a GPU machine: here, at least a syntax check."""
+    import pathlib
+    import shutil
+
+    script = pathlib.Path(__file__).resolve().parents[1] / "bench" / "gpu_check.sh"
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    assert subprocess.run([bash, "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    assert "FASTNN_RESULTS_DIR" in text and "gpu_kernels" in text and "--precision" in text

@@ -124,6 +124,28 @@ def test_nvcc_compiles_to_ptx_for_sm90(nvcc, filename, tmp_path):
             assert not re.search(r"\bfma\.", text), "optim.cu PTX contains FMA"
 
 
+@pytest.mark.parametrize("filename", CU_FILES)
+def test_nvrtc_compiles_what_the_backend_compiles(filename):
+    """The runtime compiler itself (NVRTC, through CuPy's binding), on the exact
+    inlined text CupyBackend hands to RawModule; needs CuPy and its NVRTC, no GPU."""
+    try:
+        from cupy_backends.cuda.libs import nvrtc
+    except Exception as exc:  # no CuPy here (CI): nvcc above covers the sources
+        pytest.skip(f"CuPy's NVRTC binding unavailable: {type(exc).__name__}: {exc}")
+    from fastnn.backends.cupy_backend import _COMPILE_OPTIONS
+
+    source = kernel_sources.read_kernel(filename)
+    program = nvrtc.createProgram(source, filename, [], [])
+    try:
+        nvrtc.compileProgram(program, list(_COMPILE_OPTIONS) + ["-arch=compute_90"])
+    except Exception as exc:
+        pytest.fail(f"NVRTC failed on {filename}: {exc}\n{nvrtc.getProgramLog(program)}")
+    ptx = nvrtc.getPTX(program)
+    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
+    for kernel in kernel_signatures(source):
+        assert re.search(rf"\.entry\s+{kernel}\s*\(", ptx), f"{kernel} missing in NVRTC's PTX"
+
+
 # =========================================================== 2. launch contract (CPU)
 @pytest.fixture
 def fake_gpu(monkeypatch):

@@ -87,15 +87,18 @@ def _emulate(kernel: str, a: dict) -> None:
             buf[...] = g if a["first_step"] else buf * a["momentum"] + a["dampening_c"] * g
             g = g + a["momentum"] * buf if a["nesterov"] else buf
         p -= a["lr"] * g
-    elif stem == "adam":
+    elif stem in ("adam", "adam_captured"):
         p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
+        # adam_captured reads the two step-dependent scalars from memory
+        step_size, bc2_sqrt = flat["step_scalars"][:2] if stem == "adam_captured" \
+            else (a["step_size"], a["bc2_sqrt"])
         if a["decoupled"]:
             p *= a["decay_factor"]
         elif a["use_wd"]:
             g = g + a["weight_decay"] * p
         m += a["one_minus_b1"] * (g - m)
         v[...] = v * a["beta2"] + a["one_minus_b2"] * g * g
-        p -= a["step_size"] * (m / (np.sqrt(v) / a["bc2_sqrt"] + a["eps"]))
+        p -= step_size * (m / (np.sqrt(v) / bc2_sqrt + a["eps"]))
     elif stem == "rmsprop":
         p, g, sq = flat["param"], flat["grad"], flat["square_avg"]
         if a["use_wd"]:
@@ -112,16 +115,6 @@ def _emulate(kernel: str, a: dict) -> None:
             p -= a["lr"] * flat["buf"]
         else:
             p -= a["lr"] * (g / avg)
-    elif stem == "adam_captured":
-        p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
-        step_size, bc2_sqrt = flat["step_scalars"][:2]
-        if a["decoupled"]:
-            p *= a["decay_factor"]
-        elif a["use_wd"]:
-            g = g + a["weight_decay"] * p
-        m += a["one_minus_b1"] * (g - m)
-        v[...] = v * a["beta2"] + a["one_minus_b2"] * g * g
-        p -= step_size * (m / (np.sqrt(v) / bc2_sqrt + a["eps"]))
     elif stem == "sum_scaled":
         n = int(a["n"])
         flat["out"][0] = flat["x"][:n].sum(dtype=flat["x"].dtype) * a["scale"]

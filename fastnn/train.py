@@ -187,11 +187,34 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             f"fit: loss became {value} at epoch {epoch + 1}, batch {b + 1} of {n_batches}"
         )
 
-    def run_epoch(epoch: int) -> float:
-        """One epoch on the ordinary (per-op) path, or replaying the step
-        recorded as a CUDA graph (``graphed``); returns the mean loss."""
+    def step_per_op(epoch: int, b: int, lo: int, hi: int, order_d) -> float:
+        """Batch b as ordinary backend ops; returns its summed loss on the CPU
+        (on a GPU the loss stays on the device, in batch_losses, and 0.0 is returned)."""
+        m = hi - lo
         if shuffle:
-            order_d = backend.asarray(shuffler.permutation(n))
+            idx = order_d[lo:hi]
+            xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
+            xp.take(Xd, idx, axis=0, out=xs)
+            xp.take(yd, idx, axis=0, out=ys)
+        else:
+            xs, ys = Xd[lo:hi], yd[lo:hi]
+        optimizer.zero_grad()
+        loss = loss_fn.forward(model.forward(xs), ys)
+        value = 0.0
+        if on_cpu:
+            value = float(loss)
+            if not math.isfinite(value):
+                raise diverged(value, epoch, b)
+        else:
+            batch_losses[b] = loss  # stays on the device: no sync per step
+        model.backward(loss_fn.backward())
+        optimizer.step()
+        return value * m
+
+    def run_epoch(epoch: int) -> float:
+        """One epoch, op by op or replaying the step recorded as a CUDA graph
+        (``graphed``, CuPy only); returns the mean loss."""
+        order_d = backend.asarray(shuffler.permutation(n)) if shuffle else None
         if graphed is not None:
             graphed.new_epoch(order_d if shuffle else graphed_order)
         loss_sum = 0.0
@@ -200,26 +223,9 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
                 lo, hi = b * batch_size, min((b + 1) * batch_size, n)
                 m = hi - lo
                 if graphed is not None and m == batch_size and graphed.ready(b):
-                    graphed.replay()  # gathers batch b and stores its loss on the device
+                    graphed.replay()  # gathers batch b, stores its loss in batch_losses[b]
                 else:
-                    if shuffle:
-                        idx = order_d[lo:hi]
-                        xs, ys = (xb, yb) if m == batch_size else (xb[:m], yb[:m])
-                        xp.take(Xd, idx, axis=0, out=xs)
-                        xp.take(yd, idx, axis=0, out=ys)
-                    else:
-                        xs, ys = Xd[lo:hi], yd[lo:hi]
-                    optimizer.zero_grad()
-                    loss = loss_fn.forward(model.forward(xs), ys)
-                    if on_cpu:
-                        value = float(loss)
-                        if not math.isfinite(value):
-                            raise diverged(value, epoch, b)
-                        loss_sum += value * m
-                    else:
-                        batch_losses[b] = loss  # stays on the device: no sync per step
-                    model.backward(loss_fn.backward())
-                    optimizer.step()
+                    loss_sum += step_per_op(epoch, b, lo, hi, order_d)
                     if graphed is not None and m == batch_size:
                         graphed.ran_plain_step()
                 if bar.bar is not None:

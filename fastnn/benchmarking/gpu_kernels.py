@@ -1,0 +1,269 @@
+"""Fused elementwise CUDA kernels against the device-to-device copy bandwidth.
+
+``python -m fastnn.benchmarking.gpu_kernels --json out.json`` times each fused
+elementwise op of the CuPy backend (bias_act, act_backward, the SGD and Adam
+steps, the float32 -> bf16 conversion) on big float32 arrays, launched through
+the public backend methods, next to a plain device copy measured in the same
+run. These kernels are bandwidth-bound, so the figure of merit is the bytes
+they move per second as a fraction of what a copy moves: the target is
+``fraction_of_copy >= 0.8`` (TARGET).
+
+Bytes per element count the reads and writes of the big arrays only (the
+(1024,) bias row stays in cache); an element written twice by the same thread
+(bias_act in place: ``z[i]`` then ``out[i]`` at the same address) counts once,
+as the second store merges in L2 before it reaches DRAM.
+
+Timing: CUDA events recorded on the current stream around ``repeats``
+back-to-back launches, so the device time is measured, not the host's launch
+loop; the median of three such batches is reported.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import operator
+import shlex
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+TARGET = 0.8  # issue target: fused elementwise kernels >= 80% of the device copy bandwidth
+ROW = 1024  # columns of the 2-D (rows, ROW) activations; n_elements must be a multiple
+BATCHES = 3  # timed batches of ``repeats`` launches per op; the median is reported
+_WARMUP = 2  # first launches compile (NVRTC) and load the kernel: not timed
+
+
+@dataclass(frozen=True)
+class Op:
+    """One measured op: ``build(backend, n)`` makes its inputs on the device and
+    returns a zero-argument callable launching it once (a ``functools.partial``
+    of the backend call, so ``.args`` / ``.keywords`` are the inputs)."""
+
+    name: str
+    bytes_per_element: int  # float32 bytes read + written per element of the big arrays
+    build: Callable
+
+
+def _uniform(xp, n: int, lo: float, hi: float, seed: int):
+    """``n`` float32 values spread over ``[lo, hi)``, made on the device.
+
+    An integer hash of the index, not an RNG: identical on CuPy and on the
+    NumPy stand-in used by the tests, and no 256 MiB host upload per array.
+    """
+    i = xp.arange(n, dtype=np.uint32)
+    u = (i ^ np.uint32((seed * 0x5BD1E995) & 0xFFFFFFFF)) * np.uint32(2654435761)
+    frac = (u >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return frac * np.float32(hi - lo) + np.float32(lo)  # array first: CuPy's operators
+
+
+def _copy(backend, n):
+    # Same shape, dtype and C order: CuPy turns this into one cudaMemcpyAsync
+    # device-to-device on the current stream, the reference bandwidth.
+    xp = backend.xp
+    src = _uniform(xp, n, -1, 1, 1)
+    dst = xp.empty_like(src)
+    return functools.partial(operator.setitem, dst, Ellipsis, src)
+
+
+def _bias_act_relu_in_place(backend, n):
+    xp = backend.xp
+    z = _uniform(xp, n, -1, 1, 2).reshape(n // ROW, ROW)
+    # Small bias: z drifts by it on every timed launch (in place) and must stay ordinary.
+    bias = _uniform(xp, ROW, -1e-3, 1e-3, 3)
+    return functools.partial(backend.bias_act, z, bias, "relu", out=z)
+
+
+def _bias_act_gelu_to_out(backend, n):
+    xp = backend.xp
+    z = _uniform(xp, n, -3, 3, 4).reshape(n // ROW, ROW)
+    bias = _uniform(xp, ROW, -1e-3, 1e-3, 5)
+    out = xp.empty_like(z)
+    return functools.partial(backend.bias_act, z, bias, "gelu", out=out)
+
+
+def _act_backward(act: str, y_range: tuple[float, float]):
+    def build(backend, n):
+        xp = backend.xp
+        dy = _uniform(xp, n, -1, 1, 6).reshape(n // ROW, ROW)
+        y = _uniform(xp, n, *y_range, 7).reshape(n // ROW, ROW)
+        return functools.partial(backend.act_backward, dy, y, act, out=dy)
+
+    return build
+
+
+def _sgd_momentum(backend, n):
+    xp = backend.xp
+    param, grad = _uniform(xp, n, -1, 1, 8), _uniform(xp, n, -1, 1, 9)
+    buf = _uniform(xp, n, -0.1, 0.1, 10)
+    return functools.partial(backend.sgd_step, param, grad, buf, lr=0.01, momentum=0.9,
+                             dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False)
+
+
+def _adam(backend, n):
+    xp = backend.xp
+    param, grad = _uniform(xp, n, -1, 1, 11), _uniform(xp, n, -1, 1, 12)
+    exp_avg, exp_avg_sq = _uniform(xp, n, -0.1, 0.1, 13), _uniform(xp, n, 0, 1e-2, 14)
+    return functools.partial(backend.adam_step, param, grad, exp_avg, exp_avg_sq, step=10,
+                             lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                             decoupled=False)
+
+
+def _f32_to_bf16(backend, n):
+    # The GEMM-input conversion of fn.set_precision("bf16"); no public op of its own.
+    return functools.partial(backend._to_bf16, _uniform(backend.xp, n, -1, 1, 15), "a")
+
+
+OPS: tuple[Op, ...] = (
+    Op("copy", 8, _copy),                                          # read src, write dst
+    Op("bias_act relu in place", 8, _bias_act_relu_in_place),      # read z, write z (= out)
+    Op("bias_act gelu to out", 12, _bias_act_gelu_to_out),         # read z, write z and out
+    # tanh's y in [-0.1, 0.1]: dy *= 1 - y^2 >= 0.99 per launch, far from subnormals.
+    Op("act_backward relu", 12, _act_backward("relu", (-1, 1))),   # read dy, y; write dy
+    Op("act_backward tanh", 12, _act_backward("tanh", (-0.1, 0.1))),
+    Op("sgd momentum", 20, _sgd_momentum),            # read param, grad, buf; write param, buf
+    Op("adam", 28, _adam),                            # read p, g, m, v; write p, m, v
+    Op("f32_to_bf16", 6, _f32_to_bf16),               # read 4 B, write 2 B
+)
+
+
+def _event_timer(backend):
+    """``timer(fn, repeats)`` -> device seconds per launch, from CUDA events."""
+    cuda = backend.xp.cuda
+
+    def timer(fn, repeats: int) -> float:
+        start, end = cuda.Event(), cuda.Event()
+        stream = cuda.get_current_stream()
+        start.record(stream)
+        for _ in range(repeats):
+            fn()
+        end.record(stream)
+        end.synchronize()
+        return cuda.get_elapsed_time(start, end) / 1e3 / repeats  # ms -> s
+
+    return timer
+
+
+def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None) -> list[dict]:
+    """Time every op of OPS on ``n_elements`` float32 elements; one dict per op.
+
+    ``timer(fn, repeats)`` returns seconds per launch (default: CUDA events on
+    the current stream). ``fraction_of_copy`` is against the copy of this run.
+    """
+    from fastnn.errors import InputError
+
+    if n_elements <= 0 or n_elements % ROW:
+        raise InputError(f"gpu_kernels: n_elements must be a positive multiple of {ROW}, "
+                         f"got {n_elements}")
+    if repeats < 1:
+        raise InputError(f"gpu_kernels: repeats must be >= 1, got {repeats}")
+    timer = timer or _event_timer(backend)
+    scratch = getattr(backend, "_bf16", {})  # _to_bf16's buffers, kept for the backend's life
+    results = []
+    for op in OPS:
+        kept = set(scratch)
+        launch = op.build(backend, n_elements)
+        for _ in range(_WARMUP):
+            launch()
+        backend.synchronize()
+        batches = [float(timer(launch, repeats)) for _ in range(BATCHES)]
+        seconds = statistics.median(batches)
+        results.append({
+            "op": op.name,
+            "bytes_per_element": op.bytes_per_element,
+            "n_elements": n_elements,
+            "seconds": seconds,
+            "batch_seconds": batches,
+            "gb_per_s": op.bytes_per_element * n_elements / seconds / 1e9,
+        })
+        # Free this op's arrays before the next op allocates its own (256 MiB
+        # each at the default size); a benchmark-sized bf16 scratch would
+        # otherwise stay pinned in the backend.
+        del launch
+        for key in set(scratch) - kept:
+            del scratch[key]
+    copy = next(r["gb_per_s"] for r in results if r["op"] == "copy")
+    for r in results:
+        r["fraction_of_copy"] = r["gb_per_s"] / copy
+        r["meets_target"] = r["fraction_of_copy"] >= TARGET
+    return results
+
+
+def format_table(results: list[dict]) -> str:
+    head = f"{'op':<24} {'B/elem':>6} {'ms':>9} {'GB/s':>9} {'% of copy':>10}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        flag = "" if r["meets_target"] else "  below target"
+        lines.append(f"{r['op']:<24} {r['bytes_per_element']:>6} {r['seconds'] * 1e3:>9.4f} "
+                     f"{r['gb_per_s']:>9.1f} {100 * r['fraction_of_copy']:>9.1f}%{flag}")
+    lines.append(f"target: fused elementwise kernels >= {TARGET:.0%} of the device copy bandwidth "
+                 f"(copy = dst[...] = src, device to device); GB/s = bytes read + written / time")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    import fastnn as fn
+    from fastnn.benchmarking.report import _git, gpu_environment
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    p = argparse.ArgumentParser(
+        prog="python -m fastnn.benchmarking.gpu_kernels",
+        description="fused elementwise CUDA kernels vs the device copy bandwidth")
+    p.add_argument("--elements", type=int, default=1 << 26,
+                   help=f"float32 elements per array, a multiple of {ROW} (default 2**26: 256 MiB)")
+    p.add_argument("--repeats", type=int, default=20, help="launches per timed batch (default 20)")
+    p.add_argument("--json", metavar="PATH", help="write results, device and versions as JSON")
+    args = p.parse_args(argv)
+    if args.elements <= 0 or args.elements % ROW:
+        p.error(f"--elements must be a positive multiple of {ROW}")
+    if args.repeats < 1:
+        p.error("--repeats must be >= 1")
+
+    reason = fn.available_backends()["cupy"]
+    if reason is not None:
+        print(f"fastnn gpu_kernels: the CuPy backend is unusable ({reason})", file=sys.stderr)
+        return 2
+    with fn.use_backend("cupy") as backend:
+        gpu = gpu_environment()
+        gpu["timing"] = (f"CUDA events around {args.repeats} launches on the current stream, "
+                         f"median of {BATCHES} batches, after {_WARMUP} warm-up launches")
+        print(f"fastnn gpu_kernels: {backend.device}, CUDA runtime {gpu.get('cuda_runtime')}, "
+              f"driver {gpu.get('cuda_driver')}, cupy {gpu.get('cupy')}; "
+              f"{args.elements:,} float32 elements, {args.repeats} launches x {BATCHES}",
+              flush=True)
+        results = measure(backend, args.elements, args.repeats)
+    print(format_table(results))
+    if args.json:
+        doc = {
+            "benchmark": "fused elementwise kernels vs device-to-device copy",
+            "target": {"fraction_of_copy": TARGET,
+                       "text": f"fused elementwise kernels >= {TARGET:.0%} of the device copy "
+                               f"bandwidth"},
+            "device": gpu.get("device", {}).get("name") or backend.device,
+            "versions": {"fastnn": fn.__version__, "numpy": np.__version__,
+                         "cupy": gpu.get("cupy"), "cuda_runtime": gpu.get("cuda_runtime"),
+                         "cuda_driver": gpu.get("cuda_driver")},
+            "gpu": gpu,
+            "n_elements": args.elements,
+            "repeats": args.repeats,
+            "batches": BATCHES,
+            "bytes": "float32 bytes read + written per element of the big arrays "
+                     "(bias row ignored)",
+            "command": shlex.join(["python", "-m", "fastnn.benchmarking.gpu_kernels"] + argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "git": _git(),
+            "results": results,
+            "table": format_table(results),
+        }
+        with open(args.json, "w") as fh:
+            json.dump(doc, fh, indent=1, default=str)
+        print(f"results written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -58,13 +58,13 @@ def _builtin(obj) -> bool:
 
 def ineligible_reason(backend, model, loss_fn, optimizer, Xd, yd, full_steps: int):
     """Why this fit's step cannot (or should not) be recorded; None if it can."""
+    if mode() == "off":
+        return f"{ENV}=0"
     if backend.name != "cupy":
         return "not on the CuPy backend"
     if getattr(backend, "_blas", None) is None:
         return getattr(backend, "blas_status", "no cuBLAS handle of fastnn's own")
     forced = mode() == "force"
-    if mode() == "off":
-        return f"{ENV}=0"
     if not forced and full_steps < MIN_STEPS:
         return f"{full_steps} full-batch steps: too few to repay the recording"
     # A user-defined module, loss or optimizer may read the host every step

@@ -303,7 +303,8 @@ def gpu():
     reason = fn.available_backends()["cupy"]
     if reason is not None:
         pytest.skip(reason)
-    backend = fn.use_backend("cupy")
+    with fn.use_backend("cupy") as backend:
+        pass  # only the instance: the current backend stays as it was
     if backend._blas is None:
         pytest.fail(backend.blas_status)  # on a GPU machine the own handle must work
     return backend

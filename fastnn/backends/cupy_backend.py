@@ -142,7 +142,8 @@ class CupyBackend(Backend):
         from ..precision import apply_to_cupy
 
         apply_to_cupy()  # exact float32 GEMMs unless fn.set_precision("tf32")
-        self._blas, self.blas_status = self._start_own_cublas()
+        self._blas = None  # fastnn's own cuBLAS handle, once it has passed its check
+        self.blas_status = self._start_own_cublas()
 
     # ------------------------------------------------------------ arrays
     @property
@@ -186,15 +187,14 @@ class CupyBackend(Backend):
         return int(free), int(total)
 
     # ------------------------------------------------------------ cuBLAS
-    def _start_own_cublas(self):
-        """(handle, status line): fastnn's own cuBLAS handle, which CUDA graphs
-        can record, checked against ``cupy.matmul`` on every transpose case;
-        ``(None, why not)`` when it cannot be used (GEMMs then go through
-        CuPy and training steps are not captured)."""
+    def _start_own_cublas(self) -> str:
+        """Start fastnn's own cuBLAS handle (CUDA graphs can record its GEMMs,
+        not CuPy's) and check it against ``cupy.matmul`` on every transpose case;
+        returns the status line ``fastnn info`` prints. On any failure GEMMs stay
+        with CuPy and training steps are not captured."""
         cupy = self.xp
         try:
-            handle = cublas.Handle(cupy, cublas.load_library(cupy))
-            self._blas = handle
+            self._blas = cublas.Handle(cupy, cublas.load_library(cupy))
             rng = np.random.default_rng(0)
             for dtype in (np.float32, np.float64):
                 a = cupy.asarray(rng.standard_normal((5, 3)), dtype=dtype)
@@ -209,8 +209,9 @@ class CupyBackend(Backend):
                         raise RuntimeError(f"{dtype.__name__} trans=({ta}, {tb}) differs from "
                                            f"cupy.matmul by {err:.3g}")
         except Exception as exc:
-            return None, f"CuPy's matmul (own cuBLAS handle unusable: {_one_line(exc)})"
-        return handle, "own cuBLAS handle (training steps can be captured in CUDA graphs)"
+            self._blas = None
+            return f"CuPy's matmul (own cuBLAS handle unusable: {_one_line(exc)})"
+        return "own cuBLAS handle (training steps can be captured in CUDA graphs)"
 
     def _blas_operands(self, a, b, out) -> bool:
         nd = self.xp.ndarray
@@ -230,7 +231,7 @@ class CupyBackend(Backend):
         return self._gemm(a, b, out, trans_a, trans_b, get_precision())
 
     def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
-        blas = getattr(self, "_blas", None)
+        blas = self._blas
         if blas is None or not self._blas_operands(a, b, out):
             return super().gemm(a, b, out, trans_a, trans_b)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
@@ -266,7 +267,7 @@ class CupyBackend(Backend):
         float32 (gradients never take TF32/bf16 shortcuts)."""
         ok_out = out is None or (self._fusable(out) and out.dtype == dz.dtype
                                  and out.shape == dz.shape[1:])
-        if getattr(self, "_blas", None) is None or dz.ndim != 2 or not self._fusable(dz) \
+        if self._blas is None or dz.ndim != 2 or not self._fusable(dz) \
                 or not ok_out:
             return super().bias_grad(dz, out)
         n, f = dz.shape

@@ -297,6 +297,15 @@ def test_bench_graph_contender_is_fits_replay_path(fake_gpu):
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu):
+    """fastnn-cupy-kernel needs numba.cuda on a real device: here it is left out
+    of the table with the reason, never timed as something else."""
+    from fastnn import benchmarking as bm
+
+    with pytest.raises(RuntimeError, match="one-launch kernel does not apply here: numba.cuda"):
+        bm.make_step(bm.WORKLOADS["x"], "fastnn-cupy-kernel")
+
+
 # =========================================================== on a GPU
 @pytest.fixture(scope="module")
 def gpu():

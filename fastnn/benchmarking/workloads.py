@@ -94,8 +94,8 @@ def fastnn_backends() -> list[str]:
 
 # Contenders that run on the CUDA device; their ratios are taken against the
 # GPU floor (floor-cupy) and PyTorch eager on the GPU (torch-cuda).
-GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "torch-cuda",
-                  "torch-cuda-graph")
+GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy-kernel",
+                  "torch-cuda", "torch-cuda-graph")
 TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")  # child-process ones
 
 
@@ -125,14 +125,23 @@ def cpu_contenders(w: Workload, torch_ok: bool = True) -> list[str]:
     return names
 
 
+def narrow(w: Workload) -> bool:
+    """Small enough for fit's one-launch kernel (gpu_compiled: <= 64x64 weights,
+    batch <= 256)."""
+    return max(w.sizes) <= 64 and w.batch <= 256 and w.kind == "step"
+
+
 def gpu_contenders(w: Workload, torch_cuda_ok: bool = True) -> list[str]:
     """The GPU set (the caller checks that CuPy is usable): floor-cupy, fastnn-cupy,
     fastnn-cupy-graph, torch-cuda, torch-cuda-graph; for fits fastnn-cupy and
-    torch-cuda. bf16 has no GEMM-only floor (CuPy has no bf16 GEMM)."""
+    torch-cuda. bf16 has no GEMM-only floor (CuPy has no bf16 GEMM); narrow nets
+    add fastnn-cupy-kernel (fit's one-launch numba.cuda kernel)."""
     if w.kind == "fit":
         return ["fastnn-cupy"] + (["torch-cuda"] if torch_cuda_ok else [])
     names = [] if w.precision == "bf16" else ["floor-cupy"]
     names += ["fastnn-cupy", "fastnn-cupy-graph"]
+    if narrow(w):
+        names.append("fastnn-cupy-kernel")
     if torch_cuda_ok:
         names += ["torch-cuda", "torch-cuda-graph"]
     return names
@@ -268,6 +277,34 @@ def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
 
     run.model = model
     run.graph = graphed  # keeps the graph and what it points at alive
+    return run
+
+
+def fastnn_kernel_step(w: Workload, seed: int = 0):
+    """``run(k) -> last loss``: k steps of fit's one-launch kernel for narrow
+    nets on CuPy (fastnn-cupy-kernel): ``gpu_compiled.run_epochs`` over k
+    one-batch epochs of the workload's batch, one launch and one host read of
+    the losses per call, as fit makes them."""
+    import fastnn as fn
+    from fastnn import gpu_compiled
+
+    with fn.use_backend("cupy") as B:
+        model, loss_fn, opt = build_fastnn_model(w, seed)
+        X, y = make_batch(w, seed)
+        Xd, yd = B.asarray(X), B.asarray(y)
+        label_range = (int(y.min()), int(y.max())) if y.dtype.kind in "iu" else None
+        plan = gpu_compiled.plan_for_fit(model, loss_fn, opt, Xd, yd, 10**9, w.batch, label_range)
+        if plan is None:
+            raise RuntimeError("fastnn-cupy-kernel: the one-launch kernel does not apply here: "
+                               f"{gpu_compiled.unavailable_reason() or 'not a narrow MLP'}")
+
+    def run(k: int) -> float:
+        with fn.use_backend(B):
+            orders = np.tile(np.arange(w.batch), (k, 1))
+            losses = gpu_compiled.run_epochs(plan, opt, Xd, yd, orders, w.batch)
+        return float(losses[-1])
+
+    run.model = model
     return run
 
 
@@ -418,6 +455,8 @@ def make_step(w: Workload, contender: str, threads: int | None = None, seed: int
         return numpy_step(w, seed)
     if contender == "fastnn-cupy-graph":
         return fastnn_graph_step(w, seed)
+    if contender == "fastnn-cupy-kernel":
+        return fastnn_kernel_step(w, seed)
     if contender.startswith("fastnn-"):
         return fastnn_step(w, contender.split("-", 1)[1], seed)
     if contender == "torch":

@@ -39,8 +39,10 @@ def fake_gpu(monkeypatch):
     # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
     monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
     from fastnn import backends as registry
+    from fastnn import precision
 
-    monkeypatch.setitem(registry._instances, "cupy", backend)  # use_backend("cupy") finds it
+    monkeypatch.setitem(registry._instances, "cupy", backend)
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked  # use_backend("cupy") finds it
     monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
     FakeGraph.made = []
     yield backend, launches, lib
@@ -82,9 +84,6 @@ def test_gemm_arguments_reject_mismatched_inner_dimensions():
 
 def test_own_cublas_precision_modes(fake_gpu, monkeypatch):
     backend, launches, lib = fake_gpu
-    from fastnn import precision
-
-    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked
     rng = np.random.default_rng(1)
     a = rng.standard_normal((6, 9)).astype(np.float32)
     b = rng.standard_normal((9, 4)).astype(np.float32)
@@ -105,6 +104,27 @@ def test_own_cublas_precision_modes(fake_gpu, monkeypatch):
     dz = rng.standard_normal((6, 4)).astype(np.float32)
     np.testing.assert_allclose(backend.bias_grad(dz), dz.sum(0), rtol=1e-6, atol=1e-6)
     assert seen[-1] == cublas.R_32F
+
+
+def test_bf16_linear_converts_each_operand_once_per_pass(fake_gpu, monkeypatch):
+    """x and the weight once in forward, dz once in backward: 3 conversions for
+    the layer's three GEMMs, where converting per GEMM would take 6."""
+    backend, launches, _ = fake_gpu
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((8, 6)).astype(np.float32)
+    dy = rng.standard_normal((8, 5)).astype(np.float32)
+    fn.set_precision("bf16")
+    with fn.use_backend(backend):
+        layer = fn.Linear(6, 5)
+        w = layer.weight.data.copy()
+        y = layer(x)
+        dx = layer.backward(dy)
+    assert launches.count("f32_to_bf16") == 3
+    xr, wr, dyr = bf16_round(x), bf16_round(w), bf16_round(dy)
+    np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.weight.grad, xr.T @ dyr, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.bias.grad, dy.sum(0), rtol=1e-5, atol=1e-6)  # exact
+    np.testing.assert_allclose(dx, dyr @ wr.T, rtol=1e-5, atol=1e-6)
 
 
 def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
@@ -149,10 +169,12 @@ def _data(loss: str, n: int = 50):
 
 
 def _fit(backend, monkeypatch, graph: str, loss="xent", optimizer="adam", shuffle=True,
-         epochs=3, batch=8, stop_when=None, dtype=np.float32):
+         epochs=3, batch=8, stop_when=None, dtype=np.float32, precision="float32"):
+    from fastnn.precision import using
+
     monkeypatch.setenv("FASTNN_CUDA_GRAPH", graph)
     X, y = _data(loss)
-    with fn.use_backend(backend):
+    with fn.use_backend(backend), using(precision):
         fn.manual_seed(0)
         model = fn.Sequential(fn.Linear(6, 16), fn.Tanh(), fn.Linear(16, 12), fn.ReLU(),
                               fn.Linear(12, 4))
@@ -171,18 +193,21 @@ def _fit(backend, monkeypatch, graph: str, loss="xent", optimizer="adam", shuffl
     return history, model.state_dict(), opt
 
 
-@pytest.mark.parametrize("loss, optimizer, shuffle, dtype", [
-    ("xent", "adam", True, np.float32),
-    ("xent", "sgd", False, np.float32),
-    ("mse", "adamw", True, np.float64),
-    ("mse", "rmsprop", True, np.float32),
+@pytest.mark.parametrize("loss, optimizer, shuffle, dtype, precision", [
+    ("xent", "adam", True, np.float32, "float32"),
+    ("xent", "sgd", False, np.float32, "float32"),
+    ("mse", "adamw", True, np.float64, "float32"),
+    ("mse", "rmsprop", True, np.float32, "float32"),
+    ("xent", "adam", True, np.float32, "bf16"),
 ])
 def test_replayed_step_gives_the_bits_of_the_plain_step(fake_gpu, monkeypatch, loss, optimizer,
-                                                        shuffle, dtype):
+                                                        shuffle, dtype, precision):
     backend = fake_gpu[0]
-    plain, want, opt_plain = _fit(backend, monkeypatch, "0", loss, optimizer, shuffle, dtype=dtype)
+    plain, want, opt_plain = _fit(backend, monkeypatch, "0", loss, optimizer, shuffle, dtype=dtype,
+                                  precision=precision)
     assert FakeGraph.made == [] and plain.step_path == "per-op (no CUDA graph: FASTNN_CUDA_GRAPH=0)"
-    graphed, got, opt_graph = _fit(backend, monkeypatch, "1", loss, optimizer, shuffle, dtype=dtype)
+    graphed, got, opt_graph = _fit(backend, monkeypatch, "1", loss, optimizer, shuffle, dtype=dtype,
+                                   precision=precision)
     assert graphed.step_path.startswith("cuda-graph")
     # 50 samples in batches of 8: 6 full batches and one of 2, 3 epochs; the
     # first full batch runs op by op (it allocates what the graph points at).

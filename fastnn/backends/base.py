@@ -77,6 +77,13 @@ class Backend:
             b = b.T
         return self.xp.matmul(a, b, out=out)
 
+    def gemm_operand(self, x, bits_buffer):
+        """``x`` prepared once for several GEMMs (forward and backward reuse it);
+        pass the result to ``gemm`` in place of ``x``. Here simply ``x``; the
+        CuPy backend converts it to bf16 under ``fn.set_precision("bf16")``,
+        into ``bits_buffer(shape)`` (a uint16 buffer the caller keeps)."""
+        return x
+
     def bias_grad(self, dz, out=None):
         """Sum of ``dz`` (N, F) over the batch -> (F,)."""
         return dz.sum(axis=0, out=out)

@@ -224,13 +224,28 @@ class CupyBackend(Backend):
         return out is None or (isinstance(out, nd) and out.dtype == a.dtype
                                and out.flags.c_contiguous)
 
-    @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(a, b))
+    @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(_array(a), _array(b)))
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
         """``out = op(a) @ op(b)`` on fastnn's cuBLAS handle, at the GEMM precision
-        of ``fn.set_precision`` (float32, TF32 or bf16 inputs; float64 exact)."""
+        of ``fn.set_precision`` (float32, TF32 or bf16 inputs; float64 exact).
+        ``a``/``b`` may be ``gemm_operand`` results (bf16 bits converted once)."""
         return self._gemm(a, b, out, trans_a, trans_b, get_precision())
 
+    def gemm_operand(self, x, bits_buffer):
+        """Under bf16, ``x`` (float32, 2-D, C-contiguous) with its bf16 bits in
+        ``bits_buffer(shape)``: a layer converts its input and weight once in the
+        forward pass and its ``dz`` once in the backward pass, not per GEMM."""
+        if get_precision() != "bf16" or self._blas is None \
+                or not (self._fusable(x) and x.dtype == np.float32 and x.ndim == 2):
+            return x
+        bits = bits_buffer(x.shape)
+        self._launch_1d(self._kernel("convert.cu", "f32_to_bf16"), x.size,
+                        (x, bits, np.int64(x.size)))
+        return _Bf16Operand(x, bits)
+
     def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
+        a_bits, b_bits = getattr(a, "bits", None), getattr(b, "bits", None)
+        a, b = _array(a), _array(b)
         blas = self._blas
         if blas is None or not self._blas_operands(a, b, out):
             return super().gemm(a, b, out, trans_a, trans_b)
@@ -245,8 +260,9 @@ class CupyBackend(Backend):
                       compute=cublas.COMPUTE_64F)
         elif precision == "bf16":
             blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_16BF,
-                      compute=cublas.COMPUTE_32F, a_bits=self._to_bf16(a, "a"),
-                      b_bits=self._to_bf16(b, "b"))
+                      compute=cublas.COMPUTE_32F,
+                      a_bits=self._to_bf16(a, "a") if a_bits is None else a_bits,
+                      b_bits=self._to_bf16(b, "b") if b_bits is None else b_bits)
         else:
             compute = cublas.COMPUTE_32F_FAST_TF32 if precision == "tf32" else cublas.COMPUTE_32F
             blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_32F, compute=compute)
@@ -521,6 +537,20 @@ class CupyBackend(Backend):
 # compiling the same file at once.
 _modules: dict = {}
 _compile_lock = threading.Lock()
+
+
+class _Bf16Operand:
+    """A float32 GEMM operand and its bf16 bits (``CupyBackend.gemm_operand``)."""
+
+    __slots__ = ("array", "bits")
+
+    def __init__(self, array, bits):
+        self.array, self.bits = array, bits
+
+
+def _array(x):
+    """The array of a GEMM operand (itself, or a _Bf16Operand's float32 array)."""
+    return x.array if isinstance(x, _Bf16Operand) else x
 
 
 def _on_gpu(x) -> bool:

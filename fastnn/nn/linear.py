@@ -1,6 +1,8 @@
 """Linear: ``y = x @ weight + bias`` with weight (in_features, out_features)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..backends import asarray, get_backend, get_default_dtype
 from ..backends.activations import get_activation
 from ..errors import OutOfMemory, ShapeError
@@ -86,8 +88,12 @@ class Linear(Module):
         n = x2.shape[0]
         w = self.weight.data
         z = self._buffer("z", (n, self.out_features), w.dtype, backend)
+        # Operands prepared once for this forward and its backward (bf16 bits on
+        # a GPU under fn.set_precision("bf16"); the arrays themselves otherwise).
+        xq = backend.gemm_operand(x2, self._bits_buffer("x_bits", backend))
+        wq = backend.gemm_operand(w, self._bits_buffer("w_bits", backend))
         try:
-            backend.gemm(x2, w, out=z)
+            backend.gemm(xq, wq, out=z)
         except MemoryError as exc:
             raise self._op_out_of_memory(f"forward ({n}, {self.in_features}) @ weight", exc) from exc
         bias = self.bias.data if self.bias is not None else None
@@ -102,8 +108,13 @@ class Linear(Module):
             backend.bias_act(z, bias, act, alpha, out=y)
             pre = z if keep_pre else None
         # __dict__ directly: skips Module.__setattr__'s registry checks (hot path).
-        self.__dict__["_saved"] = (x2, x.shape, y, pre, act, alpha)
+        self.__dict__["_saved"] = (x2, x.shape, y, pre, act, alpha, xq, wq)
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
+
+    def _bits_buffer(self, tag, backend):
+        """``shape -> uint16 buffer``: where gemm_operand puts an operand's bf16
+        bits (a work buffer of this layer, so it lives from forward to backward)."""
+        return lambda shape: self._buffer(tag, tuple(shape), np.uint16, backend)
 
     # ------------------------------------------------------------ backward
     def backward(self, dy):
@@ -118,7 +129,7 @@ class Linear(Module):
     def _backward(self, dy, need_input_grad):
         if self._saved is None:
             raise RuntimeError(f"{self._label()}: backward() called before forward()")
-        x2, x_shape, y, pre, act, alpha = self._saved
+        x2, x_shape, y, pre, act, alpha, xq, wq = self._saved
         backend = get_backend()
         n = x2.shape[0]
         if not backend.is_array(dy):
@@ -134,9 +145,10 @@ class Linear(Module):
             backend.act_backward(dy2, y, act, pre, alpha, out=dz)
         else:
             dz = dy2
+        dzq = backend.gemm_operand(dz, self._bits_buffer("dz_bits", backend))
         w = self.weight
         w.accumulate_grad(
-            lambda out: backend.gemm(x2, dz, out=out, trans_a=True),
+            lambda out: backend.gemm(xq, dzq, out=out, trans_a=True),
             scratch=lambda: self._buffer("dw", w.shape, w.dtype, backend),
         )
         if self.bias is not None:
@@ -148,5 +160,5 @@ class Linear(Module):
         if not need_input_grad:
             return None
         dx = self._buffer("dx", (n, self.in_features), y.dtype, backend)
-        backend.gemm(dz, w.data, out=dx, trans_b=True)
+        backend.gemm(dzq, wq, out=dx, trans_b=True)
         return dx.reshape(x_shape)

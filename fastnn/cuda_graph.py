@@ -68,7 +68,9 @@ def ineligible_reason(backend, model, loss_fn, optimizer, Xd, yd, full_steps: in
     if not forced and full_steps < MIN_STEPS:
         return f"{full_steps} full-batch steps: too few to repay the recording"
     # A user-defined module, loss or optimizer may read the host every step
-    # (a schedule, a random mask): a replay would freeze it silently.
+    # (a schedule, a random mask): a replay would freeze it silently. (fastnn's
+    # own must stay free of per-step host state; a future Dropout would need a
+    # device-side generator or an entry here.)
     for obj in list(model.modules()) + [loss_fn, optimizer]:
         if not _builtin(obj):
             return f"{type(obj).__name__} is not one of fastnn's own (its host logic would be frozen)"

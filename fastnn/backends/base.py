@@ -77,6 +77,10 @@ class Backend:
             b = b.T
         return self.xp.matmul(a, b, out=out)
 
+    # True when gemm_operand does work (CuPy under bf16); a layer skips the call
+    # otherwise, which keeps the small-net CPU step as short as it was.
+    prepares_gemm_operands = False
+
     def gemm_operand(self, x, bits_buffer):
         """``x`` prepared once for several GEMMs (forward and backward reuse it);
         pass the result to ``gemm`` in place of ``x``. Here simply ``x``; the

@@ -231,12 +231,16 @@ class CupyBackend(Backend):
         ``a``/``b`` may be ``gemm_operand`` results (bf16 bits converted once)."""
         return self._gemm(a, b, out, trans_a, trans_b, get_precision())
 
+    @property
+    def prepares_gemm_operands(self) -> bool:
+        return self._blas is not None and get_precision() == "bf16"
+
     def gemm_operand(self, x, bits_buffer):
         """Under bf16, ``x`` (float32, 2-D, C-contiguous) with its bf16 bits in
         ``bits_buffer(shape)``: a layer converts its input and weight once in the
         forward pass and its ``dz`` once in the backward pass, not per GEMM."""
-        if get_precision() != "bf16" or self._blas is None \
-                or not (self._fusable(x) and x.dtype == np.float32 and x.ndim == 2):
+        if not (self.prepares_gemm_operands and self._fusable(x) and x.dtype == np.float32
+                and x.ndim == 2):
             return x
         bits = bits_buffer(x.shape)
         self._launch_1d(self._kernel("convert.cu", "f32_to_bf16"), x.size,

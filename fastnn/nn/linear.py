@@ -90,8 +90,10 @@ class Linear(Module):
         z = self._buffer("z", (n, self.out_features), w.dtype, backend)
         # Operands prepared once for this forward and its backward (bf16 bits on
         # a GPU under fn.set_precision("bf16"); the arrays themselves otherwise).
-        xq = backend.gemm_operand(x2, self._bits_buffer("x_bits", backend))
-        wq = backend.gemm_operand(w, self._bits_buffer("w_bits", backend))
+        xq, wq = x2, w
+        if backend.prepares_gemm_operands:
+            xq = backend.gemm_operand(x2, self._bits_buffer("x_bits", backend))
+            wq = backend.gemm_operand(w, self._bits_buffer("w_bits", backend))
         try:
             backend.gemm(xq, wq, out=z)
         except MemoryError as exc:
@@ -145,7 +147,8 @@ class Linear(Module):
             backend.act_backward(dy2, y, act, pre, alpha, out=dz)
         else:
             dz = dy2
-        dzq = backend.gemm_operand(dz, self._bits_buffer("dz_bits", backend))
+        dzq = backend.gemm_operand(dz, self._bits_buffer("dz_bits", backend)) \
+            if backend.prepares_gemm_operands else dz
         w = self.weight
         w.accumulate_grad(
             lambda out: backend.gemm(xq, dzq, out=out, trans_a=True),

@@ -145,15 +145,17 @@ class Handle:
         of a's and b's shapes) and ``out`` stays float32.
         """
         self.bind(int(self._cupy.cuda.get_current_stream().ptr))
-        op_1, op_2, m, n, k, ld_1, ld_2, ldc = gemm_arguments(a.shape, b.shape, trans_a, trans_b)
-        if max(m, n, k, ld_1, ld_2) > _INT_MAX:
+        # m_cm, n_cm: the column-major call's dimensions (C^T is n x m)
+        op_1, op_2, m_cm, n_cm, k, ld_1, ld_2, ldc = gemm_arguments(a.shape, b.shape, trans_a,
+                                                                    trans_b)
+        if max(m_cm, n_cm, k, ld_1, ld_2) > _INT_MAX:
             raise ValueError(f"gemm: dimension over 2^31-1 for cuBLAS: {a.shape} @ {b.shape}")
         out_type = R_64F if compute == COMPUTE_64F else R_32F
         alpha, beta = self._scalars[COMPUTE_64F if compute == COMPUTE_64F else COMPUTE_32F]
         first = b if b_bits is None else b_bits
         second = a if a_bits is None else a_bits
         self._check(
-            "cublasGemmEx", self._handle, op_1, op_2, m, n, k, ctypes.addressof(alpha),
+            "cublasGemmEx", self._handle, op_1, op_2, m_cm, n_cm, k, ctypes.addressof(alpha),
             pointer(first), data_type, ld_1, pointer(second), data_type, ld_2,
             ctypes.addressof(beta), pointer(out), out_type, ldc, compute, GEMM_DEFAULT,
         )

@@ -74,8 +74,6 @@ def ineligible_reason(backend, model, loss_fn, optimizer, Xd, yd, full_steps: in
     for obj in list(model.modules()) + [loss_fn, optimizer]:
         if not _builtin(obj):
             return f"{type(obj).__name__} is not one of fastnn's own (its host logic would be frozen)"
-    if type(loss_fn).__name__ == "BCELoss":
-        return "BCELoss checks the prediction range on the host every step"
     if len(optimizer.groups) != 1:
         return "parameters of several dtypes"
     dtype = optimizer.groups[0].dtype

@@ -235,6 +235,9 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             losses = host_array(batch_losses)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
+                cause = getattr(loss_fn, "deferred_input_error", lambda: None)()
+                if cause is not None:  # e.g. BCELoss on values outside [0, 1]
+                    raise cause
                 raise diverged(losses[bad[0]], epoch, int(bad[0]))
             loss_sum = float(np.dot(losses.astype(np.float64), sizes))
         return loss_sum / n

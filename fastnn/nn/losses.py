@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import contextlib
 
-from ..backends import asarray, get_backend
+import numpy as np
+
+from ..backends import asarray, get_backend, host_array
 from ..errors import DTypeError, InputError, ShapeError
 from .module import in_step_mode, known_label_range
 
@@ -25,6 +27,12 @@ class Loss:
 
     def forward(self, pred, target):
         raise NotImplementedError
+
+    def deferred_input_error(self):
+        """An input error this loss noticed on the device without reading it
+        back (inside fit on a GPU), or None; fit asks when a batch loss is not
+        finite, so the user sees the cause rather than only the NaN."""
+        return None
 
     def backward(self):
         grad = self.__dict__.get("_grad")
@@ -96,31 +104,70 @@ class BCELoss(Loss):
     name = "BCELoss"
 
     def forward(self, pred, target):
-        xp = get_backend().xp
+        backend = get_backend()
+        xp = backend.xp
         pred = self._pred(pred)
         target = self._same_shape_target(pred, target)
-        lo, hi = float(pred.min()), float(pred.max())
-        if lo != lo or hi != hi:
-            raise InputError(
-                f"{self.name}: predictions must be probabilities in [0, 1], got nan; "
-                "use BCEWithLogitsLoss for raw scores"
-            )
-        if not (lo >= 0.0 and hi <= 1.0):
-            raise InputError(
-                f"{self.name}: predictions must be probabilities in [0, 1], got values in "
-                f"[{lo:g}, {hi:g}]; use BCEWithLogitsLoss for raw scores"
-            )
         t = pred.dtype.type
+        on_device = in_step_mode() and not backend.device.startswith("cpu")
+        if on_device:
+            # Inside fit on a GPU: no host read per step. The range seen is kept
+            # on the device, an out-of-range batch gets a NaN loss, and fit, which
+            # reads the losses once per epoch, raises the error below.
+            lo, hi = pred.min(), pred.max()  # NaN if any prediction is NaN
+            seen = self.__dict__.get("_seen")  # [finite min, finite max, NaN batches]
+            if seen is None or seen.dtype != pred.dtype or not backend.is_array(seen):
+                seen = self._seen = backend.asarray(np.array([np.inf, -np.inf, 0], pred.dtype))
+            # fmin/fmax skip NaN: once a bad batch has blown the weights up, the
+            # range still shows the values that went out of [0, 1] first.
+            xp.fmin(seen[0:1], lo, out=seen[0:1])
+            xp.fmax(seen[1:2], hi, out=seen[1:2])
+            xp.add(seen[2:3], xp.isnan(lo), out=seen[2:3])
+            in_range = (lo >= t(0)) & (hi <= t(1))
+        else:
+            _raise_unless_probabilities(self.name, float(pred.min()), float(pred.max()))
         # p = 0 or 1 is valid input: log(0) = -inf is clamped, not warned about.
         errstate = getattr(xp, "errstate", None)
         with errstate(divide="ignore") if errstate else contextlib.nullcontext():
             log_p = xp.maximum(xp.log(pred), t(-100))
             log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
         loss = -(target * log_p + (t(1) - target) * log_1mp).mean()
+        if on_device:
+            loss = xp.where(in_range, loss, t(np.nan))
         # torch's EPSILON is the float 1e-12 (9.99999996e-13) in every dtype.
         denom = xp.maximum((t(1) - pred) * pred, t(_TORCH_BCE_EPSILON))
         self._grad = (pred - target) / denom * t(1.0 / pred.size)
         return loss
+
+
+    def deferred_input_error(self):
+        seen = self.__dict__.pop("_seen", None)
+        if seen is None:
+            return None
+        lo, hi, nan_batches = (float(v) for v in host_array(seen))  # the error path: one read
+        if lo > hi:  # no finite prediction seen at all
+            lo = hi = float("nan")
+        try:
+            _raise_unless_probabilities(self.name, lo, hi)
+            if nan_batches:
+                _raise_unless_probabilities(self.name, float("nan"), float("nan"))
+        except InputError as exc:
+            return exc
+        return None
+
+
+def _raise_unless_probabilities(name: str, lo: float, hi: float) -> None:
+    """InputError unless [lo, hi] (the predictions' range) lies within [0, 1]."""
+    if lo != lo or hi != hi:
+        raise InputError(
+            f"{name}: predictions must be probabilities in [0, 1], got nan; "
+            "use BCEWithLogitsLoss for raw scores"
+        )
+    if not (lo >= 0.0 and hi <= 1.0):
+        raise InputError(
+            f"{name}: predictions must be probabilities in [0, 1], got values in "
+            f"[{lo:g}, {hi:g}]; use BCEWithLogitsLoss for raw scores"
+        )
 
 
 class BCEWithLogitsLoss(Loss):

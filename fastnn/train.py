@@ -235,9 +235,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             losses = host_array(batch_losses)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
-                cause = getattr(loss_fn, "deferred_input_error", lambda: None)()
-                if cause is not None:  # e.g. BCELoss on values outside [0, 1]
-                    raise cause
+                _raise_deferred_input_error(loss_fn)  # e.g. BCELoss on values outside [0, 1]
                 raise diverged(losses[bad[0]], epoch, int(bad[0]))
             loss_sum = float(np.dot(losses.astype(np.float64), sizes))
         return loss_sum / n
@@ -342,7 +340,16 @@ def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
                 total += float(loss_fn.forward(model.forward(Xd[lo:hi]), yd[lo:hi])) * (hi - lo)
     finally:
         model.train(was_training)
+    if not math.isfinite(total):
+        _raise_deferred_input_error(loss_fn)
     return total / n
+
+
+def _raise_deferred_input_error(loss_fn) -> None:
+    """Raise the input error a loss kept on the device (BCELoss on a GPU), if any."""
+    cause = getattr(loss_fn, "deferred_input_error", lambda: None)()
+    if cause is not None:
+        raise cause
 
 
 def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:

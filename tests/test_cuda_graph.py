@@ -287,6 +287,8 @@ def test_bce_checks_its_range_without_a_host_read_per_step(fake_gpu, monkeypatch
             model = fn.Sequential(*layers)
             opt = fn.SGD(model.parameters(), lr=0.5)
             if error:
+                with pytest.raises(fn.errors.InputError, match=error):  # evaluate too
+                    fn.train.evaluate(model, fn.BCELoss(), X, y)
                 with pytest.raises(fn.errors.InputError, match=error):
                     fn.fit(model, fn.BCELoss(), opt, X, y, epochs=2, batch_size=8, seed=1,
                            progress=False)

@@ -64,7 +64,6 @@ def _train(args) -> int:
     from fastnn import data
 
     backend = fn.use_backend(args.backend)
-    fn.set_precision(args.precision)
     if args.threads:
         fn.set_num_threads(args.threads)
     fn.manual_seed(args.seed)

@@ -105,6 +105,7 @@ class GraphedStep:
         self.batch_losses = batch_losses
         self.batch = len(xb)
         self.dtype = optimizer.groups[0].dtype
+        self.suffix = "f32" if self.dtype == np.float32 else "f64"  # of the dtype's kernels
         self.forced = mode() == "force"
         xp = backend.xp
         n_batches = len(batch_losses)
@@ -183,10 +184,9 @@ class GraphedStep:
         if opt.step_count < 1:
             raise CaptureUnsupported("no ordinary step has run yet")
         # Modules load before the capture: only kernel launches belong in it.
-        suffix = "f32" if self.dtype == np.float32 else "f64"
         backend._kernel("graph_step.cu", "step_begin")
-        backend._kernel("graph_step.cu", f"step_end_{suffix}")
-        backend._kernel("optim.cu", f"adam_captured_{suffix}")
+        backend._kernel("graph_step.cu", f"step_end_{self.suffix}")
+        backend._kernel("optim.cu", f"adam_captured_{self.suffix}")
         stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.cuda.MemoryPool()
         backend._blas.bind(int(stream.ptr))  # before the capture: cuBLAS cannot be re-bound in it
@@ -219,12 +219,12 @@ class GraphedStep:
         x_words, y_words = _words(self.Xd), _words(self.yd)
         x_row = x_words.size // len(self.Xd)
         y_row = y_words.size // len(self.yd)
+        scalar_words = SCALAR_SLOTS * self.dtype.itemsize // 4
         begin = backend._kernel("graph_step.cu", "step_begin")
-        total = self.batch * (x_row + y_row) + SCALAR_SLOTS * self.dtype.itemsize // 4
-        backend._launch_1d(begin, total, (
+        backend._launch_1d(begin, self.batch * (x_row + y_row) + scalar_words, (
             x_words, _words(self.xb), np.int64(x_row), y_words, _words(self.yb), np.int64(y_row),
             self.order, np.int64(self.batch), self.counter, _words(self.table),
-            _words(self.scalars), np.int64(SCALAR_SLOTS * self.dtype.itemsize // 4),
+            _words(self.scalars), np.int64(scalar_words),
         ))
         self.optimizer.zero_grad()
         loss = self.loss_fn.forward(self.model.forward(self.xb), self.yb)
@@ -232,8 +232,7 @@ class GraphedStep:
             raise CaptureUnsupported(f"the loss is a {type(loss).__name__}, not a 0-d device array")
         self.model.backward(self.loss_fn.backward())
         self.optimizer.step()
-        suffix = "f32" if self.dtype == np.float32 else "f64"
-        end = backend._kernel("graph_step.cu", f"step_end_{suffix}")
+        end = backend._kernel("graph_step.cu", f"step_end_{self.suffix}")
         end((1,), (32,), (loss, self.batch_losses, self.counter))
         return loss
 

@@ -91,10 +91,16 @@ def test_workspace_is_set_again_after_every_stream_change(shim, fake_cupy):
         with stream:
             handle.gemm(a, a, np.empty_like(a), False, False, data_type=cublas.R_32F,
                         compute=cublas.COMPUTE_32F)
+
+
+def test_a_failed_call_raises_with_its_name_and_status(shim, fake_cupy):
+    handle = cublas.Handle(fake_cupy, shim)
+    a = np.eye(3, dtype=np.float32)
+    handle.gemm(a, a, np.empty_like(a), False, False, data_type=cublas.R_32F,
+                compute=cublas.COMPUTE_32F)  # live: bound to the current stream
     handle.close()
+    handle._handle = ctypes.addressof(ctypes.c_int(0))  # the shim: NOT_INITIALIZED (1)
     with pytest.raises(cublas.CublasError, match=r"cublasGemmEx failed with cublasStatus 1"):
-        handle._handle = ctypes.addressof(ctypes.c_int(0))  # not a live handle
-        handle._stream = 0
         handle.gemm(a, a, np.empty_like(a), False, False, data_type=cublas.R_32F,
                     compute=cublas.COMPUTE_32F)
 

@@ -242,10 +242,7 @@ class CupyBackend(Backend):
         if not (self.prepares_gemm_operands and self._fusable(x) and x.dtype == np.float32
                 and x.ndim == 2):
             return x
-        bits = bits_buffer(x.shape)
-        self._launch_1d(self._kernel("convert.cu", "f32_to_bf16"), x.size,
-                        (x, bits, np.int64(x.size)))
-        return _Bf16Operand(x, bits)
+        return _Bf16Operand(x, self._write_bf16(x, bits_buffer(x.shape)))
 
     def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
         a_bits, b_bits = getattr(a, "bits", None), getattr(b, "bits", None)
@@ -278,6 +275,10 @@ class CupyBackend(Backend):
         bits = self._bf16.get(key)
         if bits is None:
             bits = self._bf16[key] = self.xp.empty((x.size,), dtype=np.uint16)
+        return self._write_bf16(x, bits)
+
+    def _write_bf16(self, x, bits):
+        """One f32_to_bf16 launch: ``bits`` (uint16, x.size elements) = bf16(x)."""
         self._launch_1d(self._kernel("convert.cu", "f32_to_bf16"), x.size,
                         (x, bits, np.int64(x.size)))
         return bits

@@ -7,7 +7,8 @@
 #
 # Report: ${FASTNN_RESULTS_DIR:-bench/results}/gpu-check-<UTC time>.txt with the
 # nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table, the
-# pytest output (GPU tests included, slow CPU-only tests left out), the main
+# pytest output (GPU tests included, slow CPU-only tests left out; interrupted
+# after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept), the main
 # job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
 # time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
 # (+ .png when matplotlib is there) beside it. The benchmark runs under a time
@@ -135,8 +136,13 @@ kernel_bandwidth() {
 install_local_wheels 2>&1 | tee "$REPORT"
 environment_info 2>&1 | tee -a "$REPORT"
 section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
-"$PYTHON" -m pytest -q tests -m "gpu or not slow" -ra -p no:cacheprovider 2>&1 | tee -a "$REPORT"
+# SIGINT at the guard: pytest stops and still prints its summary of what ran
+# (a hung GPU test must not eat the benchmark's share of the device time).
+timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-240}" \
+    "$PYTHON" -m pytest -q tests -m "gpu or not slow" -ra --durations=10 -p no:cacheprovider 2>&1 \
+    | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
+(( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
 digits_by_precision 2>&1 | tee -a "$REPORT"
 kernel_bandwidth 2>&1 | tee -a "$REPORT"

@@ -152,6 +152,8 @@ class GraphedStep:
         return True
 
     def replay(self) -> None:
+        if self.graph is None:  # ready() said False, or new_epoch dropped it for new settings
+            raise RuntimeError("GraphedStep.replay: no recorded step (call ready(b) first)")
         self.optimizer.step_count += 1  # what optimizer.step() does on the host
         self.graph.launch()
 

@@ -326,20 +326,23 @@ def test_steps_the_graph_cannot_hold_stay_per_op(fake_gpu, monkeypatch):
         assert "rows of 3 bytes" in reason(backend, model, fn.CrossEntropyLoss(), opt, odd, yd, 100)
 
 
-def test_bench_graph_contender_is_fits_replay_path(fake_gpu):
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bf16"])
+def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
     """fastnn-cupy-graph: 20 replays over 16 batches (an epoch wrap) give the
-    numbers of the same 21 steps run op by op over the same order."""
+    numbers of the same 21 steps run op by op over the same order, at each GEMM
+    precision (the epoch wrap happens outside the recording's precision block:
+    the graph must not be dropped there)."""
     from fastnn import benchmarking as bm
     from fastnn.nn.module import training_step_mode
 
     backend = fake_gpu[0]
-    w = bm.Workload("t", (6, 16, 4), 8, optimizer="adam", lr=1e-2)
+    w = bm.Workload("t", (6, 16, 4), 8, optimizer="adam", lr=1e-2, precision=precision)
     run = bm.make_step(w, "fastnn-cupy-graph")
     last = run(20)
-    assert FakeGraph.made[-1].launches == 20
+    assert FakeGraph.made[-1].launches == 20 and len(FakeGraph.made) == 1
     got = run.model.state_dict()
 
-    with fn.use_backend(backend):
+    with fn.use_backend(backend), fn.precision.using(precision):
         model, loss_fn, opt = bm.build_fastnn_model(w)
         parts = [bm.make_batch(w, i) for i in range(16)]
         X = np.concatenate([x for x, _ in parts])

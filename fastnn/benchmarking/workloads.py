@@ -264,18 +264,31 @@ def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
                 raise RuntimeError(f"fastnn-cupy-graph: recording failed: {graphed.failed}")
     position = {"batch": 1}
 
-    def run(k: int) -> float:
-        with fn.use_backend(B):
+    def enqueue(k: int) -> None:
+        """Queue k replays (no synchronize: the profiler times them with events).
+        Under the workload's precision: a new epoch at another precision than the
+        recording's would drop the graph."""
+        with fn.use_backend(B), use_precision(w.precision):
             for _ in range(k):
                 if position["batch"] == batches:
                     graphed.new_epoch(order)
                     position["batch"] = 0
                 graphed.replay()
                 position["batch"] += 1
-            B.synchronize()
-            return float(losses[position["batch"] - 1])
+
+    def restart() -> None:
+        """A new epoch now, so the next ``batches`` replays queue no host copy."""
+        with fn.use_backend(B), use_precision(w.precision):
+            graphed.new_epoch(order)
+        position["batch"] = 0
+
+    def run(k: int) -> float:
+        enqueue(k)
+        B.synchronize()
+        return float(losses[position["batch"] - 1])
 
     run.model = model
+    run.enqueue, run.restart, run.batches = enqueue, restart, batches
     run.graph = graphed  # keeps the graph and what it points at alive
     return run
 

@@ -10,7 +10,7 @@
 # pytest output (GPU tests included, slow CPU-only tests left out; interrupted
 # after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept), the main
 # job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
-# time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
+# time>.json), the step profile (gpu-profile-<UTC time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
 # (+ .png when matplotlib is there) beside it. The benchmark runs under a time
 # guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
 # the bench gets what is left, at most 300 s; its JSON is rewritten after every
@@ -83,6 +83,14 @@ PY
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+# Where each step's time goes (host vs device, per layer and op, the graph
+# replay), for reading any missed target: gpu-profile-<UTC time>.json.
+step_profile() {
+    section "python -m fastnn.benchmarking.gpu_profile"
+    timeout -k 5 120 "$PYTHON" -m fastnn.benchmarking.gpu_profile \
+        --json "$RESULTS_DIR/gpu-profile-$STAMP.json" || echo "gpu-check: step profile failed ($?)"
+}
+
 gpu_bench() {
     local budget="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
     local limit=$(( budget - SECONDS ))
@@ -146,6 +154,7 @@ status=${PIPESTATUS[0]}
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
 digits_by_precision 2>&1 | tee -a "$REPORT"
 kernel_bandwidth 2>&1 | tee -a "$REPORT"
+step_profile 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
 exit "$status"

@@ -15,6 +15,8 @@ Usage in a test module::
   carries ``@pytest.mark.gpu``.
 * ``backend_name`` -- the parameter itself, for tests that only need the name.
 * ``xp_to_numpy`` -- ``fastnn.to_numpy``: any backend array -> ``numpy.ndarray``.
+* ``fake_gpu`` -- the CuPy backend on ``tests/fake_cupy.py`` (NumPy stand-ins for
+  CuPy and libcublas), for checking GPU code paths on the CPU.
 
 Hypothesis: the "fastnn" profile loaded here keeps example counts modest
 (``max_examples=20``; override per test with ``@settings``), disables the deadline
@@ -27,6 +29,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import fastnn
+from fake_cupy import fake_gpu  # noqa: F401 (the fixture: CupyBackend on a NumPy stand-in)
 from fastnn.backends import BACKEND_NAMES
 
 settings.register_profile(

@@ -12,6 +12,8 @@ are kept (with the very arrays they were given) instead of run, and the
 graph's ``launch`` runs them again. That is what a CUDA graph does with the
 device pointers it recorded, so the bookkeeping of fastnn/cuda_graph.py
 (static buffers, step counter, per-step scalars) is checked on the CPU.
+Events read a clock that counts the launches run (``_clock``), so a timing
+taken between two events says how many kernels and GEMMs ran in between.
 Anything else done while recording (a NumPy op standing in for a CuPy one)
 runs once, at once: a step that leans on one does not replay correctly here.
 """
@@ -22,8 +24,13 @@ import ctypes
 import re
 import types
 
-import numpy as np
+import sys
 
+import numpy as np
+import pytest
+
+import fastnn as fn
+from fastnn.backends import cublas
 from fastnn.backends.activations import ACTIVATIONS
 
 _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
@@ -141,6 +148,8 @@ def _emulate(kernel: str, a: dict) -> None:
 
         n = int(a["n"])
         flat["out"][:n] = bf16_bits(flat["x"][:n])
+    elif stem == "spin_ns":
+        pass  # holds the stream for a while: the fake's clock counts launches only
     else:
         raise AssertionError(f"no emulation for kernel {kernel}")
 
@@ -160,6 +169,7 @@ class FakeGraph:
         assert not _recording(), "a graph launched inside a capture"
         self.launches += 1
         for call in self.calls:
+            _clock[0] += 1
             call()
 
 
@@ -210,7 +220,29 @@ def _run_or_record(call) -> None:
     if _recording():
         _streams[-1].recorded.append(call)
     else:
+        _clock[0] += 1
         call()
+
+
+# The fake device's clock: launches run so far (kernels and GEMMs, replayed
+# ones included), one "millisecond" each, so event timings count launches.
+_clock = [0]
+
+
+class FakeEvent:
+    def __init__(self, *args, **kwargs):
+        self.time = None
+
+    def record(self, stream=None):
+        self.time = _clock[0]
+
+    def synchronize(self):
+        assert self.time is not None, "synchronize on an event never recorded"
+
+
+def get_elapsed_time(start, end) -> float:
+    assert start.time is not None and end.time is not None, "elapsed time of an unrecorded event"
+    return float(end.time - start.time)
 
 
 class FakeCublas:
@@ -342,6 +374,7 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
     fake.RawModule = RawModule
     fake.cuda = types.SimpleNamespace(
         Stream=FakeStream, get_current_stream=lambda: _streams[-1], Graph=FakeGraph,
+        Event=FakeEvent, get_elapsed_time=get_elapsed_time,
         MemoryPool=FakeMemoryPool, using_allocator=lambda malloc: contextlib.nullcontext(),
         runtime=types.SimpleNamespace(
             getDeviceCount=get_device_count, getDevice=lambda: 0,
@@ -357,3 +390,36 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
     return fake
 
 
+# ---------------------------------------------------------------- the fixture
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """(CupyBackend on the fake cupy with the fake cuBLAS, launched kernel names, the fake lib)."""
+    from fastnn.backends import cupy_backend
+
+    launches: list[str] = []
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    lib = FakeCublas()
+    monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)
+    monkeypatch.setenv("FASTNN_FAST_PATH", "0")  # the one-launch tiny-MLP kernel is another test's
+    backend = cupy_backend.CupyBackend()
+    assert backend._blas is not None, backend.blas_status
+    # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
+    monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
+    from fastnn import backends as registry
+    from fastnn import precision
+
+    monkeypatch.setitem(registry._instances, "cupy", backend)  # use_backend("cupy") finds it
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked
+    monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
+    FakeGraph.made = []
+    yield backend, launches, lib
+    monkeypatch.undo()  # the real apply_to_cupy again, and no fake cupy to apply it to
+    fn.set_precision("float32")
+
+
+def _counting_init(init):
+    def counted(self, calls):
+        init(self, calls)
+        FakeGraph.made.append(self)
+    return counted

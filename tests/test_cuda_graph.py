@@ -16,45 +16,11 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fake_cupy import FakeCublas, FakeGraph, _fake_cupy
+from fake_cupy import FakeGraph, _fake_cupy
 from fastnn import cuda_graph
 from fastnn.backends import cublas
 from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.precision import bf16_round
-
-
-@pytest.fixture
-def fake_gpu(monkeypatch):
-    """(CupyBackend on the fake cupy with the fake cuBLAS, launched kernel names, the fake lib)."""
-    from fastnn.backends import cupy_backend
-
-    launches: list[str] = []
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches))
-    monkeypatch.setattr(cupy_backend, "_modules", {})
-    lib = FakeCublas()
-    monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)
-    monkeypatch.setenv("FASTNN_FAST_PATH", "0")  # the one-launch tiny-MLP kernel is another test's
-    backend = cupy_backend.CupyBackend()
-    assert backend._blas is not None, backend.blas_status
-    # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
-    monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
-    from fastnn import backends as registry
-    from fastnn import precision
-
-    monkeypatch.setitem(registry._instances, "cupy", backend)
-    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked  # use_backend("cupy") finds it
-    monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
-    FakeGraph.made = []
-    yield backend, launches, lib
-    monkeypatch.undo()  # the real apply_to_cupy again, and no fake cupy to apply it to
-    fn.set_precision("float32")
-
-
-def _counting_init(init):
-    def counted(self, calls):
-        init(self, calls)
-        FakeGraph.made.append(self)
-    return counted
 
 
 # =========================================================== cuBLAS argument mapping

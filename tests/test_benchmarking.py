@@ -153,6 +153,35 @@ def test_gpu_run_plumbing_without_a_gpu(tmp_path, capsys, monkeypatch):
     assert [r["contender"] for r in doc["results"]] == ["floor"]
 
 
+def test_gpu_bench_runs_every_fastnn_gpu_contender_on_the_fake_device(fake_gpu, tmp_path, capsys,
+                                                                         monkeypatch):
+    """``fastnn bench --device gpu`` as gpu-check runs it, on the NumPy stand-in for
+    CuPy: every fastnn GPU contender at every precision (the floor, op by op, the
+    graph replay over several epochs) is measured, none skipped; the one-launch
+    kernel (numba.cuda) and torch-cuda say why they are not there."""
+    small = {f"g{tag}": bm.Workload(f"g{tag}", (32, 64, 64, 10), 64, default=False, precision=p)
+             for tag, p in (("", "float32"), ("-tf32", "tf32"), ("-bf16", "bf16"))}
+    small["gx"] = bm.Workload("gx", (2, 8, 1), 4, loss="mse", optimizer="adam", hidden_act="tanh",
+                              out_act="sigmoid", lr=0.05, default=False)
+    for name, w in small.items():
+        monkeypatch.setitem(bm.GPU_WORKLOADS, name, w)
+        monkeypatch.setitem(bm.ALL_WORKLOADS, name, w)
+    monkeypatch.setattr(bm, "resolve_device", lambda requested="auto": ("gpu", None))
+    monkeypatch.setattr(bm, "probe_torch_cuda", lambda: (False, {"error": "stub: no CUDA"}))
+    path = tmp_path / "gpu.json"
+    assert main(["bench", "--device", "gpu", "--workloads", ",".join(small), "--rounds", "1",
+                 "--samples", "1", "--json", str(path)]) == 0
+    doc = json.loads(path.read_text())
+    ran = {(r["workload"], r["contender"]) for r in doc["results"]}
+    for name in ("g", "g-tf32", "g-bf16", "gx"):
+        assert {(name, "fastnn-cupy"), (name, "fastnn-cupy-graph")} <= ran, (name, ran)
+    assert ("g", "floor-cupy") in ran and ("g-tf32", "floor-cupy") in ran
+    assert ("g-bf16", "floor-cupy") not in ran  # CuPy has no bf16 GEMM: no floor offered
+    skipped = json.dumps(doc["skipped"])
+    assert "fastnn-cupy-kernel" in skipped and "numba.cuda" in skipped
+    assert all(math.isfinite(r["ms_per_step"]) for r in doc["results"])
+
+
 def test_gpu_table_columns():
     rows = [bm.Result("e", "fastnn-cupy", 45.0, 44.0, 8192 / 0.045, x_floor=1.02, x_torch=0.99,
                       x_graph=0.98, info={"loss": 2.3}),

@@ -8,15 +8,18 @@
 # Report: ${FASTNN_RESULTS_DIR:-bench/results}/gpu-check-<UTC time>.txt with the
 # nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table, the
 # pytest output (GPU tests included, slow CPU-only tests left out; interrupted
-# after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept), the main
+# after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept;
+# FASTNN_GPU_CHECK_TESTS narrows the test paths, default tests), the main
 # job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
 # time>.json), the step profile (gpu-profile-<UTC time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
 # (+ .png when matplotlib is there) beside it. The benchmark runs under a time
 # guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
 # the bench gets what is left, at most 300 s; its JSON is rewritten after every
 # workload, so a cut-short run keeps what it measured). Exits with pytest's
-# status (the benchmark's is reported, never returned). Never installs the test extra (these machines are offline
-# and already carry what the tests need); wheels placed in .whl/ (e.g. a
+# status (the benchmark's is reported, never returned), or 3 when pytest passed
+# but no GPU was usable (a dry run of the script, not a GPU check). Never
+# installs the test extra (these machines are offline and already carry what
+# the tests need); wheels placed in .whl/ (e.g. a
 # cupy-cuda13x wheel) are installed from that folder only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -147,7 +150,8 @@ section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
 # SIGINT at the guard: pytest stops and still prints its summary of what ran
 # (a hung GPU test must not eat the benchmark's share of the device time).
 timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-240}" \
-    "$PYTHON" -m pytest -q tests -m "gpu or not slow" -ra --durations=10 -p no:cacheprovider 2>&1 \
+    "$PYTHON" -m pytest -q ${FASTNN_GPU_CHECK_TESTS:-tests} -m "gpu or not slow" -ra --durations=10 \
+        -p no:cacheprovider 2>&1 \
     | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
 (( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"
@@ -157,4 +161,10 @@ kernel_bandwidth 2>&1 | tee -a "$REPORT"
 step_profile 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
+if ! "$PYTHON" -c "import sys, fastnn; sys.exit(fastnn.available_backends()['cupy'] is not None)" \
+        2>/dev/null; then
+    # A run without a usable GPU checks the script, not the GPU code: never a pass.
+    echo "gpu-check: NOT A GPU RUN: fastnn's CuPy backend is unusable here (see above)" | tee -a "$REPORT"
+    (( status == 0 )) && status=3
+fi
 exit "$status"

@@ -1,4 +1,5 @@
 """The command line: fastnn info, fastnn train (with --plot / --save), python -m fastnn."""
+import os
 import subprocess
 import sys
 
@@ -69,6 +70,36 @@ def test_python_dash_m_fastnn():
     result = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 0 and "backends:" in result.stdout, result.stderr
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_without_a_gpu(tmp_path):
+    """The whole script on a CPU with one small test file: every section runs and
+    reports (a GPU step failing here says so and the script goes on), the report
+    lands in FASTNN_RESULTS_DIR, and the exit status is 3: not a GPU check."""
+    import pathlib
+    import shutil
+
+    if fn.available_backends()["cupy"] is None:
+        pytest.skip("a usable GPU here: the dry run is for machines without one")
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FASTNN_RESULTS_DIR=str(tmp_path), PYTHON=sys.executable,
+               FASTNN_GPU_CHECK_TESTS="tests/test_precision.py")
+    proc = subprocess.run([bash, str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
+    reports = list(tmp_path.glob("gpu-check-*.txt"))
+    assert len(reports) == 1
+    text = reports[0].read_text()
+    for section in ("## nvidia-smi", "## fastnn info", "## pytest", "passed",
+                    "--precision bf16", "## python -m fastnn.benchmarking.gpu_kernels",
+                    "## python -m fastnn.benchmarking.gpu_profile", "## fastnn bench --device gpu",
+                    "gpu-check: pytest exit status 0", "NOT A GPU RUN"):
+        assert section in text, section
+    assert "unbound variable" not in proc.stderr + text
 
 
 def test_gpu_check_script_parses():

@@ -142,3 +142,21 @@ __device__ T block_reduce(T v, T* smem) {
     __syncthreads();
     return smem[0];
 }
+
+// ---- bfloat16 (bf16 mixed-precision GEMM inputs)
+// bfloat16 is the top half of a float32, so the conversion is integer work on
+// the bits (no cuda_bf16.h: NVRTC here gets no system headers). Round to
+// nearest, ties to even: add 0x7fff plus the lowest kept bit, then truncate.
+// The carry may ripple into the exponent: a value past the largest bf16 then
+// becomes inf, as IEEE rounding requires. The NumPy reference,
+// fastnn.precision.bf16_bits, takes exactly the same steps.
+__device__ __forceinline__ unsigned short fn_f32_to_bf16_bits(float x) {
+    const unsigned int u = __float_as_uint(x);
+    if ((u & 0x7fffffffu) > 0x7f800000u) {
+        // NaN: the rounding add could carry a payload into inf (or wrap past
+        // the sign); keep the sign and top payload bits and force the quiet bit.
+        return (unsigned short)((u >> 16) | 0x0040u);
+    }
+    const unsigned int lowest_kept = (u >> 16) & 1u;
+    return (unsigned short)((u + 0x7fffu + lowest_kept) >> 16);
+}

@@ -32,6 +32,7 @@ import pytest
 import fastnn as fn
 from fastnn.backends import cublas
 from fastnn.backends.activations import ACTIVATIONS
+from fastnn.precision import bf16_bits as _bf16_bits
 
 _SIGNATURE = re.compile(r'extern\s+"C"\s+__global__\s+void\s+(\w+)\s*\(([^)]*)\)')
 _C_TYPES = {  # C parameter type -> (is_pointer, numpy dtype)
@@ -65,17 +66,21 @@ def _emulate(kernel: str, a: dict) -> None:
     """Run kernel ``kernel`` in NumPy, reading arguments by their C names."""
     stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", kernel)
     flat = {k: v.reshape(-1) for k, v in a.items() if isinstance(v, np.ndarray)}
-    if stem == "bias_act":
+    if stem in ("bias_act", "bias_act_bf16"):
         z = a["z"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         if a["has_bias"]:
             z += a["bias"]
         spec = _act_by_code(int(a["act"]))
         a["out"].reshape(z.shape)[...] = spec.forward(np, z, a["alpha"])
-    elif stem == "act_backward":
+        if stem == "bias_act_bf16":
+            flat["bits"][:z.size] = _bf16_bits(flat["out"][:z.size])
+    elif stem in ("act_backward", "act_backward_bf16"):
         n, spec = int(a["n"]), _act_by_code(int(a["act"]))
         pre = flat["pre"][:n] if a["use_pre"] else None
         y = None if spec.name == "gelu" else flat["y"][:n]
         flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
+        if stem == "act_backward_bf16":
+            flat["bits"][:n] = _bf16_bits(flat["out"][:n])
     elif stem == "softmax_xent":
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         rows = np.arange(x.shape[0])
@@ -144,10 +149,8 @@ def _emulate(kernel: str, a: dict) -> None:
         flat["losses"][step] = flat["loss"][0]
         flat["counter"][0] = step + 1
     elif stem == "f32_to_bf16":
-        from fastnn.precision import bf16_bits
-
         n = int(a["n"])
-        flat["out"][:n] = bf16_bits(flat["x"][:n])
+        flat["out"][:n] = _bf16_bits(flat["x"][:n])
     elif stem == "spin_ns":
         pass  # holds the stream for a while: the fake's clock counts launches only
     else:

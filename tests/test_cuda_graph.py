@@ -93,6 +93,64 @@ def test_bf16_linear_converts_each_operand_once_per_pass(fake_gpu, monkeypatch):
     np.testing.assert_allclose(dx, dyr @ wr.T, rtol=1e-5, atol=1e-6)
 
 
+def _bf16_mlp_steps(backend, launches=(), steps=3):
+    """A 4-layer MLP (relu, tanh, gelu) trained ``steps`` Adam steps under bf16 on
+    ``backend``; returns (state dict, the kernel launches of the last step, from
+    the fake's ``launches`` list)."""
+    from fastnn.nn.module import training_step_mode
+
+    fn.manual_seed(5)
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((16, 12)).astype(np.float32)
+    labels = rng.integers(0, 3, 16)
+    with fn.use_backend(backend), fn.precision.using("bf16"):
+        model = fn.Sequential(fn.Linear(12, 20), fn.ReLU(), fn.Linear(20, 20), fn.Tanh(),
+                              fn.Linear(20, 8), fn.GELU(), fn.Linear(8, 3))
+        loss_fn, opt = fn.CrossEntropyLoss(), fn.Adam(model.parameters(), lr=1e-2)
+        with training_step_mode(model):
+            for _ in range(steps):
+                before = len(launches)
+                opt.zero_grad()
+                loss_fn.forward(model.forward(x), labels)
+                model.backward(loss_fn.backward())
+                opt.step()
+    return model.state_dict(), list(launches[before:])
+
+
+def test_bf16_hidden_layers_write_their_bf16_copies_in_the_activation_pass(fake_gpu, monkeypatch):
+    """Under bf16, Linear -> act -> Linear hands the activation's output over with
+    its bf16 bits made in the same launch (bias_act_bf16), and a hidden layer's dz
+    takes its bits from act_backward_bf16: per step the conversions left are the
+    input, each weight and the last layer's dz, and the trained weights are those
+    of converting each operand separately, bit for bit."""
+    backend, launches, _ = fake_gpu
+    fused, step = _bf16_mlp_steps(backend, launches)
+    assert step.count("bias_act_bf16") == 3 and step.count("act_backward_bf16") == 3
+    assert step.count("f32_to_bf16") == 1 + 4 + 1  # x, the 4 weights, the last dz
+    base = type(backend).__mro__[1]
+    monkeypatch.setattr(backend, "bias_act_operand", base.bias_act_operand.__get__(backend))
+    monkeypatch.setattr(backend, "act_backward_operand", base.act_backward_operand.__get__(backend))
+    separate, step = _bf16_mlp_steps(backend, launches)
+    assert "bias_act_bf16" not in step and step.count("f32_to_bf16") == 3 * 4
+    for name, value in fused.items():
+        np.testing.assert_array_equal(value, separate[name], err_msg=name)
+
+
+def test_bf16_operand_is_not_reused_after_a_reshape_or_outside_sequential(fake_gpu):
+    """The hand-over is between a Sequential's own layers only: a Linear called
+    by the user gets and returns plain arrays."""
+    backend, launches, _ = fake_gpu
+    with fn.use_backend(backend), fn.precision.using("bf16"):
+        a, b = fn.Linear(4, 6), fn.Linear(6, 2)
+        h = a.forward_fused(np.ones((3, 4), np.float32), "relu", 0.0)
+        assert isinstance(h, np.ndarray) and b(h).shape == (3, 2)
+        model = fn.Sequential(fn.Linear(4, 6), fn.ReLU(), fn.Linear(6, 2))
+        out = model(np.ones((2, 3, 4), np.float32))  # 3-D input: rows reshaped, no hand-over
+        assert isinstance(out, np.ndarray) and out.shape == (2, 3, 2)
+        assert isinstance(model(np.ones((3, 4), np.float32)), np.ndarray)
+    assert "bias_act_bf16" in launches
+
+
 def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
     backend, _, lib = fake_gpu
     a = np.ones((2, 2), np.float32)
@@ -371,6 +429,19 @@ def test_gpu_own_cublas_matches_numpy(gpu, trans_a, trans_b):
     b_arg = np.ascontiguousarray(b.T) if trans_b else b
     got = gpu.gemm(gpu.asarray(a_arg), gpu.asarray(b_arg), trans_a=trans_a, trans_b=trans_b)
     np.testing.assert_allclose(gpu.to_numpy(got), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_fused_operand_bits_train_like_separate_conversions(gpu, monkeypatch):
+    """bias_act_bf16 / act_backward_bf16 round exactly as f32_to_bf16: the fused
+    hand-over trains to the same bits as converting each operand on its own."""
+    fused, _ = _bf16_mlp_steps(gpu)
+    base = type(gpu).__mro__[1]
+    monkeypatch.setattr(gpu, "bias_act_operand", base.bias_act_operand.__get__(gpu))
+    monkeypatch.setattr(gpu, "act_backward_operand", base.act_backward_operand.__get__(gpu))
+    separate, _ = _bf16_mlp_steps(gpu)
+    for name, value in fused.items():
+        np.testing.assert_array_equal(value, separate[name], err_msg=name)
 
 
 @pytest.mark.gpu

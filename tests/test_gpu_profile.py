@@ -70,12 +70,19 @@ def test_profile_leaves_model_and_backend_unpatched(fake_gpu):
 
 
 def test_profile_under_bf16_counts_the_operand_conversions(fake_gpu):
-    """bf16: a layer converts its input and weight (forward) and dz (backward)."""
+    """bf16: the first layer converts its input and weight; a hidden layer's
+    activation writes the next layer's bf16 input (bias_act_operand) and, in
+    backward, its dz's bits (act_backward_operand) in the same launch, so the
+    next layer converts only its weight; the last layer converts its dz."""
     backend = fake_gpu[0]
     w = Workload("s16", (12, 16, 4), 8, precision="bf16")
     r = gpu_profile.profile_workload(w, backend, peak_size=16)
+    _, ops = _ops(r, "[0] Linear(12 -> 16) + relu forward")
+    assert ops["gemm_operand"]["calls"] == 2 and ops["bias_act_operand"]["ms"] == 1.0
     _, ops = _ops(r, "[2] Linear(16 -> 4) forward")
-    assert ops["gemm_operand"]["calls"] == 2
+    assert ops["gemm_operand"]["calls"] == 1  # the weight only
+    _, ops = _ops(r, "[0] Linear(12 -> 16) + relu backward")
+    assert ops["act_backward_operand"]["ms"] == 1.0 and "gemm_operand" not in ops
     _, ops = _ops(r, "[2] Linear(16 -> 4) backward")
     assert ops["gemm_operand"]["calls"] == 1 and ops["gemm"]["calls"] == 2
 

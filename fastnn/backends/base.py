@@ -88,6 +88,18 @@ class Backend:
         into ``bits_buffer(shape)`` (a uint16 buffer the caller keeps)."""
         return x
 
+    def bias_act_operand(self, z, bias, act: str, alpha: float = 0.0, out=None, bits_buffer=None):
+        """``bias_act``, its result prepared as the next layer's GEMM input
+        (``gemm_operand``): a Linear followed by a Linear asks for both at once,
+        which the CuPy backend under bf16 does in one pass. Here, two calls."""
+        return self.gemm_operand(self.bias_act(z, bias, act, alpha, out), bits_buffer)
+
+    def act_backward_operand(self, dy, y, act: str, pre=None, alpha: float = 0.0, out=None,
+                             bits_buffer=None):
+        """``act_backward``, its result (a layer's dz) prepared as the input of
+        the layer's two backward GEMMs (``gemm_operand``), as bias_act_operand."""
+        return self.gemm_operand(self.act_backward(dy, y, act, pre, alpha, out), bits_buffer)
+
     def bias_grad(self, dz, out=None):
         """Sum of ``dz`` (N, F) over the batch -> (F,)."""
         return dz.sum(axis=0, out=out)
@@ -217,6 +229,21 @@ def adam_bias_correction(step: int, lr: float, beta1: float, beta2: float):
     """``(lr / (1 - beta1**step), sqrt(1 - beta2**step))`` in double precision on
     the host, as torch.optim.Adam computes them; every backend casts these."""
     return lr / (1 - beta1 ** step), (1 - beta2 ** step) ** 0.5
+
+
+class GemmOperand:
+    """A float32 GEMM operand with its bf16 bits, made once by ``gemm_operand``
+    (or ``*_operand``) and passed to several GEMMs in place of the array."""
+
+    __slots__ = ("array", "bits")
+
+    def __init__(self, array, bits):
+        self.array, self.bits = array, bits
+
+
+def gemm_array(x):
+    """The array of a GEMM operand (itself, or a GemmOperand's float32 array)."""
+    return x.array if isinstance(x, GemmOperand) else x
 
 
 def host_array(x) -> np.ndarray:

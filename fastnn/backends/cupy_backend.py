@@ -23,7 +23,7 @@ from ..errors import BackendUnavailable, CaptureUnsupported, FastnnError
 from ..precision import get_precision
 from . import cublas, kernel_sources
 from .activations import get_activation
-from .base import Backend, adam_bias_correction, host_array
+from .base import Backend, GemmOperand, adam_bias_correction, gemm_array, host_array
 
 _FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
@@ -224,7 +224,7 @@ class CupyBackend(Backend):
         return out is None or (isinstance(out, nd) and out.dtype == a.dtype
                                and out.flags.c_contiguous)
 
-    @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(_array(a), _array(b)))
+    @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(gemm_array(a), gemm_array(b)))
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False):
         """``out = op(a) @ op(b)`` on fastnn's cuBLAS handle, at the GEMM precision
         of ``fn.set_precision`` (float32, TF32 or bf16 inputs; float64 exact).
@@ -239,14 +239,13 @@ class CupyBackend(Backend):
         """Under bf16, ``x`` (float32, 2-D, C-contiguous) with its bf16 bits in
         ``bits_buffer(shape)``: a layer converts its input and weight once in the
         forward pass and its ``dz`` once in the backward pass, not per GEMM."""
-        if not (self.prepares_gemm_operands and self._fusable(x) and x.dtype == np.float32
-                and x.ndim == 2):
+        if not (self._bf16_operand_ok(x) and self._fusable(x)):
             return x
-        return _Bf16Operand(x, self._write_bf16(x, bits_buffer(x.shape)))
+        return GemmOperand(x, self._write_bf16(x, bits_buffer(x.shape)))
 
     def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
         a_bits, b_bits = getattr(a, "bits", None), getattr(b, "bits", None)
-        a, b = _array(a), _array(b)
+        a, b = gemm_array(a), gemm_array(b)
         blas = self._blas
         if blas is None or not self._blas_operands(a, b, out):
             return super().gemm(a, b, out, trans_a, trans_b)
@@ -366,43 +365,84 @@ class CupyBackend(Backend):
     @_oom_guard("bias_act", lambda z, *a, **k: _nbytes(z))
     def bias_act(self, z, bias, act, alpha=0.0, out=None):
         """``z += bias`` (z (N, F), bias (F,) or None), ``out = act(z)``; out may be z."""
-        if out is None:
-            out = z
+        out = z if out is None else out
         code = get_activation(act).code  # ValueError for an unknown name
+        if not self._bias_act_fusable(z, bias, out):
+            return super().bias_act(z, bias, act, alpha, out)
+        self._launch_bias_act(z, bias, code, alpha, out, bits=None)
+        return out
+
+    @_oom_guard("bias_act", lambda z, *a, **k: 1.5 * _nbytes(z))
+    def bias_act_operand(self, z, bias, act, alpha=0.0, out=None, bits_buffer=None):
+        """Under bf16: bias_act and out's bf16 bits in one launch (bias_act_bf16)."""
+        out = z if out is None else out
+        code = get_activation(act).code
+        if not (bits_buffer is not None and self._bf16_operand_ok(out)
+                and self._bias_act_fusable(z, bias, out)):
+            return super().bias_act_operand(z, bias, act, alpha, out, bits_buffer)
+        bits = bits_buffer(out.shape)
+        self._launch_bias_act(z, bias, code, alpha, out, bits=bits)
+        return GemmOperand(out, bits)
+
+    def _bias_act_fusable(self, z, bias, out) -> bool:
         bias_ok = bias is None or (
             self._fusable(bias) and bias.dtype == z.dtype and bias.shape == z.shape[-1:]
         )
-        if z.ndim == 0 or not bias_ok or not self._fusable(z, out):
-            return super().bias_act(z, bias, act, alpha, out)
-        t = z.dtype.type
+        return z.ndim > 0 and bias_ok and self._fusable(z, out)
+
+    def _launch_bias_act(self, z, bias, code: int, alpha, out, bits) -> None:
+        """bias_act_f32/f64, or bias_act_bf16 writing ``bits`` too."""
         n_cols = z.shape[-1]
-        fn = self._kernel("bias_act.cu", f"bias_act_{_FLOATS[z.dtype]}")
-        self._launch_1d(fn, z.size, (
-            z, z if bias is None else bias, out, np.int64(z.size // n_cols), np.int64(n_cols),
-            np.int32(bias is not None), np.int32(code), t(alpha),
-        ))
-        return out
+        head = (z, z if bias is None else bias, out)
+        tail = (np.int64(z.size // n_cols), np.int64(n_cols), np.int32(bias is not None),
+                np.int32(code), z.dtype.type(alpha))
+        if bits is None:
+            fn, args = self._kernel("bias_act.cu", f"bias_act_{_FLOATS[z.dtype]}"), head + tail
+        else:
+            fn, args = self._kernel("bias_act.cu", "bias_act_bf16"), head + (bits,) + tail
+        self._launch_1d(fn, z.size, args)
 
     @_oom_guard("act_backward", lambda dy, *a, **k: 2 * _nbytes(dy))
     def act_backward(self, dy, y, act, pre=None, alpha=0.0, out=None):
         """``out = dy * act'(.)`` from y (or ``pre``, the pre-activation); out may be dy."""
-        if out is None:
-            out = dy
+        out = dy if out is None else out
+        args = self._act_backward_args(dy, y, act, pre, alpha, out)
+        if args is None:
+            return super().act_backward(dy, y, act, pre, alpha, out)  # or its clear error
+        fn = self._kernel("act_backward.cu", f"act_backward_{_FLOATS[dy.dtype]}")
+        self._launch_1d(fn, dy.size, args)
+        return out
+
+    @_oom_guard("act_backward", lambda dy, *a, **k: 2.5 * _nbytes(dy))
+    def act_backward_operand(self, dy, y, act, pre=None, alpha=0.0, out=None, bits_buffer=None):
+        """Under bf16: act_backward and out's bf16 bits in one launch (act_backward_bf16)."""
+        out = dy if out is None else out
+        args = self._act_backward_args(dy, y, act, pre, alpha, out) \
+            if bits_buffer is not None and self._bf16_operand_ok(out) else None
+        if args is None:
+            return super().act_backward_operand(dy, y, act, pre, alpha, out, bits_buffer)
+        bits = bits_buffer(out.shape)
+        fn = self._kernel("act_backward.cu", "act_backward_bf16")
+        self._launch_1d(fn, dy.size, args[:4] + (bits,) + args[4:])
+        return GemmOperand(out, bits)
+
+    def _act_backward_args(self, dy, y, act, pre, alpha, out):
+        """act_backward's kernel arguments (dy, y, pre, out, n, act, alpha,
+        use_pre), or None when the generic path must run (it raises the error)."""
         spec = get_activation(act)
         use_pre = pre is not None
         needs_y = act in ("sigmoid", "tanh") or not use_pre
         if (spec.needs_pre(alpha) and not use_pre) or (needs_y and y is None):
-            return super().act_backward(dy, y, act, pre, alpha, out)  # raises the clear error
+            return None
         y_arg = y if y is not None else pre
-        arrays = (dy, y_arg, out) + ((pre,) if use_pre else ())
-        if not self._fusable(*arrays):
-            return super().act_backward(dy, y, act, pre, alpha, out)
-        fn = self._kernel("act_backward.cu", f"act_backward_{_FLOATS[dy.dtype]}")
-        self._launch_1d(fn, dy.size, (
-            dy, y_arg, pre if use_pre else y_arg, out, np.int64(dy.size),
-            np.int32(spec.code), dy.dtype.type(alpha), np.int32(use_pre),
-        ))
-        return out
+        if not self._fusable(*((dy, y_arg, out) + ((pre,) if use_pre else ()))):
+            return None
+        return (dy, y_arg, pre if use_pre else y_arg, out, np.int64(dy.size),
+                np.int32(spec.code), dy.dtype.type(alpha), np.int32(use_pre))
+
+    def _bf16_operand_ok(self, x) -> bool:
+        """``x`` can take its bf16 bits in the pass that writes it (gemm_operand's test)."""
+        return self.prepares_gemm_operands and x.dtype == np.float32 and x.ndim == 2
 
     # ------------------------------------------------------------ losses
     @_oom_guard("softmax_xent", lambda logits, *a, **k: _nbytes(logits) + 8 * logits.shape[0])
@@ -542,20 +582,6 @@ class CupyBackend(Backend):
 # compiling the same file at once.
 _modules: dict = {}
 _compile_lock = threading.Lock()
-
-
-class _Bf16Operand:
-    """A float32 GEMM operand and its bf16 bits (``CupyBackend.gemm_operand``)."""
-
-    __slots__ = ("array", "bits")
-
-    def __init__(self, array, bits):
-        self.array, self.bits = array, bits
-
-
-def _array(x):
-    """The array of a GEMM operand (itself, or a _Bf16Operand's float32 array)."""
-    return x.array if isinstance(x, _Bf16Operand) else x
 
 
 def _on_gpu(x) -> bool:

@@ -113,6 +113,41 @@ def _adam(backend, n):
                              decoupled=False)
 
 
+def _under_bf16(op, *args, **kwargs):
+    """Launch ``op`` with fn.set_precision("bf16") in force: only then does an
+    ``*_operand`` op write the bf16 copy in its own pass (else it measures the
+    plain op). The copy goes to one preallocated buffer, as a layer's is."""
+    from fastnn.precision import using
+
+    bits = {}
+
+    def bits_buffer(shape):
+        if shape not in bits:
+            bits[shape] = op.__self__.xp.empty(shape, dtype=np.uint16)
+        return bits[shape]
+
+    def launch():
+        with using("bf16"):
+            op(*args, bits_buffer=bits_buffer, **kwargs)
+
+    launch.func, launch.args, launch.keywords = op, args, kwargs  # as a functools.partial's
+    return launch
+
+
+def _bias_act_bf16_relu(backend, n):
+    xp = backend.xp
+    z = _uniform(xp, n, -1, 1, 16).reshape(n // ROW, ROW)
+    bias = _uniform(xp, ROW, -1e-3, 1e-3, 17)
+    return _under_bf16(backend.bias_act_operand, z, bias, "relu", out=z)
+
+
+def _act_backward_bf16_relu(backend, n):
+    xp = backend.xp
+    dy = _uniform(xp, n, -1, 1, 18).reshape(n // ROW, ROW)
+    y = _uniform(xp, n, -1, 1, 19).reshape(n // ROW, ROW)
+    return _under_bf16(backend.act_backward_operand, dy, y, "relu", out=dy)
+
+
 def _f32_to_bf16(backend, n):
     # The GEMM-input conversion of fn.set_precision("bf16"); no public op of its own.
     return functools.partial(backend._to_bf16, _uniform(backend.xp, n, -1, 1, 15), "a")
@@ -128,6 +163,9 @@ OPS: tuple[Op, ...] = (
     Op("sgd momentum", 20, _sgd_momentum),            # read param, grad, buf; write param, buf
     Op("adam", 28, _adam),                            # read p, g, m, v; write p, m, v
     Op("f32_to_bf16", 6, _f32_to_bf16),               # read 4 B, write 2 B
+    # Under bf16 (the op sets it): the plain pass plus a 2-byte copy of its output.
+    Op("bias_act_bf16 relu in place", 10, _bias_act_bf16_relu),    # read z; write z, bits
+    Op("act_backward_bf16 relu", 14, _act_backward_bf16_relu),     # read dy, y; write dy, bits
 )
 
 

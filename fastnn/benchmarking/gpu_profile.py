@@ -39,8 +39,9 @@ from dataclasses import dataclass
 import numpy as np
 
 DEFAULT_WORKLOADS = "c,a,e,e-tf32,e-bf16,d-bf16"
-BACKEND_OPS = ("gemm", "gemm_operand", "bias_grad", "add_bias", "bias_act", "act_backward",
-               "mse", "softmax_xent", "sgd_step", "adam_step", "rmsprop_step")
+BACKEND_OPS = ("gemm", "gemm_operand", "bias_grad", "add_bias", "bias_act", "bias_act_operand",
+               "act_backward", "act_backward_operand", "mse", "softmax_xent", "sgd_step",
+               "adam_step", "rmsprop_step")
 QUEUED_STEPS = 3     # steps per queued-ahead window (few: the launch queue must not fill)
 PROFILED_STEPS = 2   # steps with events around every op (averaged)
 WALL_MIN_S = 0.05    # the wall-time sample runs at least this long

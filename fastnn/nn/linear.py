@@ -4,6 +4,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import asarray, get_backend, get_default_dtype
+from ..backends.base import GemmOperand, gemm_array
 from ..backends.activations import get_activation
 from ..errors import OutOfMemory, ShapeError
 from ..random import generator
@@ -79,12 +80,19 @@ class Linear(Module):
             return exc
         return OutOfMemory(f"{self._label()}: out of memory in {what}: {exc}")
 
-    def forward_fused(self, x, act, alpha):
-        """``act(x @ W + b)`` with the bias and activation applied in place."""
+    def forward_fused(self, x, act, alpha, emit_operand=False):
+        """``act(x @ W + b)`` with the bias and activation applied in place.
+
+        Inside a Sequential, a Linear followed by a Linear gets ``emit_operand``:
+        under bf16 on a GPU it then returns its output as the next layer's GEMM
+        operand (a ``GemmOperand``, bf16 bits written in the activation's own
+        pass), and the next layer takes ``x`` in that form.
+        """
         backend = get_backend()
-        x = self._check_input(x, backend)
+        x_operand = x if isinstance(x, GemmOperand) else None
+        x = self._check_input(gemm_array(x), backend)
         lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features)
+        x2 = x if x.ndim == 2 else x.reshape(-1, self.in_features)
         n = x2.shape[0]
         w = self.weight.data
         z = self._buffer("z", (n, self.out_features), w.dtype, backend)
@@ -92,7 +100,8 @@ class Linear(Module):
         # a GPU under fn.set_precision("bf16"); the arrays themselves otherwise).
         xq, wq = x2, w
         if backend.prepares_gemm_operands:
-            xq = backend.gemm_operand(x2, self._bits_buffer("x_bits", backend))
+            prepared = x_operand is not None and x_operand.array is x2
+            xq = x_operand if prepared else backend.gemm_operand(x2, self._bits_buffer("x_bits", backend))
             wq = backend.gemm_operand(w, self._bits_buffer("w_bits", backend))
         try:
             backend.gemm(xq, wq, out=z)
@@ -107,10 +116,17 @@ class Linear(Module):
         else:
             keep_pre = get_activation(act).needs_pre(alpha) and self.training
             y = self._buffer("y", z.shape, w.dtype, backend) if keep_pre else z
-            backend.bias_act(z, bias, act, alpha, out=y)
+            emit_operand = emit_operand and backend.prepares_gemm_operands and len(lead) == 1
+            if emit_operand:
+                y_out = backend.bias_act_operand(z, bias, act, alpha, out=y,
+                                                 bits_buffer=self._bits_buffer("y_bits", backend))
+            else:
+                backend.bias_act(z, bias, act, alpha, out=y)
             pre = z if keep_pre else None
         # __dict__ directly: skips Module.__setattr__'s registry checks (hot path).
         self.__dict__["_saved"] = (x2, x.shape, y, pre, act, alpha, xq, wq)
+        if act is not None and emit_operand:
+            return y_out
         return y.reshape(*lead, self.out_features) if len(lead) != 1 else y
 
     def _bits_buffer(self, tag, backend):
@@ -142,13 +158,17 @@ class Linear(Module):
                 f"got {tuple(dy.shape)}"
             )
         dy2 = dy.reshape(n, self.out_features)
+        dz_bits = self._bits_buffer("dz_bits", backend) if backend.prepares_gemm_operands else None
         if act is not None:
             dz = self._buffer("dz", dy2.shape, y.dtype, backend)
-            backend.act_backward(dy2, y, act, pre, alpha, out=dz)
+            if dz_bits is None:
+                backend.act_backward(dy2, y, act, pre, alpha, out=dz)
+                dzq = dz
+            else:  # dz and its bf16 bits in one pass
+                dzq = backend.act_backward_operand(dy2, y, act, pre, alpha, out=dz, bits_buffer=dz_bits)
         else:
             dz = dy2
-        dzq = backend.gemm_operand(dz, self._bits_buffer("dz_bits", backend)) \
-            if backend.prepares_gemm_operands else dz
+            dzq = dz if dz_bits is None else backend.gemm_operand(dz, dz_bits)
         w = self.weight
         w.accumulate_grad(
             lambda out: backend.gemm(xq, dzq, out=out, trans_a=True),

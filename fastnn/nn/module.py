@@ -289,15 +289,23 @@ class Sequential(Module):
                 else:
                     steps.append((m, None))
                     i += 1
+            # Fused steps whose output goes straight into another Linear: they
+            # may hand it over as that layer's GEMM operand (bf16 bits made in
+            # the activation's own pass).
+            into_linear = {j for j, (m, act) in enumerate(steps[:-1])
+                           if act is not None and type(steps[j + 1][0]) is Linear}
+            object.__setattr__(self, "_into_linear", into_linear)
             object.__setattr__(self, "_plan", steps)
         return self._plan
 
     def forward(self, x):
-        for module, act in self._steps():
+        steps = self._steps()
+        into_linear = self._into_linear
+        for i, (module, act) in enumerate(steps):
             if act is None:
                 x = module.forward(x)
             else:
-                x = module.forward_fused(x, act.act_name, act.alpha)
+                x = module.forward_fused(x, act.act_name, act.alpha, emit_operand=i in into_linear)
         return x
 
     def backward(self, dy):

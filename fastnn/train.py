@@ -11,7 +11,7 @@ import numpy as np
 from .backends import get_backend, host_array
 from .compiled import run_epochs
 from .errors import DTypeError, InputError, ShapeError, TrainingDiverged
-from .nn.module import Module, training_step_mode
+from .nn.module import Module, label_range_of, training_step_mode
 from .random import generator
 
 
@@ -79,12 +79,6 @@ def _prepare(X, y, dtype, what: str):
     y_dtype = y.dtype if y.dtype.kind in "iu" else dtype
     yd = backend.asarray(np.ascontiguousarray(y), dtype=y_dtype)
     return Xd, yd
-
-
-def _label_range(y):
-    """(min, max) of integer labels, read once on the host; None otherwise."""
-    y = host_array(y)
-    return (int(y.min()), int(y.max())) if y.dtype.kind in "iu" and y.size else None
 
 
 def _check_positive_int(name, value, minimum=1, where="fit"):
@@ -155,7 +149,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     backend = get_backend()
     dtype = _model_dtype(model)
     Xd, yd = _prepare(X, y, dtype, "fit")
-    label_range = _label_range(y)
+    label_range = label_range_of(y)
     val = None
     if validation_data is not None:
         if len(validation_data) != 2:

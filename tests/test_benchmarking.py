@@ -182,6 +182,23 @@ def test_gpu_bench_runs_every_fastnn_gpu_contender_on_the_fake_device(fake_gpu, 
     assert all(math.isfinite(r["ms_per_step"]) for r in doc["results"])
 
 
+def test_gpu_steps_never_read_the_labels_back(fake_gpu, monkeypatch):
+    """As in fit, the bench's and the profiler's GPU steps know the labels' range:
+    CrossEntropyLoss would otherwise read it from the device every step (a sync,
+    and an error inside a CUDA-graph recording)."""
+    from fastnn.benchmarking import gpu_profile
+    from fastnn.nn import losses
+
+    seen = []
+    real = losses.known_label_range
+    monkeypatch.setattr(losses, "known_label_range", lambda: seen.append(real()) or seen[-1])
+    w = bm.Workload("t", (6, 16, 4), 8)
+    bm.make_step(w, "fastnn-cupy")(3)
+    bm.make_step(w, "fastnn-cupy-graph")(3)
+    gpu_profile.profile_workload(w, fake_gpu[0], peak_size=8)
+    assert len(seen) > 10 and None not in seen, seen
+
+
 def test_gpu_table_columns():
     rows = [bm.Result("e", "fastnn-cupy", 45.0, 44.0, 8192 / 0.045, x_floor=1.02, x_torch=0.99,
                       x_graph=0.98, info={"loss": 2.3}),

@@ -70,15 +70,19 @@ class Window:
     result: object      # what the queueing function returned
 
 
-def queued_ahead(backend, enqueue, spin_s: float = SPIN_FIRST_S) -> Window:
+def queued_ahead(backend, enqueue, spin_s: float = SPIN_FIRST_S, before=None) -> Window:
     """Run ``enqueue()`` (it queues device work) while the device spins.
 
     Retried with a spin twice as long until the host's queueing takes under
     80% of it (or SPIN_MAX_S is reached); ``enqueue`` must be safe to repeat.
+    ``before()``, if given, runs ahead of each try, outside the timing (a host
+    to device copy there could wait for the spin).
     """
     cupy = backend.xp
     spin = backend._kernel("profile.cu", "spin_ns")
     while True:
+        if before is not None:
+            before()
         backend.synchronize()
         spin((1,), (1,), (np.int64(int(spin_s * 1e9)),))
         start = _event(cupy)
@@ -265,7 +269,7 @@ def profile_workload(w, backend, seed: int = 0, peaks: dict | None = None,
     import fastnn as fn
     from fastnn.benchmarking.workloads import (build_fastnn_model, fastnn_graph_step,
                                                make_batch, use_precision)
-    from fastnn.nn.module import training_step_mode
+    from fastnn.nn.module import label_range_of, training_step_mode
 
     peaks = {} if peaks is None else peaks
     with fn.use_backend(backend), use_precision(w.precision):
@@ -273,8 +277,12 @@ def profile_workload(w, backend, seed: int = 0, peaks: dict | None = None,
         X, y = make_batch(w, seed)
         xb, yb = backend.asarray(X), backend.asarray(y)
 
+        labels = label_range_of(y)
+
         def steps(k):
-            with training_step_mode(model):  # fit's inner loop, the loss left on the device
+            # fit's inner loop: the loss left on the device, the labels' range known
+            # (else CrossEntropyLoss reads it back every step, a device sync).
+            with training_step_mode(model, labels):
                 for _ in range(k):
                     opt.zero_grad()
                     loss = loss_fn.forward(model.forward(xb), yb)
@@ -324,12 +332,11 @@ def _graph_figures(w, backend, seed, fastnn_graph_step) -> dict:
     try:
         run = fastnn_graph_step(w, seed, batches=3 if big else 16)
         run(2)
-        run.restart()
-        window = queued_ahead(backend, lambda: (run.restart(), run.enqueue(run.batches)))
+        # restart() (a new epoch: order and scalar table copied from the host)
+        # runs before each try: fit pays it once per epoch, not per replay.
+        window = queued_ahead(backend, lambda: run.enqueue(run.batches), before=run.restart)
     except Exception as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
-    # restart() inside the window copies the epoch's order (a host -> device copy):
-    # included in host_ms, as fit pays it once per epoch.
     return {"device_ms": window.device_ms / run.batches, "host_ms": window.host_s / run.batches * 1e3,
             "replays": run.batches, "queued_ahead": window.queued_ahead}
 

@@ -4,7 +4,6 @@ process (runner.TorchWorker), never in the parent."""
 from __future__ import annotations
 
 import contextlib
-import os
 
 from fastnn.benchmarking.workloads import Workload, make_batch
 

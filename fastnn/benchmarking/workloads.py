@@ -190,12 +190,13 @@ def build_fastnn_model(w: Workload, seed: int = 0):
 def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
     """``run(k) -> last loss``: k training steps of fastnn on ``backend``."""
     import fastnn as fn
-    from fastnn.nn.module import training_step_mode
+    from fastnn.nn.module import label_range_of, training_step_mode
 
     with fn.use_backend(backend) as B:
         model, loss_fn, opt = build_fastnn_model(w, seed)
         X, y = make_batch(w, seed)
         xb, yb = B.asarray(X), B.asarray(y)
+    labels = label_range_of(y)  # as fit: checked once, not read back every step
 
     # fit's inner loop reads the loss every step on the CPU; on a GPU it keeps the
     # loss on the device (no host sync per step) and reads it once per epoch.
@@ -212,7 +213,7 @@ def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
     else:
         def steps(k):  # fit's inner loop
             loss = None
-            with training_step_mode(model):
+            with training_step_mode(model, labels):
                 for _ in range(k):
                     opt.zero_grad()
                     loss = loss_fn.forward(model.forward(xb), yb)
@@ -240,7 +241,7 @@ def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
     (a new epoch, with its order and counter reset, every ``batches`` steps)."""
     import fastnn as fn
     from fastnn import cuda_graph
-    from fastnn.nn.module import training_step_mode
+    from fastnn.nn.module import label_range_of, training_step_mode
 
     with fn.use_backend("cupy") as B, use_precision(w.precision):
         model, loss_fn, opt = build_fastnn_model(w, seed)
@@ -251,7 +252,9 @@ def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
         losses = B.zeros((batches,), Xd.dtype)
         order = B.asarray(np.random.default_rng(seed).permutation(len(Xd)))
         graphed = cuda_graph.GraphedStep(B, model, loss_fn, opt, Xd, yd, xb, yb, losses)
-        with training_step_mode(model):  # fit's first step, op by op: it allocates the buffers
+        # fit's first step, op by op: it allocates the buffers. The label range
+        # is known, as in fit: reading it from the device would break the recording.
+        with training_step_mode(model, label_range_of(yd)):
             B.xp.take(Xd, order[:w.batch], axis=0, out=xb)
             B.xp.take(yd, order[:w.batch], axis=0, out=yb)
             opt.zero_grad()
@@ -300,13 +303,14 @@ def fastnn_kernel_step(w: Workload, seed: int = 0):
     the losses per call, as fit makes them."""
     import fastnn as fn
     from fastnn import gpu_compiled
+    from fastnn.nn.module import label_range_of
 
     with fn.use_backend("cupy") as B:
         model, loss_fn, opt = build_fastnn_model(w, seed)
         X, y = make_batch(w, seed)
         Xd, yd = B.asarray(X), B.asarray(y)
-        label_range = (int(y.min()), int(y.max())) if y.dtype.kind in "iu" else None
-        plan = gpu_compiled.plan_for_fit(model, loss_fn, opt, Xd, yd, 10**9, w.batch, label_range)
+        plan = gpu_compiled.plan_for_fit(model, loss_fn, opt, Xd, yd, 10**9, w.batch,
+                                         label_range_of(y))
         if plan is None:
             raise RuntimeError("fastnn-cupy-kernel: the one-launch kernel does not apply here: "
                                f"{gpu_compiled.unavailable_reason() or 'not a narrow MLP'}")

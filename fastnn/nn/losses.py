@@ -9,7 +9,7 @@ import contextlib
 import numpy as np
 
 from ..backends import asarray, get_backend, host_array
-from ..errors import DTypeError, InputError, ShapeError
+from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError
 from .module import in_step_mode, known_label_range
 
 
@@ -221,7 +221,13 @@ class CrossEntropyLoss(Loss):
             raise InputError(f"{self.name}: empty batch")
         if self.check_labels:
             # Inside fit the range was read once from the host copy of y.
-            lo, hi = known_label_range() or (int(labels.min()), int(labels.max()))
+            known = known_label_range()
+            if known is None and getattr(backend, "_capture", None) is not None:
+                raise CaptureUnsupported(
+                    f"{self.name}: the labels' range is unknown while a CUDA graph records "
+                    "(reading it back would stop the recording); pass it to training_step_mode"
+                )
+            lo, hi = known or (int(labels.min()), int(labels.max()))
             if lo < 0 or hi >= c:
                 raise InputError(
                     f"{self.name}: labels must be in [0, {c - 1}] for {c} classes, got values in [{lo}, {hi}]"

@@ -51,6 +51,13 @@ def training_step_mode(model=None, label_range=None):
         _step_mode.reset(token)
 
 
+def label_range_of(y):
+    """(min, max) of integer labels, read once on the host (for
+    ``training_step_mode``'s ``label_range``); None for other targets."""
+    y = host_array(y)
+    return (int(y.min()), int(y.max())) if y.dtype.kind in "iu" and y.size else None
+
+
 def known_label_range():
     return _label_range.get()
 

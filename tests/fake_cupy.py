@@ -64,6 +64,7 @@ def _act_by_code(code):
 
 def _emulate(kernel: str, a: dict) -> None:
     """Run kernel ``kernel`` in NumPy, reading arguments by their C names."""
+    a = {name: _plain(value) for name, value in a.items()}
     stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", kernel)
     flat = {k: v.reshape(-1) for k, v in a.items() if isinstance(v, np.ndarray)}
     if stem in ("bias_act", "bias_act_bf16"):
@@ -155,6 +156,74 @@ def _emulate(kernel: str, a: dict) -> None:
         pass  # holds the stream for a while: the fake's clock counts launches only
     else:
         raise AssertionError(f"no emulation for kernel {kernel}")
+
+
+# ---------------------------------------------------------------- device arrays
+class DeviceArray(np.ndarray):
+    """What the fake cupy's functions return: a NumPy array that refuses to be
+    read by the host (``int()``, ``float()``, ``bool()``, ``.item()``,
+    ``.tolist()``, ``.get()``) while a stream records. On a GPU such a read
+    synchronizes the device and breaks the capture; here it fails the test.
+    Reductions give 0-d arrays, not NumPy scalars, as CuPy's do. Its module
+    says "cupy", so fastnn's host_array reads it with ``.get()``, as a real one."""
+
+    __module__ = "cupy"
+
+    def __array_wrap__(self, array, context=None, return_scalar=False):
+        return super().__array_wrap__(array, context, False)
+
+    def __setitem__(self, key, value):
+        # A device-to-device copy in CuPy (NumPy would read a 0-d value as a float).
+        super().__setitem__(key, _plain(value))
+
+    def _host_read(self, what: str):
+        if _recording():
+            raise AssertionError(f"{what} of a device array while a CUDA graph records")
+        host_reads[0] += 1
+        return self.view(np.ndarray)
+
+    def __int__(self):
+        return int(self._host_read("int()"))
+
+    def __float__(self):
+        return float(self._host_read("float()"))
+
+    def __bool__(self):
+        return bool(self._host_read("bool()"))
+
+    def __index__(self):
+        return self._host_read("an index").__index__()
+
+    def item(self, *args):
+        return self._host_read(".item()").item(*args)
+
+    def tolist(self):
+        return self._host_read(".tolist()").tolist()
+
+    def get(self):
+        """cupy.ndarray.get: the host copy."""
+        return np.array(self._host_read(".get()"))
+
+
+host_reads = [0]  # device -> host reads so far (each a device sync on a GPU)
+
+
+def _plain(x):
+    """A DeviceArray as the NumPy array it is (kernels "run on the device")."""
+    return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
+
+
+def _on_device(obj):
+    """A NumPy function as a fake cupy one: the arrays it returns are
+    DeviceArrays (dtypes, classes and ufuncs pass through unchanged)."""
+    if not callable(obj) or isinstance(obj, (type, np.ufunc)):
+        return obj
+
+    def device_function(*args, **kwargs):
+        result = obj(*args, **kwargs)
+        return result.view(DeviceArray) if type(result) is np.ndarray else result
+
+    return device_function
 
 
 # ---------------------------------------------------------------- streams and graphs
@@ -346,12 +415,12 @@ class _FakeFunction:
 def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
     """A ``cupy`` stand-in built on NumPy, enough for CupyBackend."""
     fake = types.ModuleType("cupy")
-    fake.__getattr__ = lambda name: getattr(np, name)  # the array API is NumPy's
+    fake.__getattr__ = lambda name: _on_device(getattr(np, name))  # the array API is NumPy's
 
     def arange(*args, **kwargs):
         if probe_error is not None:
             raise probe_error
-        return np.arange(*args, **kwargs)
+        return _on_device(np.arange)(*args, **kwargs)
 
     def get_device_count():
         if count_error is not None:

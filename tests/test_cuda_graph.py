@@ -384,6 +384,39 @@ def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
         np.testing.assert_array_equal(got[name], value, err_msg=name)
 
 
+@pytest.mark.parametrize("graph", ["0", "1"])
+@pytest.mark.parametrize("loss", ["xent", "mse", "bce"])
+def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(fake_gpu, monkeypatch, graph, loss):
+    """No host round trip per step: fit's reads of device values (each one a sync
+    on a GPU) do not grow with the number of batches, op by op or replayed."""
+    import fake_cupy
+
+    monkeypatch.setenv(cuda_graph.ENV, graph)
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(0)
+
+    def reads(n_batches):
+        fn.manual_seed(0)
+        X = rng.standard_normal((8 * n_batches, 6)).astype(np.float32)
+        out = {"xent": 3, "mse": 2, "bce": 1}[loss]
+        y = {"xent": rng.integers(0, 3, len(X)), "mse": rng.random((len(X), 2), np.float32),
+             "bce": rng.integers(0, 2, (len(X), 1)).astype(np.float32)}[loss]
+        with fn.use_backend(backend):
+            layers = [fn.Linear(6, 16), fn.ReLU(), fn.Linear(16, out)]
+            model = fn.Sequential(*layers, *([fn.Sigmoid()] if loss == "bce" else []))
+            loss_fn = {"xent": fn.CrossEntropyLoss, "mse": fn.MSELoss, "bce": fn.BCELoss}[loss]()
+            opt = fn.Adam(model.parameters(), lr=1e-2)
+            Xd, yd = backend.asarray(X), backend.asarray(y)
+            before = fake_cupy.host_reads[0]
+            history = fn.fit(model, loss_fn, opt, Xd, yd, epochs=2, batch_size=8, progress=False)
+        assert history.step_path.startswith("cuda-graph" if graph == "1" else "per-op"), \
+            history.step_path
+        return fake_cupy.host_reads[0] - before
+
+    few, many = reads(8), reads(24)
+    assert few == many > 0
+
+
 def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu):
     """fastnn-cupy-kernel needs numba.cuda on a real device: here it is left out
     of the table with the reason, never timed as something else."""

@@ -248,11 +248,11 @@ def gemm_array(x):
 
 def host_array(x) -> np.ndarray:
     """A NumPy view/copy of any array-like: NumPy, CuPy, DLPack producers, lists."""
-    if isinstance(x, np.ndarray):
-        return x
     module = type(x).__module__.split(".")[0]
     if module == "cupy":
         return x.get()
+    if isinstance(x, np.ndarray):
+        return x
     if module == "torch":
         return x.detach().cpu().numpy()
     if hasattr(x, "__dlpack__") and not np.isscalar(x):

@@ -214,6 +214,41 @@ def test_launch_args_bias_act_and_backward(fake_gpu, act, dtype):
     assert launches[-1].startswith("act_backward_")
 
 
+@pytest.mark.parametrize("act", ACTS)
+def test_launch_args_bf16_operand_kernels(fake_gpu, act, monkeypatch):
+    """Under bf16 the *_operand ops are one launch each and give the plain op's
+    result with its bf16 bits; outside bf16 (or for float64) they are the plain op."""
+    from fastnn.precision import bf16_bits, using
+
+    gpu, launches = fake_gpu
+    monkeypatch.setattr(type(gpu), "prepares_gemm_operands", property(
+        lambda self: fastnn.get_precision() == "bf16"))  # no cuBLAS handle in this fake
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((7, 5)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    bits = lambda shape: np.zeros(shape, np.uint16)  # noqa: E731
+    want = NumpyBackend().bias_act(x.copy(), bias, act, LEAKY_ALPHA)
+    with using("bf16"):
+        got = gpu.bias_act_operand(x.copy(), bias, act, LEAKY_ALPHA, bits_buffer=bits)
+    assert launches == ["bias_act_bf16"]
+    np.testing.assert_allclose(got.array, want, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.bits, bf16_bits(got.array))
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    pre = x + bias
+    with using("bf16"):
+        got = gpu.act_backward_operand(dy.copy(), want, act, pre, LEAKY_ALPHA, bits_buffer=bits)
+    assert launches[-1] == "act_backward_bf16"
+    np.testing.assert_allclose(got.array, NumpyBackend().act_backward(dy.copy(), want, act, pre,
+                                                                      LEAKY_ALPHA), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(got.bits, bf16_bits(got.array))
+    launches.clear()
+    plain = gpu.bias_act_operand(x.copy(), bias, act, LEAKY_ALPHA, bits_buffer=bits)
+    as_f64 = gpu.bias_act_operand(x.astype(np.float64), bias.astype(np.float64), act, LEAKY_ALPHA,
+                                  bits_buffer=bits)
+    assert isinstance(plain, np.ndarray) and isinstance(as_f64, np.ndarray)
+    assert launches == ["bias_act_f32", "bias_act_f64"]
+
+
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8])
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype):
@@ -357,6 +392,48 @@ def test_gpu_act_backward_matches_numpy(gpu, act, kind, dtype):
                                    None if pre is None else gpu.asarray(pre), LEAKY_ALPHA, out=out)
             assert got.dtype == dtype and (not in_place or got is d)
             np.testing.assert_allclose(to_host(got), want, **TOL[dtype])
+
+
+def _bf16_edge_values(shape, seed):
+    """Random values with the bf16 rounding edge cases mixed in: ties, the
+    largest finite float32 (rounds to inf), subnormals, +-inf, NaN."""
+    x = make_input("random", shape, np.float32, seed).reshape(-1)
+    edges = np.array([1.00390625, 1.01171875, -2.0078125, 3.4e38, -3.4e38, 1e-40, -1e-40,
+                      np.inf, -np.inf, np.nan, 0.0, -0.0], dtype=np.float32)
+    x[:edges.size] = edges
+    return x.reshape(shape)
+
+
+@gpu_mark
+@pytest.mark.parametrize("act", ACTS)
+def test_gpu_bf16_operand_kernels_write_the_plain_result_and_its_bits(gpu, act):
+    """bias_act_bf16 / act_backward_bf16 against bias_act / act_backward and
+    fastnn.precision.bf16_bits of their result, bit for bit (random and edge inputs)."""
+    from fastnn.backends.base import GemmOperand
+    from fastnn.precision import bf16_bits, using
+
+    x = _bf16_edge_values((37, 53), 3)
+    bias = make_input("random", (53,), np.float32, seed=4)
+    bits_buffer = lambda shape: gpu.xp.empty(shape, dtype=np.uint16)  # noqa: E731
+    with np.errstate(all="ignore"):
+        plain_z, plain_y = gpu.asarray(x), gpu.xp.empty(x.shape, np.float32)
+        gpu.bias_act(plain_z, gpu.asarray(bias), act, LEAKY_ALPHA, out=plain_y)
+        z, y = gpu.asarray(x), gpu.xp.empty(x.shape, np.float32)
+        with using("bf16"):
+            got = gpu.bias_act_operand(z, gpu.asarray(bias), act, LEAKY_ALPHA, out=y,
+                                       bits_buffer=bits_buffer)
+        assert isinstance(got, GemmOperand) and got.array is y
+        np.testing.assert_array_equal(to_host(y), to_host(plain_y))
+        np.testing.assert_array_equal(to_host(got.bits), bf16_bits(to_host(plain_y)))
+
+        dy = _bf16_edge_values(x.shape, 5)
+        pre = None if not ACTIVATIONS[act].needs_pre(LEAKY_ALPHA) and act != "gelu" else plain_z
+        plain = gpu.act_backward(gpu.asarray(dy), plain_y, act, pre, LEAKY_ALPHA)
+        with using("bf16"):
+            got = gpu.act_backward_operand(gpu.asarray(dy), plain_y, act, pre, LEAKY_ALPHA,
+                                           bits_buffer=bits_buffer)
+        np.testing.assert_array_equal(to_host(got.array), to_host(plain))
+        np.testing.assert_array_equal(to_host(got.bits), bf16_bits(to_host(plain)))
 
 
 @gpu_mark

@@ -11,8 +11,10 @@
 # after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept;
 # FASTNN_GPU_CHECK_TESTS narrows the test paths, default tests), the main
 # job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
-# time>.json), the step profile (gpu-profile-<UTC time>.json) and the benchmark table; the benchmark itself also writes gpu-bench-<UTC time>.json
-# (+ .png when matplotlib is there) beside it. The benchmark runs under a time
+# time>.json), the step profile (gpu-profile-<UTC time>.json), the benchmark
+# table and issue 6's targets against it (gpu-targets-<UTC time>.md); the
+# benchmark itself also writes gpu-bench-<UTC time>.json (+ .png when
+# matplotlib is there) beside it. The benchmark runs under a time
 # guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
 # the bench gets what is left, at most 300 s; its JSON is rewritten after every
 # workload, so a cut-short run keeps what it measured). Exits with pytest's
@@ -144,6 +146,18 @@ kernel_bandwidth() {
         --json "$RESULTS_DIR/gpu-kernels-$STAMP.json" || echo "gpu-check: kernel bandwidth failed ($?)"
 }
 
+# Issue 6's targets against what this run measured (reads the JSON files only).
+targets_table() {
+    local bench="$RESULTS_DIR/gpu-bench-$STAMP.json"
+    section "python -m fastnn.benchmarking.targets"
+    [[ -f "$bench" ]] || { echo "gpu-check: no benchmark JSON: no target table"; return 0; }
+    local extra=()
+    [[ -f "$RESULTS_DIR/gpu-kernels-$STAMP.json" ]] && extra+=(--kernels "$RESULTS_DIR/gpu-kernels-$STAMP.json")
+    [[ -f "$RESULTS_DIR/gpu-profile-$STAMP.json" ]] && extra+=(--profile "$RESULTS_DIR/gpu-profile-$STAMP.json")
+    "$PYTHON" -m fastnn.benchmarking.targets "$bench" ${extra[@]+"${extra[@]}"} --markdown \
+        | tee "$RESULTS_DIR/gpu-targets-$STAMP.md" || echo "gpu-check: target table failed"
+}
+
 install_local_wheels 2>&1 | tee "$REPORT"
 environment_info 2>&1 | tee -a "$REPORT"
 section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
@@ -160,6 +174,7 @@ digits_by_precision 2>&1 | tee -a "$REPORT"
 kernel_bandwidth 2>&1 | tee -a "$REPORT"
 step_profile 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
+targets_table 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
 if ! "$PYTHON" -c "import sys, fastnn; sys.exit(fastnn.available_backends()['cupy'] is not None)" \
         2>/dev/null; then

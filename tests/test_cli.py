@@ -97,6 +97,7 @@ def test_gpu_check_dry_run_without_a_gpu(tmp_path):
     for section in ("## nvidia-smi", "## fastnn info", "## pytest", "passed",
                     "--precision bf16", "## python -m fastnn.benchmarking.gpu_kernels",
                     "## python -m fastnn.benchmarking.gpu_profile", "## fastnn bench --device gpu",
+                    "## python -m fastnn.benchmarking.targets", "no target table",
                     "gpu-check: pytest exit status 0", "NOT A GPU RUN"):
         assert section in text, section
     assert "unbound variable" not in proc.stderr + text

@@ -1,0 +1,76 @@
+"""The issue-6 target check (fastnn/benchmarking/targets.py) on hand-made results."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fastnn.benchmarking import targets
+
+
+def _row(workload, contender, ms, x_torch=None, x_graph=None):
+    return {"workload": workload, "contender": contender, "ms_per_step": ms,
+            "x_torch": x_torch, "x_graph": x_graph}
+
+
+BENCH = {
+    "gpu": {"device": {"name": "NVIDIA H200"}},
+    "results": [
+        _row("c", "fastnn-cupy-graph", 0.045, x_torch=14.0, x_graph=1.5),
+        _row("c", "fastnn-cupy", 0.21, x_torch=3.0, x_graph=0.3),
+        _row("a", "fastnn-cupy-graph", 0.17, x_torch=5.0, x_graph=1.05),
+        _row("e", "fastnn-cupy", 44.9, x_torch=0.99),
+        _row("e", "fastnn-cupy-graph", 44.7, x_torch=1.00),
+        _row("e-bf16", "fastnn-cupy", 4.6, x_torch=0.94),
+    ],
+    "skipped": {"x/fastnn-cupy-kernel": "RuntimeError: numba.cuda: no device"},
+}
+PROFILE = {"results": [{"workload": "e-bf16", "host_ms": 0.4, "device_ms": 4.55, "bound": "device",
+                        "gemm_share": 0.81, "gemm_tflops": 560.0, "graph": {"device_ms": 4.5}}]}
+KERNELS = {"results": [{"op": "copy", "fraction_of_copy": 1.0},
+                       {"op": "adam", "fraction_of_copy": 0.91},
+                       {"op": "f32_to_bf16", "fraction_of_copy": 0.7}]}
+
+
+def _by_target(entries):
+    return {e["target"]: e for e in entries}
+
+
+def test_each_target_takes_its_row_and_says_met_or_missed():
+    got = _by_target(targets.check(BENCH, KERNELS, PROFILE))
+    c_ms = got["c through fit <= 0.050 ms/step"]
+    assert c_ms["met"] is True and c_ms["measured"] == 0.045 and c_ms["contender"] == "fastnn-cupy-graph"
+    assert got["c >= 1.4x PyTorch's CUDA-graph step"]["met"] is True
+    assert got["c >= 12x PyTorch eager"]["met"] is True
+    assert got["a through fit <= 0.160 ms/step"]["met"] is False
+    assert got["a >= 1.1x PyTorch's CUDA-graph step"]["measured"] == 1.05
+    # The better of op by op and the replay is judged.
+    e = got["e float32 (TF32 off) >= 0.98x PyTorch eager"]
+    assert e["met"] is True and e["contender"] == "fastnn-cupy-graph" and e["measured"] == 1.0
+    bf16 = got["e bf16 >= 1.0x PyTorch eager bf16 autocast"]
+    assert bf16["met"] is False and "device-bound" in bf16["why"] and "GEMMs 81%" in bf16["why"]
+    x = got["x >= 2x PyTorch's CUDA-graph steps/s (one-launch kernel)"]
+    assert x["met"] is None and "numba.cuda: no device" in x["not_measured"]
+    assert got["d tf32 >= 1.0x PyTorch eager TF32"]["not_measured"] == "not in this run"
+    kernels = [e for e in got.values() if e["workload"] == "kernels"]
+    assert [(k["contender"], k["met"]) for k in kernels] == [("adam", True), ("f32_to_bf16", False)]
+
+
+@pytest.mark.parametrize("markdown", [False, True])
+def test_main_prints_a_row_per_target_and_the_reasons(tmp_path, capsys, markdown):
+    paths = {}
+    for name, doc in (("bench", BENCH), ("kernels", KERNELS), ("profile", PROFILE)):
+        paths[name] = tmp_path / f"{name}.json"
+        paths[name].write_text(json.dumps(doc))
+    argv = [str(paths["bench"]), "--kernels", str(paths["kernels"]), "--profile", str(paths["profile"])]
+    assert targets.main(argv + (["--markdown"] if markdown else [])) == 0
+    out = capsys.readouterr().out
+    assert "NVIDIA H200" in out and "MISSED" in out and "not measured" in out
+    assert out.count("\n") >= len(targets.TARGETS) + 2
+    assert ("| target |" in out) == markdown
+    assert "- e bf16 >= 1.0x PyTorch eager bf16 autocast: op by op: host 0.4 ms" in out
+
+
+def test_main_reports_a_missing_file(tmp_path, capsys):
+    assert targets.main([str(tmp_path / "none.json")]) == 2
+    assert "none.json" in capsys.readouterr().err

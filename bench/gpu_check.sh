@@ -88,14 +88,6 @@ PY
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-# Where each step's time goes (host vs device, per layer and op, the graph
-# replay), for reading any missed target: gpu-profile-<UTC time>.json.
-step_profile() {
-    section "python -m fastnn.benchmarking.gpu_profile"
-    timeout -k 5 120 "$PYTHON" -m fastnn.benchmarking.gpu_profile \
-        --json "$RESULTS_DIR/gpu-profile-$STAMP.json" || echo "gpu-check: step profile failed ($?)"
-}
-
 gpu_bench() {
     local budget="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
     local limit=$(( budget - SECONDS ))
@@ -139,11 +131,12 @@ digits_by_precision() {
     timeout -k 5 90 "$PYTHON" -m fastnn train --backend cupy --quiet || echo "gpu-check: train failed ($?)"
 }
 
-# Fused elementwise kernels against the device-to-device copy bandwidth.
-kernel_bandwidth() {
-    section "python -m fastnn.benchmarking.gpu_kernels"
-    timeout -k 5 120 "$PYTHON" -m fastnn.benchmarking.gpu_kernels \
-        --json "$RESULTS_DIR/gpu-kernels-$STAMP.json" || echo "gpu-check: kernel bandwidth failed ($?)"
+# One fastnn.benchmarking tool writing <name>-<UTC time>.json, under a 120 s guard.
+# Args: module, result name, what it measures (for the failure line).
+device_tool() {
+    section "python -m fastnn.benchmarking.$1"
+    timeout -k 5 120 "$PYTHON" -m "fastnn.benchmarking.$1" --json "$RESULTS_DIR/$2-$STAMP.json" \
+        || echo "gpu-check: $3 failed ($?)"
 }
 
 # Issue 6's targets against what this run measured (reads the JSON files only).
@@ -171,8 +164,11 @@ status=${PIPESTATUS[0]}
 (( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
 digits_by_precision 2>&1 | tee -a "$REPORT"
-kernel_bandwidth 2>&1 | tee -a "$REPORT"
-step_profile 2>&1 | tee -a "$REPORT"
+# Fused elementwise kernels against the device-to-device copy bandwidth.
+device_tool gpu_kernels gpu-kernels "kernel bandwidth" 2>&1 | tee -a "$REPORT"
+# Where each step's time goes (host vs device, per layer and op, the graph
+# replay), for reading any missed target.
+device_tool gpu_profile gpu-profile "step profile" 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
 targets_table 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"

@@ -38,6 +38,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fastnn.backends.base import gemm_array
+
 DEFAULT_WORKLOADS = "c,a,e,e-tf32,e-bf16,d-bf16"
 BACKEND_OPS = ("gemm", "gemm_operand", "bias_grad", "add_bias", "bias_act", "bias_act_operand",
                "act_backward", "act_backward_operand", "mse", "softmax_xent", "sgd_step",
@@ -118,7 +120,7 @@ class Timeline:
 
 
 def _gemm_flops(a, b, out=None, trans_a=False, trans_b=False) -> int:
-    a, b = getattr(a, "array", a), getattr(b, "array", b)  # bf16 operands carry their array
+    a, b = gemm_array(a), gemm_array(b)  # bf16 operands carry their float32 array
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     n = b.shape[0] if trans_b else b.shape[1]
     return 2 * int(m) * int(n) * int(k)

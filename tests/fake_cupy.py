@@ -82,16 +82,20 @@ def _emulate(kernel: str, a: dict) -> None:
         flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
         if stem == "act_backward_bf16":
             flat["bits"][:n] = _bf16_bits(flat["out"][:n])
-    elif stem == "softmax_xent":
+    elif stem in ("softmax_xent", "softmax_xent_small"):
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         rows = np.arange(x.shape[0])
         m = x.max(axis=1, keepdims=True)
         e = np.exp(x - m)
         s = e.sum(axis=1, keepdims=True)
-        a["row_loss"][...] = np.log(s[:, 0]) - (x[rows, a["labels"]] - m[:, 0])
+        row_loss = np.log(s[:, 0]) - (x[rows, a["labels"]] - m[:, 0])
         g = e / s
         g[rows, a["labels"]] -= 1
         a["grad"].reshape(x.shape)[...] = g * a["inv_n"]
+        if stem == "softmax_xent":
+            a["row_loss"][...] = row_loss
+        else:  # one block: the mean loss too
+            flat["loss"][0] = row_loss.sum(dtype=row_loss.dtype) * a["inv_n"]
     elif stem == "sgd":
         p, g, buf = flat["param"], flat["grad"].copy(), flat["buf"]
         if a["use_wd"]:
@@ -398,6 +402,8 @@ class _FakeFunction:
         assert 1 <= block[0] <= 1024, (self.name, block)
         if self.name.startswith("softmax_xent"):
             assert block[0] % 32 == 0, "block reductions need whole warps"
+        if self.name.startswith("softmax_xent_small"):
+            assert tuple(grid) == (1,), "softmax_xent_small reduces the mean in one block"
         assert len(args) == len(self.params), f"{self.name}: {len(args)} args for {self.params}"
         named = {}
         for value, (ctype, pname) in zip(args, self.params):

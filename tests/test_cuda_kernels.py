@@ -88,7 +88,7 @@ def test_every_kernel_has_both_dtypes_and_is_documented():
         assert {f"{base}_f32", f"{base}_f64"} <= set(sigs), base
     for t in ("f32", "f64"):
         for lab in ("i32", "i64"):
-            assert f"softmax_xent_{t}_{lab}" in sigs
+            assert {f"softmax_xent_{t}_{lab}", f"softmax_xent_small_{t}_{lab}"} <= set(sigs)
     for name, params in sigs.items():
         assert all(ctype in _C_TYPES for ctype, _ in params), (name, params)
         stem = re.sub(r"_f(32|64)(_i(32|64))?$", "", name)
@@ -248,16 +248,25 @@ def test_launch_args_bf16_operand_kernels(fake_gpu, act, monkeypatch):
     assert launches == ["bias_act_f32", "bias_act_f64"]
 
 
+# A small batch of narrow rows is one launch (softmax_xent_small, the mean
+# included); past 1024 rows or 32 columns, one block per row plus the mean.
+XENT_LAUNCHES = [((9, 4), ["softmax_xent_small"]), ((1024, 32), ["softmax_xent_small"]),
+                 ((9, 33), ["softmax_xent", "sum_scaled"]),
+                 ((1025, 10), ["softmax_xent", "sum_scaled"])]
+
+
+@pytest.mark.parametrize("shape, kernels", XENT_LAUNCHES)
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64, np.uint8])
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype):
+def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype, shape, kernels):
     gpu, launches = fake_gpu
     rng = np.random.default_rng(2)
-    logits = rng.standard_normal((9, 4)).astype(dtype)
-    labels = rng.integers(0, 4, 9).astype(label_dtype)
+    logits = rng.standard_normal(shape).astype(dtype)
+    labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
     loss, grad = gpu.softmax_xent(logits, labels)
     want_loss, want_grad = NumpyBackend().softmax_xent(logits, labels.astype(np.int64))
-    assert [name[:12] for name in launches] == ["softmax_xent", "sum_scaled_f"]
+    assert [re.sub(r"_f(32|64)(_i(32|64))?$", "", name) for name in launches] == kernels
+    assert loss.shape == () and loss.dtype == dtype
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
 
@@ -446,7 +455,8 @@ def test_gpu_act_backward_gelu_without_pre_is_an_error(gpu):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
-@pytest.mark.parametrize("shape", [(64, 10), (3, 1000), (5, 3000), (2, 1)])
+@pytest.mark.parametrize("shape", [(64, 10), (3, 1000), (5, 3000), (2, 1), (1024, 32), (1025, 10),
+                                   (40, 33)])
 def test_gpu_softmax_xent_matches_numpy(gpu, shape, label_dtype, kind, dtype):
     cupy = gpu.xp
     logits = make_input(kind, shape, dtype)
@@ -467,11 +477,25 @@ def test_gpu_softmax_xent_matches_numpy(gpu, shape, label_dtype, kind, dtype):
 
 
 @gpu_mark
-def test_gpu_softmax_xent_nan_logit_gives_nan_loss(gpu):
-    logits = np.zeros((3, 4), np.float32)
+@pytest.mark.parametrize("n_cols", [4, 40])  # softmax_xent_small, softmax_xent + sum_scaled
+def test_gpu_softmax_xent_nan_logit_gives_nan_loss(gpu, n_cols):
+    logits = np.zeros((3, n_cols), np.float32)
     logits[1, 2] = np.nan
     loss, _ = gpu.softmax_xent(gpu.asarray(logits), gpu.asarray(np.array([0, 1, 2])))
     assert np.isnan(float(loss))
+
+
+@gpu_mark
+@pytest.mark.parametrize("n_cols", [4, 40])
+def test_gpu_softmax_xent_label_out_of_range_gives_nan_not_a_bad_read(gpu, n_cols):
+    logits = np.random.default_rng(5).standard_normal((3, n_cols)).astype(np.float32)
+    labels = np.array([0, n_cols, -1])  # the loss layer rejects these; the kernel stays in bounds
+    loss, grad = gpu.softmax_xent(gpu.asarray(logits), gpu.asarray(labels))
+    assert np.isnan(float(loss))
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    want = e / e.sum(axis=1, keepdims=True) / 3
+    want[0, 0] -= 1 / 3  # rows 1 and 2 get no one-hot term
+    np.testing.assert_allclose(to_host(grad), want, **TOL[np.float32])
 
 
 @gpu_mark

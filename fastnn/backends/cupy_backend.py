@@ -32,6 +32,9 @@ _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
 _COMPILE_OPTIONS = ("--fmad=false",)
 _BLOCK = 256  # threads per block of the elementwise (grid-stride) kernels
 _MAX_ROW_BLOCKS = 1 << 24  # softmax_xent walks further rows with a grid-stride loop
+# softmax_xent_small (one block, a thread per row, the mean included) up to
+# these sizes: a batch of a small classifier in one launch instead of two.
+_SMALL_XENT_ROWS, _SMALL_XENT_COLS = 1024, 32
 _DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
 _MSE_BLOCKS = 1024  # fixed partial-sum count per size: the loss is deterministic
 
@@ -463,12 +466,18 @@ class CupyBackend(Backend):
                 logits, labels if dev_labels is None else dev_labels, grad_out
             )
         grad = cupy.empty_like(logits) if grad_out is None else grad_out
-        row_loss = cupy.empty((n,), dtype=logits.dtype)
         suffix = f"{_FLOATS[logits.dtype]}_{_LABELS[dev_labels.dtype]}"
+        inv_n = logits.dtype.type(1.0 / n)
+        if n <= _SMALL_XENT_ROWS and c <= _SMALL_XENT_COLS:
+            loss = cupy.empty((), dtype=logits.dtype)
+            fn = self._kernel("softmax_xent.cu", f"softmax_xent_small_{suffix}")
+            threads = -(-n // 32) * 32  # whole warps, a thread per row
+            fn((1,), (threads,), (logits, dev_labels, grad, loss, np.int64(n), np.int64(c), inv_n))
+            return loss, grad
+        row_loss = cupy.empty((n,), dtype=logits.dtype)
         fn = self._kernel("softmax_xent.cu", f"softmax_xent_{suffix}")
         fn((min(n, _MAX_ROW_BLOCKS),), (_row_threads(c),), (
-            logits, dev_labels, grad, row_loss, np.int64(n), np.int64(c),
-            logits.dtype.type(1.0 / n),
+            logits, dev_labels, grad, row_loss, np.int64(n), np.int64(c), inv_n,
         ))
         # Per-row losses + a tree mean: deterministic, unlike atomicAdd.
         return self._scaled_sum(row_loss, 1.0 / n), grad

@@ -140,7 +140,8 @@ def _emulate(kernel: str, a: dict) -> None:
         d = flat["pred"][:n] - flat["target"][:n]
         flat["grad"][:n] = d * a["grad_scale"]
         flat["partial"][...] = 0
-        flat["partial"][0] = (d * d).sum(dtype=d.dtype)  # the block split is the GPU's business
+        # the block split is the GPU's business
+        flat["partial"][0] = (d * d).sum(dtype=d.dtype) * a["partial_scale"]
     elif stem == "step_begin":
         step, batch = int(flat["counter"][0]), int(a["batch"])
         rows = flat["order"][step * batch:(step + 1) * batch]

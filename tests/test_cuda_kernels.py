@@ -271,6 +271,25 @@ def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype, shape, kernels):
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
 
 
+
+# mse: one block (its partial is the loss) up to 8192 elements, else partial sums + mean.
+MSE_LAUNCHES = [((64, 1), ["mse_partial"]), ((8192,), ["mse_partial"]),
+                ((8193,), ["mse_partial", "sum_scaled"]), ((300, 40), ["mse_partial", "sum_scaled"])]
+
+
+@pytest.mark.parametrize("shape, kernels", MSE_LAUNCHES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_launch_args_mse(fake_gpu, dtype, shape, kernels):
+    gpu, launches = fake_gpu
+    rng = np.random.default_rng(3)
+    pred, target = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
+    want_loss, want_grad = NumpyBackend().mse(pred.copy(), target, np.empty_like(pred))
+    loss, grad = gpu.mse(pred, target, pred)  # grad may alias pred
+    assert [re.sub(r"_f(32|64)$", "", name) for name in launches] == kernels
+    assert loss.shape == () and loss.dtype == dtype and grad is pred
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
 OPTIM_CASES = [
     ("sgd", dict(lr=0.1, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0)),
     ("sgd", dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=False, weight_decay=0.01)),
@@ -475,6 +494,25 @@ def test_gpu_softmax_xent_matches_numpy(gpu, shape, label_dtype, kind, dtype):
                                    atol=TOL[dtype]["atol"])
         np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
 
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(5,), (64, 3), (8192,), (8193,), (1000, 300)])
+def test_gpu_mse_matches_numpy(gpu, shape, kind, dtype):
+    pred = make_input(kind, shape, dtype)
+    target = make_input("random", shape, dtype, seed=1)
+    want_loss, want_grad = NumpyBackend().mse(pred.copy(), target, np.empty_like(pred))
+    for alias in (False, True):
+        p = gpu.asarray(pred)
+        grad_out = p if alias else gpu.xp.empty_like(p)
+        loss, grad = gpu.mse(p, gpu.asarray(target), grad_out)
+        assert isinstance(loss, gpu.xp.ndarray) and loss.ndim == 0 and loss.dtype == dtype
+        assert grad is grad_out
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=TOL[dtype]["rtol"] * 10,
+                                   atol=TOL[dtype]["atol"])
+        np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
 
 @gpu_mark
 @pytest.mark.parametrize("n_cols", [4, 40])  # softmax_xent_small, softmax_xent + sum_scaled

@@ -37,6 +37,7 @@ _MAX_ROW_BLOCKS = 1 << 24  # softmax_xent walks further rows with a grid-stride 
 _SMALL_XENT_ROWS, _SMALL_XENT_COLS = 1024, 32
 _DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
 _MSE_BLOCKS = 1024  # fixed partial-sum count per size: the loss is deterministic
+_SMALL_MSE = 8192  # mse in one block (one launch) up to this many elements
 
 
 class GPUOutOfMemory(FastnnError, MemoryError):
@@ -491,16 +492,25 @@ class CupyBackend(Backend):
 
     @_oom_guard("mse", lambda pred, *a, **k: 2 * _nbytes(pred))
     def mse(self, pred, target, grad_out):
-        """Mean squared error and its gradient in two launches (no cuBLAS dot:
-        recordable in a CUDA graph), deterministic for a given size."""
+        """Mean squared error and its gradient (no cuBLAS dot: recordable in a
+        CUDA graph), deterministic for a given size: one launch up to
+        _SMALL_MSE elements (one block, its partial sum is the loss), else
+        per-block partial sums and their mean (two)."""
         if not self._fusable(pred, target, grad_out):
             return super().mse(pred, target, grad_out)
         n = pred.size
+        t = pred.dtype.type
+        fn = self._kernel("reduce.cu", f"mse_partial_{_FLOATS[pred.dtype]}")
+        if n <= _SMALL_MSE:
+            loss = self.xp.empty((), dtype=pred.dtype)
+            threads = min(-(-n // 32) * 32, 1024)
+            fn((1,), (threads,), (pred, target, grad_out, loss, np.int64(n), t(2.0 / n),
+                                  t(1.0 / n)))
+            return loss, grad_out
         blocks = min((n + _BLOCK - 1) // _BLOCK, _MSE_BLOCKS)
         partial = self.xp.empty((blocks,), dtype=pred.dtype)
-        fn = self._kernel("reduce.cu", f"mse_partial_{_FLOATS[pred.dtype]}")
-        fn((blocks,), (_BLOCK,), (pred, target, grad_out, partial, np.int64(n),
-                                  pred.dtype.type(2.0 / n)))
+        fn((blocks,), (_BLOCK,), (pred, target, grad_out, partial, np.int64(n), t(2.0 / n),
+                                  t(1.0)))
         return self._scaled_sum(partial, 1.0 / n), grad_out
 
     def _device_labels(self, labels, n: int):

@@ -14,10 +14,12 @@
 # time>.json), the step profile (gpu-profile-<UTC time>.json), the benchmark
 # table and issue 6's targets against it (gpu-targets-<UTC time>.md); the
 # benchmark itself also writes gpu-bench-<UTC time>.json (+ .png when
-# matplotlib is there) beside it. The benchmark runs under a time
-# guard so the whole check stays within FASTNN_GPU_CHECK_BUDGET_S (default 450 s;
-# the bench gets what is left, at most 300 s; its JSON is rewritten after every
-# workload, so a cut-short run keeps what it measured). Exits with pytest's
+# matplotlib is there) beside it. Every section after pytest runs under a time
+# guard cut to one deadline, FASTNN_GPU_CHECK_BUDGET_S (default 450 s) after the
+# start, so the whole check ends near it even when something hangs: the
+# benchmark (at most 300 s; its JSON is rewritten after every workload, so a
+# cut-short run keeps what it measured) keeps a reserve for the main job at
+# each precision, which runs last. Exits with pytest's
 # status (the benchmark's is reported, never returned), or 3 when pytest passed
 # but no GPU was usable (a dry run of the script, not a GPU check). Never
 # installs the test extra (these machines are offline and already carry what
@@ -88,15 +90,25 @@ PY
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
+BUDGET_S="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
+DIGITS_RESERVE_S=60  # kept after the benchmark for the main job at each precision
+
+# Seconds a section may run: its own cap, cut so that `reserve` seconds stay
+# before the deadline (BUDGET_S after the start); may be <= 0 (then skip it).
+guard_s() {
+    local cap=$1 reserve=$2
+    local left=$(( BUDGET_S - SECONDS - reserve ))
+    echo $(( left < cap ? left : cap ))
+}
+
 gpu_bench() {
-    local budget="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
-    local limit=$(( budget - SECONDS ))
-    (( limit > 300 )) && limit=300
+    local limit
+    limit=$(guard_s 300 "$DIGITS_RESERVE_S")
     local workloads="${FASTNN_GPU_BENCH_WORKLOADS:-a,c,x,e,e-tf32,e-bf16,d,d-tf32,d-bf16}"
     local stem="$RESULTS_DIR/gpu-bench-$STAMP"
     section "fastnn bench --device gpu --workloads $workloads --rounds 3 (time guard ${limit} s)"
     if (( limit < 45 )); then
-        echo "gpu-check: skipped the benchmark: only ${limit} s left of the ${budget} s budget"
+        echo "gpu-check: skipped the benchmark: only ${limit} s left of the ${BUDGET_S} s budget"
         return 0
     fi
     local plot=()
@@ -121,21 +133,33 @@ gpu_bench() {
 # per-op / CUDA-graph path (FASTNN_FAST_PATH=0: the one-launch kernel for tiny
 # nets computes in float32 whatever the policy), then the default main job.
 digits_by_precision() {
-    local p
-    for p in float32 tf32 bf16; do
-        section "fastnn train --backend cupy --precision $p --hidden 512 512 --epochs 40 (FASTNN_FAST_PATH=0)"
-        FASTNN_FAST_PATH=0 timeout -k 5 90 "$PYTHON" -m fastnn train --backend cupy --precision "$p" \
-            --hidden 512 512 --epochs 40 --quiet || echo "gpu-check: train at $p failed ($?)"
+    local p limit
+    for p in float32 tf32 bf16 default; do
+        # at least 15 s each, however late: these are the precision policy's accuracy figures
+        limit=$(guard_s 90 0)
+        (( limit < 15 )) && limit=15
+        if [[ $p == default ]]; then
+            section "fastnn train --backend cupy (the main job, default path; guard ${limit} s)"
+            timeout -k 5 "$limit" "$PYTHON" -m fastnn train --backend cupy --quiet \
+                || echo "gpu-check: train failed ($?)"
+        else
+            section "fastnn train --backend cupy --precision $p --hidden 512 512 --epochs 40 (FASTNN_FAST_PATH=0; guard ${limit} s)"
+            FASTNN_FAST_PATH=0 timeout -k 5 "$limit" "$PYTHON" -m fastnn train --backend cupy \
+                --precision "$p" --hidden 512 512 --epochs 40 --quiet \
+                || echo "gpu-check: train at $p failed ($?)"
+        fi
     done
-    section "fastnn train --backend cupy (the main job, default path)"
-    timeout -k 5 90 "$PYTHON" -m fastnn train --backend cupy --quiet || echo "gpu-check: train failed ($?)"
 }
 
-# One fastnn.benchmarking tool writing <name>-<UTC time>.json, under a 120 s guard.
+# One fastnn.benchmarking tool writing <name>-<UTC time>.json, under a guard of
+# at most 120 s that leaves the benchmark its minimum and the main job its reserve.
 # Args: module, result name, what it measures (for the failure line).
 device_tool() {
-    section "python -m fastnn.benchmarking.$1"
-    timeout -k 5 120 "$PYTHON" -m "fastnn.benchmarking.$1" --json "$RESULTS_DIR/$2-$STAMP.json" \
+    local limit
+    limit=$(guard_s 120 $(( 150 + DIGITS_RESERVE_S )))
+    (( limit < 20 )) && limit=20
+    section "python -m fastnn.benchmarking.$1 (guard ${limit} s)"
+    timeout -k 5 "$limit" "$PYTHON" -m "fastnn.benchmarking.$1" --json "$RESULTS_DIR/$2-$STAMP.json" \
         || echo "gpu-check: $3 failed ($?)"
 }
 
@@ -163,7 +187,6 @@ timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-240}" \
 status=${PIPESTATUS[0]}
 (( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
-digits_by_precision 2>&1 | tee -a "$REPORT"
 # Fused elementwise kernels against the device-to-device copy bandwidth.
 device_tool gpu_kernels gpu-kernels "kernel bandwidth" 2>&1 | tee -a "$REPORT"
 # Where each step's time goes (host vs device, per layer and op, the graph
@@ -171,6 +194,7 @@ device_tool gpu_kernels gpu-kernels "kernel bandwidth" 2>&1 | tee -a "$REPORT"
 device_tool gpu_profile gpu-profile "step profile" 2>&1 | tee -a "$REPORT"
 gpu_bench 2>&1 | tee -a "$REPORT"
 targets_table 2>&1 | tee -a "$REPORT"
+digits_by_precision 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
 if ! "$PYTHON" -c "import sys, fastnn; sys.exit(fastnn.available_backends()['cupy'] is not None)" \
         2>/dev/null; then

@@ -30,6 +30,15 @@ __device__ __forceinline__ float fn_tanh(float x) { return tanhf(x); }
 __device__ __forceinline__ double fn_tanh(double x) { return tanh(x); }
 __device__ __forceinline__ float fn_sqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double fn_sqrt(double x) { return sqrt(x); }
+__device__ __forceinline__ float fn_log1p(float x) { return log1pf(x); }
+__device__ __forceinline__ double fn_log1p(double x) { return log1p(x); }
+__device__ __forceinline__ float fn_abs(float x) { return fabsf(x); }
+__device__ __forceinline__ double fn_abs(double x) { return fabs(x); }
+// fmin/fmax: a NaN operand is ignored (as numpy.fmin/fmax), unlike fn_max_nan.
+__device__ __forceinline__ float fn_fmin(float a, float b) { return fminf(a, b); }
+__device__ __forceinline__ double fn_fmin(double a, double b) { return fmin(a, b); }
+__device__ __forceinline__ float fn_fmax(float a, float b) { return fmaxf(a, b); }
+__device__ __forceinline__ double fn_fmax(double a, double b) { return fmax(a, b); }
 
 // First index and stride of a 1-D grid-stride loop, in 64-bit so buffers
 // with more than 2^31 elements are walked correctly.
@@ -105,6 +114,10 @@ __device__ __forceinline__ T fn_act_backward(T g, T y, T x, int act, T alpha, in
 __device__ __forceinline__ float fn_nan(float) { return __int_as_float(0x7fc00000); }
 __device__ __forceinline__ double fn_nan(double) {
     return __longlong_as_double(0x7ff8000000000000LL);
+}
+__device__ __forceinline__ float fn_inf(float) { return __int_as_float(0x7f800000); }
+__device__ __forceinline__ double fn_inf(double) {
+    return __longlong_as_double(0x7ff0000000000000LL);
 }
 
 // max that propagates NaN (a NaN logit must give a NaN loss, never be skipped).

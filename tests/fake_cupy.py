@@ -135,6 +135,25 @@ def _emulate(kernel: str, a: dict) -> None:
     elif stem == "sum_scaled":
         n = int(a["n"])
         flat["out"][0] = flat["x"][:n].sum(dtype=flat["x"].dtype) * a["scale"]
+    elif stem == "bce":
+        n = int(a["n"])
+        p, t = flat["pred"][:n], flat["target"][:n]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = t * np.maximum(np.log(p), -100) + (1 - t) * np.maximum(np.log1p(-p), -100)
+            flat["grad"][:n] = (p - t) / np.maximum((1 - p) * p, a["eps"]) * a["inv_n"]
+        lo, hi = p.min(), p.max()  # NaN-propagating, as the kernel's reductions
+        in_range = lo >= 0 and hi <= 1
+        flat["loss"][0] = -(terms.sum(dtype=p.dtype) * a["inv_n"]) if in_range else np.nan
+        if a["has_seen"]:
+            seen = flat["seen"]
+            seen[0], seen[1] = np.fmin(seen[0], lo), np.fmax(seen[1], hi)
+            seen[2] += np.isnan(lo)
+    elif stem == "bce_logits":
+        n = int(a["n"])
+        x, t = flat["logits"][:n], flat["target"][:n]
+        terms = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
+        flat["grad"][:n] = (ACTIVATIONS["sigmoid"].forward(np, x, 0) - t) * a["inv_n"]
+        flat["loss"][0] = terms.sum(dtype=x.dtype) * a["inv_n"]
     elif stem == "mse_partial":
         n = int(a["n"])
         d = flat["pred"][:n] - flat["target"][:n]
@@ -401,10 +420,10 @@ class _FakeFunction:
     def __call__(self, grid, block, args):
         assert len(grid) >= 1 and all(int(g) >= 1 for g in grid), (self.name, grid)
         assert 1 <= block[0] <= 1024, (self.name, block)
-        if self.name.startswith("softmax_xent"):
+        if self.name.startswith(("softmax_xent_small", "bce")):
+            assert tuple(grid) == (1,), f"{self.name} reduces in one block"
+        if self.name.startswith(("softmax_xent", "bce", "sum_scaled", "mse_partial")):
             assert block[0] % 32 == 0, "block reductions need whole warps"
-        if self.name.startswith("softmax_xent_small"):
-            assert tuple(grid) == (1,), "softmax_xent_small reduces the mean in one block"
         assert len(args) == len(self.params), f"{self.name}: {len(args)} args for {self.params}"
         named = {}
         for value, (ctype, pname) in zip(args, self.params):

@@ -83,7 +83,7 @@ def test_every_kernel_has_both_dtypes_and_is_documented():
     sigs = all_signatures()
     readme = (KERNEL_DIR / "README.md").read_text()
     expected = {"bias_act", "act_backward", "sgd", "adam", "rmsprop", "adam_captured",
-                "sum_scaled", "mse_partial", "step_end"}
+                "sum_scaled", "mse_partial", "step_end", "bce", "bce_logits"}
     for base in expected:
         assert {f"{base}_f32", f"{base}_f64"} <= set(sigs), base
     for t in ("f32", "f64"):
@@ -287,6 +287,77 @@ def test_launch_args_mse(fake_gpu, dtype, shape, kernels):
     loss, grad = gpu.mse(pred, target, pred)  # grad may alias pred
     assert [re.sub(r"_f(32|64)$", "", name) for name in launches] == kernels
     assert loss.shape == () and loss.dtype == dtype and grad is pred
+    assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
+
+
+def bce_case(case, shape, dtype, seed=0):
+    """(probabilities, targets) for the BCE kernels: random in (0, 1), the
+    exact 0 and 1 (logs clamped at -100), a value outside [0, 1], or a NaN."""
+    rng = np.random.default_rng(seed)
+    p = rng.uniform(0.0, 1.0, shape).astype(dtype)
+    t = rng.integers(0, 2, shape).astype(dtype)
+    flat = p.reshape(-1)
+    if case == "edges":
+        flat[:2] = [0.0, 1.0]
+        t.reshape(-1)[:2] = [1.0, 0.0]  # the clamped logs are the ones used
+    elif case == "out_of_range":
+        flat[-1] = 1.5
+    elif case == "nan":
+        flat[0] = np.nan
+    return p, t
+
+
+def check_bce(gpu, p, t, with_seen, to_device, to_host_fn):
+    """gpu.bce against the generic ops on NumPy: loss (NaN when out of range),
+    gradient, and the range kept in ``seen``."""
+    dtype = p.dtype.type
+    seen0 = np.array([np.inf, -np.inf, 0], p.dtype)
+    want_seen = seen0.copy() if with_seen else None
+    with np.errstate(invalid="ignore", divide="ignore"):
+        want_loss, want_grad = NumpyBackend().bce(p, t, np.empty_like(p), want_seen)
+    seen = to_device(seen0) if with_seen else None
+    with np.errstate(invalid="ignore", divide="ignore"):  # the fake's generic path is NumPy
+        loss, grad = gpu.bce(to_device(p), to_device(t), to_device(np.empty_like(p)), seen)
+    assert loss.shape == () and loss.dtype == p.dtype
+    tol = TOL[dtype]
+    if with_seen and not np.isfinite(float(want_loss)):
+        assert np.isnan(float(loss))
+    else:
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=tol["rtol"] * 10,
+                                   atol=tol["atol"])
+    np.testing.assert_allclose(to_host_fn(grad), want_grad, **tol, equal_nan=True)
+    if with_seen:
+        np.testing.assert_array_equal(to_host_fn(seen), want_seen)
+
+
+BCE_LAUNCHES = [((64, 1), ["bce"]), ((1 << 16,), ["bce"]), (((1 << 16) + 1,), [])]
+
+
+@pytest.mark.parametrize("with_seen", [False, True])
+@pytest.mark.parametrize("case", ["random", "edges", "out_of_range", "nan"])
+@pytest.mark.parametrize("shape, kernels", BCE_LAUNCHES)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_launch_args_bce(fake_gpu, dtype, shape, kernels, case, with_seen):
+    """One launch up to 2^16 elements (the generic CuPy ops past it)."""
+    gpu, launches = fake_gpu
+    p, t = bce_case(case, shape, dtype)
+    if case in ("out_of_range", "nan") and not with_seen:
+        pytest.skip("without seen the caller has checked the range")
+    check_bce(gpu, p, t, with_seen, lambda a: a.copy(), np.asarray)
+    assert [re.sub(r"_f(32|64)$", "", name) for name in launches] == kernels
+
+
+@pytest.mark.parametrize("shape, kernels", [((64, 1), ["bce_logits"]), (((1 << 16) + 1,), [])])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_launch_args_bce_with_logits(fake_gpu, dtype, shape, kernels):
+    gpu, launches = fake_gpu
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal(shape) * 30).astype(dtype)  # far into both tails
+    t = rng.integers(0, 2, shape).astype(dtype)
+    want_loss, want_grad = NumpyBackend().bce_with_logits(x, t, np.empty_like(x))
+    loss, grad = gpu.bce_with_logits(x.copy(), t, np.empty_like(x))
+    assert [re.sub(r"_f(32|64)$", "", name) for name in launches if "bias_act" not in name] == kernels
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
 
@@ -513,6 +584,32 @@ def test_gpu_mse_matches_numpy(gpu, shape, kind, dtype):
         np.testing.assert_allclose(float(loss), float(want_loss), rtol=TOL[dtype]["rtol"] * 10,
                                    atol=TOL[dtype]["atol"])
         np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
+
+
+@gpu_mark
+@pytest.mark.parametrize("with_seen", [False, True])
+@pytest.mark.parametrize("case", ["random", "edges", "out_of_range", "nan"])
+@pytest.mark.parametrize("shape", [(5, 1), (256, 3), (1 << 16,), ((1 << 16) + 1,)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_bce_matches_numpy(gpu, dtype, shape, case, with_seen):
+    if case in ("out_of_range", "nan") and not with_seen:
+        pytest.skip("without seen the caller has checked the range")
+    p, t = bce_case(case, shape, dtype)
+    check_bce(gpu, p, t, with_seen, gpu.asarray, to_host)
+
+
+@gpu_mark
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(5, 1), (256, 3), ((1 << 16) + 1,)])
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_gpu_bce_with_logits_matches_numpy(gpu, dtype, shape, kind):
+    x = make_input(kind, shape, dtype)
+    t = np.random.default_rng(6).integers(0, 2, shape).astype(dtype)
+    want_loss, want_grad = NumpyBackend().bce_with_logits(x, t, np.empty_like(x))
+    loss, grad = gpu.bce_with_logits(gpu.asarray(x), gpu.asarray(t), gpu.xp.empty(shape, dtype))
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=TOL[dtype]["rtol"] * 10,
+                               atol=TOL[dtype]["atol"])
+    np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
 
 @gpu_mark
 @pytest.mark.parametrize("n_cols", [4, 40])  # softmax_xent_small, softmax_xent + sum_scaled

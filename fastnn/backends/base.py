@@ -10,9 +10,13 @@ stays float32, and ``out=`` (when given) is written in place and returned.
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .activations import get_activation
+
+BCE_EPSILON = 9.999999960041972e-13  # float32(1e-12), torch's BCE backward, in every dtype
 
 
 class Backend:
@@ -150,6 +154,50 @@ class Backend:
         loss = xp.dot(flat, flat) * t(1.0 / flat.size)
         grad_out *= t(2.0 / flat.size)
         return loss, grad_out
+
+    def bce(self, pred, target, grad_out, seen=None):
+        """Binary cross-entropy of probabilities against targets of pred's shape,
+        as torch's BCELoss: returns ``(loss, grad)``, loss a 0-d array of pred's
+        dtype (left on the device), logs clamped at -100, grad =
+        (pred - target) / max(pred (1 - pred), 1e-12) / size written to ``grad_out``.
+
+        ``seen`` (a device array [min, max, NaN batches] or None) is for fit on a
+        GPU, which must not read the predictions back to check them: the batch's
+        range is folded in (fmin/fmax: a NaN batch does not hide the values seen
+        before) and a batch with a value outside [0, 1] or NaN gets a NaN loss.
+        Without it the caller has checked the range.
+        """
+        xp = self.xp
+        t = pred.dtype.type
+        if seen is not None:
+            lo, hi = pred.min(), pred.max()  # NaN if any prediction is NaN
+            xp.fmin(seen[0:1], lo, out=seen[0:1])
+            xp.fmax(seen[1:2], hi, out=seen[1:2])
+            xp.add(seen[2:3], xp.isnan(lo), out=seen[2:3])
+            in_range = (lo >= t(0)) & (hi <= t(1))
+        # p = 0 or 1 is valid input: log(0) = -inf is clamped, not warned about.
+        errstate = getattr(xp, "errstate", None)
+        with errstate(divide="ignore") if errstate else contextlib.nullcontext():
+            log_p = xp.maximum(xp.log(pred), t(-100))
+            log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
+        loss = -(target * log_p + (t(1) - target) * log_1mp).mean()
+        if seen is not None:
+            loss = xp.where(in_range, loss, t(np.nan))
+        denom = xp.maximum((t(1) - pred) * pred, t(BCE_EPSILON))
+        xp.multiply((pred - target) / denom, t(1.0 / pred.size), out=grad_out)
+        return loss, grad_out
+
+    def bce_with_logits(self, logits, target, grad_out):
+        """Binary cross-entropy of raw logits, stable for any logit, as torch's
+        BCEWithLogitsLoss: ``(loss, grad)``, loss = mean(max(x, 0) - x t +
+        log1p(exp(-|x|))), grad = (sigmoid(x) - t) / size written to ``grad_out``."""
+        xp = self.xp
+        t = logits.dtype.type
+        loss = (xp.maximum(logits, t(0)) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
+        prob = self.bias_act(logits, None, "sigmoid", out=grad_out)
+        prob -= target
+        prob *= t(1.0 / logits.size)
+        return loss, prob
 
     def softmax_xent(self, logits, labels, grad_out=None):
         """Mean cross-entropy of logits (N, C) against int labels (N,).

@@ -23,7 +23,8 @@ from ..errors import BackendUnavailable, CaptureUnsupported, FastnnError
 from ..precision import get_precision
 from . import cublas, kernel_sources
 from .activations import get_activation
-from .base import Backend, GemmOperand, adam_bias_correction, gemm_array, host_array
+from .base import (BCE_EPSILON, Backend, GemmOperand, adam_bias_correction, gemm_array,
+                   host_array)
 
 _FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
@@ -38,6 +39,7 @@ _SMALL_XENT_ROWS, _SMALL_XENT_COLS = 1024, 32
 _DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
 _MSE_BLOCKS = 1024  # fixed partial-sum count per size: the loss is deterministic
 _SMALL_MSE = 8192  # mse in one block (one launch) up to this many elements
+_SMALL_BCE = 1 << 16  # bce / bce_with_logits in one block (one launch) up to this many
 
 
 class GPUOutOfMemory(FastnnError, MemoryError):
@@ -87,6 +89,11 @@ def _probe_device(cupy) -> dict:
         "total_bytes": int(props.get("totalGlobalMem", 0)),
         "sm_count": max(1, int(props.get("multiProcessorCount", 1))),
     }
+
+
+def _one_block_threads(n: int) -> int:
+    """Block size of a one-block kernel over n items: whole warps, at most 1024."""
+    return min(-(-n // 32) * 32, 1024)
 
 
 def _row_threads(n_cols: int) -> int:
@@ -472,8 +479,9 @@ class CupyBackend(Backend):
         if n <= _SMALL_XENT_ROWS and c <= _SMALL_XENT_COLS:
             loss = cupy.empty((), dtype=logits.dtype)
             fn = self._kernel("softmax_xent.cu", f"softmax_xent_small_{suffix}")
-            threads = -(-n // 32) * 32  # whole warps, a thread per row
-            fn((1,), (threads,), (logits, dev_labels, grad, loss, np.int64(n), np.int64(c), inv_n))
+            # a thread per row (n <= 1024)
+            fn((1,), (_one_block_threads(n),), (logits, dev_labels, grad, loss, np.int64(n),
+                                                 np.int64(c), inv_n))
             return loss, grad
         row_loss = cupy.empty((n,), dtype=logits.dtype)
         fn = self._kernel("softmax_xent.cu", f"softmax_xent_{suffix}")
@@ -503,15 +511,44 @@ class CupyBackend(Backend):
         fn = self._kernel("reduce.cu", f"mse_partial_{_FLOATS[pred.dtype]}")
         if n <= _SMALL_MSE:
             loss = self.xp.empty((), dtype=pred.dtype)
-            threads = min(-(-n // 32) * 32, 1024)
-            fn((1,), (threads,), (pred, target, grad_out, loss, np.int64(n), t(2.0 / n),
-                                  t(1.0 / n)))
+            fn((1,), (_one_block_threads(n),), (pred, target, grad_out, loss, np.int64(n),
+                                                 t(2.0 / n), t(1.0 / n)))
             return loss, grad_out
         blocks = min((n + _BLOCK - 1) // _BLOCK, _MSE_BLOCKS)
         partial = self.xp.empty((blocks,), dtype=pred.dtype)
         fn((blocks,), (_BLOCK,), (pred, target, grad_out, partial, np.int64(n), t(2.0 / n),
                                   t(1.0)))
         return self._scaled_sum(partial, 1.0 / n), grad_out
+
+    @_oom_guard("bce", lambda pred, *a, **k: 3 * _nbytes(pred))
+    def bce(self, pred, target, grad_out, seen=None):
+        """Binary cross-entropy, its gradient and fit's range check in one launch
+        (kernels/bce.cu) for up to _SMALL_BCE elements; else the generic ops."""
+        seen_ok = seen is None or (isinstance(seen, self.xp.ndarray) and seen.dtype == pred.dtype
+                                   and seen.flags.c_contiguous and seen.size >= 3)
+        if not (self._fusable(pred, target, grad_out) and pred.size <= _SMALL_BCE and seen_ok):
+            return super().bce(pred, target, grad_out, seen)
+        n, t = pred.size, pred.dtype.type
+        loss = self.xp.empty((), dtype=pred.dtype)
+        fn = self._kernel("bce.cu", f"bce_{_FLOATS[pred.dtype]}")
+        fn((1,), (_one_block_threads(n),), (
+            pred, target, grad_out, loss, loss if seen is None else seen,  # (unread without seen)
+            np.int32(seen is not None), np.int64(n), t(1.0 / n), t(BCE_EPSILON),
+        ))
+        return loss, grad_out
+
+    @_oom_guard("bce_with_logits", lambda logits, *a, **k: 3 * _nbytes(logits))
+    def bce_with_logits(self, logits, target, grad_out):
+        """Binary cross-entropy of logits and its gradient in one launch for up to
+        _SMALL_BCE elements; else the generic ops."""
+        if not (self._fusable(logits, target, grad_out) and logits.size <= _SMALL_BCE):
+            return super().bce_with_logits(logits, target, grad_out)
+        n = logits.size
+        loss = self.xp.empty((), dtype=logits.dtype)
+        fn = self._kernel("bce.cu", f"bce_logits_{_FLOATS[logits.dtype]}")
+        fn((1,), (_one_block_threads(n),), (logits, target, grad_out, loss, np.int64(n),
+                                             logits.dtype.type(1.0 / n)))
+        return loss, grad_out
 
     def _device_labels(self, labels, n: int):
         """Labels as a contiguous int32/int64 device vector of length n, else None."""

@@ -4,8 +4,6 @@ gradients are divided by the number of elements (or samples, for
 CrossEntropyLoss)."""
 from __future__ import annotations
 
-import contextlib
-
 import numpy as np
 
 from ..backends import asarray, get_backend, host_array
@@ -93,9 +91,6 @@ class MSELoss(Loss):
         return loss
 
 
-_TORCH_BCE_EPSILON = 9.999999960041972e-13  # float32(1e-12), as torch's BCE backward
-
-
 class BCELoss(Loss):
     """Binary cross-entropy on probabilities in [0, 1]; logs clamped at -100
     as in torch, whose gradient ``(p - t) / max(p (1 - p), 1e-12) / N`` this
@@ -105,40 +100,20 @@ class BCELoss(Loss):
 
     def forward(self, pred, target):
         backend = get_backend()
-        xp = backend.xp
         pred = self._pred(pred)
         target = self._same_shape_target(pred, target)
-        t = pred.dtype.type
-        on_device = in_step_mode() and not backend.device.startswith("cpu")
-        if on_device:
+        seen = None
+        if in_step_mode() and not backend.device.startswith("cpu"):
             # Inside fit on a GPU: no host read per step. The range seen is kept
             # on the device, an out-of-range batch gets a NaN loss, and fit, which
             # reads the losses once per epoch, raises the error below.
-            lo, hi = pred.min(), pred.max()  # NaN if any prediction is NaN
             seen = self.__dict__.get("_seen")  # [finite min, finite max, NaN batches]
             if seen is None or seen.dtype != pred.dtype or not backend.is_array(seen):
                 seen = self._seen = backend.asarray(np.array([np.inf, -np.inf, 0], pred.dtype))
-            # fmin/fmax skip NaN: once a bad batch has blown the weights up, the
-            # range still shows the values that went out of [0, 1] first.
-            xp.fmin(seen[0:1], lo, out=seen[0:1])
-            xp.fmax(seen[1:2], hi, out=seen[1:2])
-            xp.add(seen[2:3], xp.isnan(lo), out=seen[2:3])
-            in_range = (lo >= t(0)) & (hi <= t(1))
         else:
             _raise_unless_probabilities(self.name, float(pred.min()), float(pred.max()))
-        # p = 0 or 1 is valid input: log(0) = -inf is clamped, not warned about.
-        errstate = getattr(xp, "errstate", None)
-        with errstate(divide="ignore") if errstate else contextlib.nullcontext():
-            log_p = xp.maximum(xp.log(pred), t(-100))
-            log_1mp = xp.maximum(xp.log1p(-pred), t(-100))
-        loss = -(target * log_p + (t(1) - target) * log_1mp).mean()
-        if on_device:
-            loss = xp.where(in_range, loss, t(np.nan))
-        # torch's EPSILON is the float 1e-12 (9.99999996e-13) in every dtype.
-        denom = xp.maximum((t(1) - pred) * pred, t(_TORCH_BCE_EPSILON))
-        self._grad = (pred - target) / denom * t(1.0 / pred.size)
+        loss, self._grad = backend.bce(pred, target, self._grad_buffer(pred), seen)
         return loss
-
 
     def deferred_input_error(self):
         seen = self.__dict__.pop("_seen", None)
@@ -177,15 +152,9 @@ class BCEWithLogitsLoss(Loss):
     name = "BCEWithLogitsLoss"
 
     def forward(self, logits, target):
-        xp = get_backend().xp
         logits = self._pred(logits)
         target = self._same_shape_target(logits, target)
-        t = logits.dtype.type
-        loss = (xp.maximum(logits, t(0)) - logits * target + xp.log1p(xp.exp(-xp.abs(logits)))).mean()
-        prob = get_backend().bias_act(logits, None, "sigmoid", out=self._grad_buffer(logits))
-        prob -= target
-        prob *= t(1.0 / logits.size)
-        self._grad = prob
+        loss, self._grad = get_backend().bce_with_logits(logits, target, self._grad_buffer(logits))
         return loss
 
 

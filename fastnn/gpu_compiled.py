@@ -143,34 +143,65 @@ def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int,
         return None
 
 
+PROBE_WANT = (0.125, 0.55, 0.05)  # the probe's loss, w and b after its one step
+
+
+def probe_problem(dtype, to_device):
+    """``(launch args, losses)`` of the probe: one SGD step (lr 0.1, MSE) of
+    y = w*x + b from w = 0.5, b = 0 on the samples x = 1 and x = 2, both with
+    target 1. By hand: predictions 0.5, 1.0, loss (0.25 + 0) / 2 = 0.125,
+    dw = db = -0.5, so w = 0.55 and b = 0.05 (PROBE_WANT). ``losses`` (2
+    float64) gets the loss, then the step count (1). ``to_device`` makes a
+    device array of a NumPy one (cupy.asarray; cuda.to_device in the simulator
+    test, tests/test_cuda_mlp.py)."""
+    from .backends import cuda_mlp
+
+    dtype = np.dtype(dtype)
+    layout = np.array([[1, 1, 0, 1]], dtype=np.int64)  # in 1, out 1, weight at 0, bias at 1
+    state = to_device(np.zeros(2, dtype))
+    losses = to_device(np.zeros(2, np.float64))
+    work = {k: to_device(v) for k, v in cuda_mlp.scratch(layout, 2, dtype).items()}
+    args = (
+        to_device(np.array([[1.0], [2.0]], dtype)),  # X
+        to_device(np.array([[1.0], [1.0]], dtype)),  # Yf
+        to_device(np.zeros(1, np.int64)),  # Yi (unused by MSE)
+        to_device(np.array([[0, 1]], np.int64)),  # one epoch: sample 0, then sample 1
+        2,  # batch size
+        to_device(np.array([0.5, 0.0], dtype)),  # params: w, b
+        to_device(np.zeros(2, dtype)),  # grads
+        state, state,  # SGD's one buffer, passed twice as run_epochs does
+        to_device(layout), to_device(np.zeros(1, np.int64)),  # identity activation
+        to_device(np.zeros(1, dtype)),  # alphas
+        0, 0,  # MSE, SGD
+        to_device(np.array([0.1, 0.0, 0.0, 0.0, 0.0])),  # lr, momentum, dampening, wd, nesterov
+        0,  # step0
+        losses[:1], losses[1:], work,
+    )
+    return args, losses
+
+
+def probe_verdict(losses, params) -> str | None:
+    """None when the probe's host results are PROBE_WANT, else what it gave."""
+    loss, w, b = float(losses[0]), float(params[0]), float(params[1])
+    if losses[1] != 1 or not np.allclose([loss, w, b], PROBE_WANT, rtol=1e-5):
+        want = ", ".join(f"{v:g}" for v in PROBE_WANT)
+        return f"numba.cuda kernel probe gave loss {loss:g}, w {w:g}, b {b:g} (want {want})"
+    return None
+
+
 def _probe_kernel(dtype) -> str | None:
-    """One SGD step of y = w*x + b on two samples, by hand: loss 0.125, w 0.55, b 0.05."""
+    """The kernel on the probe problem (probe_problem), on the GPU."""
     try:
         import cupy
 
         from .backends import cuda_mlp
 
-        X = cupy.asarray([[1.0], [2.0]], dtype=dtype)
-        Yf = cupy.asarray([[1.0], [1.0]], dtype=dtype)
-        params = cupy.asarray([0.5, 0.0], dtype=dtype)
-        state = cupy.zeros(2, dtype=dtype)
-        losses = cupy.zeros(2, dtype=np.float64)
-        layout = np.array([[1, 1, 0, 1]], dtype=np.int64)
-        work = cuda_mlp.scratch(layout, 2, dtype, cupy)
-        cuda_mlp.launch(
-            X, Yf, cupy.zeros(1, dtype=np.int64), cupy.zeros((1, 2), dtype=np.int64), 2,
-            params, cupy.zeros(2, dtype=dtype), state, state, cupy.asarray(layout),
-            cupy.zeros(1, dtype=np.int64), cupy.zeros(1, dtype=dtype), 0, 0,
-            cupy.asarray([0.1, 0.0, 0.0, 0.0, 0.0]), 0, losses[:1], losses[1:], work,
-            threads=32, stream=_stream(),
-        )
-        got = losses.get()
-        p = params.get()
+        args, losses = probe_problem(dtype, cupy.asarray)
+        cuda_mlp.launch(*args, threads=32, stream=_stream())
+        got, params = losses.get(), args[5].get()
     except Exception as exc:  # NVVM missing, driver/toolkit mismatch, launch failure
         return f"numba.cuda kernel unusable ({type(exc).__name__}: {exc})".splitlines()[0]
-    if got[1] != 1 or not np.allclose([got[0], p[0], p[1]], [0.125, 0.55, 0.05], rtol=1e-5):
-        return f"numba.cuda kernel probe gave loss {got[0]}, w {p[0]}, b {p[1]} (want 0.125, 0.55, 0.05)"
-    return None
+    return probe_verdict(got, params)
 
 
 def _stream():

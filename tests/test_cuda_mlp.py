@@ -231,6 +231,33 @@ def test_simulator_is_reported_unusable_for_fit():
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
 
 
+
+def test_probe_problem_gives_the_hand_computed_step_under_the_simulator():
+    """The start-up probe (gpu_compiled) on the kernel itself, in the simulator:
+    a wrong probe turns the one-launch path off on every GPU, silently. The
+    same batch twice (sample 0 twice, as an all-zero order gives) must fail it."""
+    code = (
+        "import numpy as np\n"
+        "from numba import cuda\n"
+        "from fastnn import gpu_compiled\n"
+        "from fastnn.backends import cuda_mlp\n"
+        "for dtype in ('float32', 'float64'):\n"
+        "    args, losses = gpu_compiled.probe_problem(dtype, cuda.to_device)\n"
+        "    cuda_mlp.launch(*args, threads=32)\n"
+        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host())\n"
+        "    assert verdict is None, verdict\n"
+        "    args, losses = gpu_compiled.probe_problem(dtype, cuda.to_device)\n"
+        "    args[3].copy_to_device(np.zeros((1, 2), np.int64))\n"
+        "    cuda_mlp.launch(*args, threads=32)\n"
+        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host())\n"
+        "    assert verdict is not None and 'loss 0.25' in verdict, verdict\n"
+        "print('ok')\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_ENABLE_CUDASIM="1")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
 # ---------------------------------------------------------------- GPU only
 def _cupy_or_skip():
     import fastnn

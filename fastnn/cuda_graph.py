@@ -12,8 +12,10 @@ records even short runs and raises instead of falling back (for tests).
 A replay repeats the recorded launches with the recorded arguments, so:
 
 * every buffer the step touches is allocated before the recording (one
-  ordinary step runs first) or during it from a private memory pool, and is
-  kept alive with the graph;
+  ordinary step runs first, also after new settings dropped a graph) or during
+  it from a private memory pool, and is kept alive with the graph; each block
+  of that pool holds the pool, so an array made while recording that outlives
+  the graph never points at freed memory (``allocator_keeping``);
 * what changes from step to step is read from device memory: the batch is
   gathered by ``step_begin`` (kernels/graph_step.cu) from the epoch's order
   at the step's counter, Adam's bias corrections come from a per-epoch table
@@ -190,7 +192,7 @@ class GraphedStep:
         backend._kernel("graph_step.cu", f"step_end_{self.suffix}")
         backend._kernel("optim.cu", f"adam_captured_{self.suffix}")
         stream = cupy.cuda.Stream(non_blocking=True)
-        pool = cupy.cuda.MemoryPool()
+        pool = cupy.cuda.MemoryPool()  # the graph's own memory: never lent to other work
         backend._blas.bind(int(stream.ptr))  # before the capture: cuBLAS cannot be re-bound in it
         signature = self._settings()
         step_count = opt.step_count
@@ -198,7 +200,7 @@ class GraphedStep:
         loss = None
         backend._capture = self
         try:
-            with stream, cupy.cuda.using_allocator(pool.malloc):
+            with stream, cupy.cuda.using_allocator(allocator_keeping(pool, cupy)):
                 stream.begin_capture()
                 try:
                     loss = self._step_body()
@@ -251,7 +253,36 @@ class GraphedStep:
 
     def _drop(self) -> None:
         self.backend.synchronize()  # no replay may still read what is released
+        for kept in self._keep:
+            if hasattr(kept, "free_all_blocks"):
+                kept.free_all_blocks()  # the pool's free blocks; in-use ones stay
         self.graph, self._keep, self._slots = None, [], []
+        # An ordinary step first before the next recording: buffers the new
+        # settings need (bf16 copies, ...) are then made outside the graph's pool.
+        self._warm = False
+
+
+def allocator_keeping(pool, cupy):
+    """``pool.malloc`` whose blocks hold the pool (the allocator of a recording).
+
+    An array allocated while recording can outlive the graph: a layer's cached
+    buffer first needed in the recorded step, or one made before a recording
+    failed. CuPy's pooled block refers to its pool only weakly, and a pool that
+    is released frees its memory, so such an array would point at freed memory.
+    Wrapped in an UnownedMemory that owns (block, pool), every block keeps the
+    pool alive; the pool (and the memory) goes when the graph and the last
+    such array have.
+    """
+    device_id = cupy.cuda.Device().id
+
+    def malloc(size):
+        block = pool.malloc(size)
+        if size == 0:
+            return block
+        memory = cupy.cuda.UnownedMemory(block.ptr, size, (block, pool), device_id)
+        return cupy.cuda.MemoryPointer(memory, 0)
+
+    return malloc
 
 
 def _abandon_capture(stream) -> None:

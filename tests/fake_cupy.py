@@ -303,6 +303,9 @@ class FakeMemoryPool:
     def malloc(self, size):
         raise AssertionError("the fake allocates with NumPy")
 
+    def free_all_blocks(self):
+        pass
+
 
 _streams = [FakeStream(null=True)]
 

@@ -270,6 +270,82 @@ def test_changed_hyper_parameters_are_recorded_again(fake_gpu, monkeypatch):
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
 
 
+
+def test_a_recording_after_new_settings_makes_their_buffers_outside_the_graph(fake_gpu,
+                                                                              monkeypatch):
+    """bf16 from the second epoch: the graph is recorded again, and the buffers
+    the new precision needs (bf16 copies) are made by an ordinary step first,
+    not inside the recording, whose private pool must not own memory a layer
+    keeps after the graph is gone."""
+    from fake_cupy import _recording
+
+    backend = fake_gpu[0]
+    made_while_recording = []
+    plain_empty = backend.empty
+
+    def empty(shape, dtype):
+        array = plain_empty(shape, dtype)
+        if _recording():
+            made_while_recording.append(id(array))
+        return array
+
+    monkeypatch.setattr(backend, "empty", empty)
+    monkeypatch.setenv("FASTNN_CUDA_GRAPH", "1")
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((48, 6)).astype(np.float32), rng.integers(0, 4, 48)
+
+    def switch(history):
+        fn.set_precision("bf16" if len(history.loss) == 1 else "float32")
+        return False
+
+    with fn.use_backend(backend):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(6, 16), fn.Tanh(), fn.Linear(16, 4))
+        fn.fit(model, fn.CrossEntropyLoss(), fn.Adam(model.parameters(), lr=1e-2), X, y,
+               epochs=3, batch_size=8, seed=3, stop_when=switch, progress=False)
+    fn.set_precision("float32")
+    assert len(FakeGraph.made) == 3  # float32, bf16, float32 again
+    kept = [key for m in model.modules() for key, a in m.__dict__.get("_buffers", {}).items()
+            if id(a) in made_while_recording]
+    assert any(key[0].endswith("_bits") for m in model.modules()
+               for key in m.__dict__.get("_buffers", {}))
+    assert kept == []
+
+
+def test_blocks_of_a_recording_keep_its_pool_alive():
+    """allocator_keeping: a block allocated while recording holds its pool (CuPy's
+    pooled blocks hold it only weakly), so the memory outlives the graph while
+    an array still uses it, and goes with the last one."""
+    import gc
+    import types
+    import weakref
+
+    class Pool:  # CuPy's MemoryPool: frees its memory when released
+        def malloc(self, size):
+            return types.SimpleNamespace(ptr=4096 + size, pool=weakref.ref(self))
+
+    class Unowned:  # cupy.cuda.UnownedMemory(ptr, size, owner, device_id)
+        def __init__(self, ptr, size, owner, device_id):
+            self.ptr, self.size, self._owner, self.device_id = ptr, size, owner, device_id
+
+    class Pointer:  # cupy.cuda.MemoryPointer(mem, offset)
+        def __init__(self, mem, offset):
+            self.mem, self.ptr = mem, mem.ptr + offset
+
+    cuda = types.SimpleNamespace(Device=lambda: types.SimpleNamespace(id=3),
+                                 UnownedMemory=Unowned, MemoryPointer=Pointer)
+    pool = Pool()
+    alive = weakref.ref(pool)
+    malloc = cuda_graph.allocator_keeping(pool, types.SimpleNamespace(cuda=cuda))
+    block = malloc(256)
+    assert block.ptr == 4096 + 256 and block.mem.size == 256 and block.mem.device_id == 3
+    del pool, malloc
+    gc.collect()
+    assert alive() is not None  # the graph is gone, the block still in use
+    del block
+    gc.collect()
+    assert alive() is None
+
 def test_a_failed_recording_falls_back_to_the_plain_step(fake_gpu, monkeypatch):
     backend = fake_gpu[0]
     _, want, _ = _fit(backend, monkeypatch, "0")

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fake_cupy import FakeGraph, _fake_cupy
+from fake_cupy import FakeCublas, FakeGraph, _fake_cupy
 from fastnn import cuda_graph
 from fastnn.backends import cublas
 from fastnn.backends.numpy_backend import NumpyBackend
@@ -182,6 +182,51 @@ def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
     np.testing.assert_array_equal(backend.gemm(a, a.T.copy()), a @ a.T)
     assert "own cuBLAS" in cuda_graph.ineligible_reason(backend, None, None, None, None, None, 999)
 
+
+
+def test_own_cublas_passes_its_check_when_the_backend_starts_under_tf32(monkeypatch):
+    """The start-up check compares with the exact product on the host: under
+    set_precision("tf32") CuPy's own matmul is TF32 (off by ~1e-3), and checking
+    against it turned fastnn's handle (and every CUDA graph) off for the process."""
+    from fastnn import precision
+    from fastnn.backends import cupy_backend
+
+    fake = _fake_cupy([])
+    fake.matmul = lambda a, b, out=None: np.matmul(a, b) * np.float32(1 + 1e-3)  # CuPy at TF32
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    lib = FakeCublas()
+    monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)
+    with precision.using("tf32"):
+        backend = cupy_backend.CupyBackend()
+    assert backend._blas is not None, backend.blas_status
+    assert backend.blas_status.startswith("own cuBLAS handle")
+    assert [c[0] for c in lib.calls].count("gemm") == 8  # 4 transposes x 2 dtypes
+
+
+def test_bf16_without_the_own_handle_still_rounds_the_gemm_inputs(monkeypatch):
+    """A GEMM left to cupy.matmul (no own handle, or an operand it cannot take)
+    under bf16 gets the bf16 values of its inputs, not exact float32."""
+    from fastnn import precision
+    from fastnn.backends import cupy_backend
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([]))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cublas, "load_library", lambda cupy: (_ for _ in ()).throw(OSError("no")))
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)
+    backend = cupy_backend.CupyBackend()
+    assert backend._blas is None
+    rng = np.random.default_rng(1)
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (5, 3)))
+    with precision.using("bf16"):
+        got = np.asarray(backend.gemm(a, b))
+        got_t = np.asarray(backend.gemm(a.T.copy(), b, trans_a=True))
+    want = bf16_round(a) @ bf16_round(b)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got_t, want, rtol=1e-6, atol=1e-6)
+    assert np.abs(got - a @ b).max() > 1e-4  # the rounding is really there
+    np.testing.assert_array_equal(np.asarray(backend.gemm(a, b)), a @ b)  # float32: exact
 
 # =========================================================== recorded step == op by op
 def _data(loss: str, n: int = 50):
@@ -538,6 +583,36 @@ def test_gpu_own_cublas_matches_numpy(gpu, trans_a, trans_b):
     b_arg = np.ascontiguousarray(b.T) if trans_b else b
     got = gpu.gemm(gpu.asarray(a_arg), gpu.asarray(b_arg), trans_a=trans_a, trans_b=trans_b)
     np.testing.assert_allclose(gpu.to_numpy(got), a.astype(np.float64) @ b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_backend_started_under_tf32_keeps_its_own_cublas_handle(gpu):
+    """A fresh process whose first backend use is under tf32 (fastnn train
+    --precision tf32 does that) still records CUDA graphs."""
+    import subprocess
+    from pathlib import Path
+
+    code = ("import fastnn as fn\n"
+            "fn.set_precision('tf32')\n"
+            "b = fn.use_backend('cupy')\n"
+            "assert b._blas is not None, b.blas_status\n"
+            "print('ok')\n")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_gemm_left_to_cupy_rounds_its_inputs(gpu, monkeypatch):
+    rng = np.random.default_rng(3)
+    a, b = (rng.standard_normal(s).astype(np.float32) for s in ((64, 48), (48, 32)))
+    want = bf16_round(a).astype(np.float64) @ bf16_round(b).astype(np.float64)
+    monkeypatch.setattr(gpu, "_blas", None)  # as when the own handle is unusable
+    with fn.precision.using("bf16"):
+        got = gpu.to_numpy(gpu.gemm(gpu.asarray(a), gpu.asarray(b)))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)  # float32 sums of exact products
+    assert np.abs(got - a.astype(np.float64) @ b).max() > 1e-3
 
 
 @pytest.mark.gpu

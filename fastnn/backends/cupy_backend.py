@@ -200,25 +200,29 @@ class CupyBackend(Backend):
     # ------------------------------------------------------------ cuBLAS
     def _start_own_cublas(self) -> str:
         """Start fastnn's own cuBLAS handle (CUDA graphs can record its GEMMs,
-        not CuPy's) and check it against ``cupy.matmul`` on every transpose case;
-        returns the status line ``fastnn info`` prints. On any failure GEMMs stay
-        with CuPy and training steps are not captured."""
+        not CuPy's) and check its exact GEMM on every transpose case against the
+        product computed on the host (not ``cupy.matmul``, which is TF32 when the
+        backend starts under ``set_precision("tf32")``); returns the status line
+        ``fastnn info`` prints. On any failure GEMMs stay with CuPy and training
+        steps are not captured."""
         cupy = self.xp
         try:
             self._blas = cublas.Handle(cupy, cublas.load_library(cupy))
             rng = np.random.default_rng(0)
             for dtype in (np.float32, np.float64):
-                a = cupy.asarray(rng.standard_normal((5, 3)), dtype=dtype)
-                b = cupy.asarray(rng.standard_normal((3, 4)), dtype=dtype)
-                want = cupy.matmul(a, b)
+                a_host = rng.standard_normal((5, 3)).astype(dtype)
+                b_host = rng.standard_normal((3, 4)).astype(dtype)
+                want = a_host.astype(np.float64) @ b_host.astype(np.float64)
+                a, b = cupy.asarray(a_host), cupy.asarray(b_host)
                 at, bt = cupy.ascontiguousarray(a.T), cupy.ascontiguousarray(b.T)
                 for x, y, ta, tb in ((a, b, False, False), (at, b, True, False),
                                      (a, bt, False, True), (at, bt, True, True)):
                     got = self._gemm(x, y, None, ta, tb, "float32")
-                    err = float(cupy.abs(got - want).max())
+                    # exact float32 is ~1e-7 here; TF32 or a wrong layout is >= 1e-4
+                    err = float(np.abs(host_array(got) - want).max())
                     if not err <= 1e-5:
                         raise RuntimeError(f"{dtype.__name__} trans=({ta}, {tb}) differs from "
-                                           f"cupy.matmul by {err:.3g}")
+                                           f"the exact product by {err:.3g}")
         except Exception as exc:
             self._blas = None
             return f"CuPy's matmul (own cuBLAS handle unusable: {_one_line(exc)})"
@@ -259,6 +263,10 @@ class CupyBackend(Backend):
         a, b = gemm_array(a), gemm_array(b)
         blas = self._blas
         if blas is None or not self._blas_operands(a, b, out):
+            if precision == "bf16" and a.dtype == b.dtype == np.float32:
+                # CuPy's matmul has no bf16 inputs: give it the bf16 values (their
+                # products are exact in float32, as in a bf16 GEMM's accumulation)
+                a, b = self._bf16_rounded(a), self._bf16_rounded(b)
             return super().gemm(a, b, out, trans_a, trans_b)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
         kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
@@ -286,6 +294,12 @@ class CupyBackend(Backend):
         if bits is None:
             bits = self._bf16[key] = self.xp.empty((x.size,), dtype=np.uint16)
         return self._write_bf16(x, bits)
+
+    def _bf16_rounded(self, x):
+        """float32 ``x`` rounded to bf16, as float32 values (a new array)."""
+        x = self.xp.ascontiguousarray(x)
+        bits = self._write_bf16(x, self.xp.empty((x.size,), dtype=np.uint16))
+        return (bits.astype(np.uint32) << 16).view(np.float32).reshape(x.shape)
 
     def _write_bf16(self, x, bits):
         """One f32_to_bf16 launch: ``bits`` (uint16, x.size elements) = bf16(x)."""

@@ -243,13 +243,15 @@ class GraphedStep:
     def _load_epoch(self, first_batch: int) -> None:
         """Point the graph at this epoch: order, per-step scalars, counter."""
         self.order[...] = self._epoch_order
+        self.counter.fill(first_batch)
+        if not self._slots:
+            return  # no per-step scalars (SGD, RMSprop): no table, no host -> device copy
         rows = np.zeros((len(self.batch_losses), SCALAR_SLOTS), dtype=self.dtype)
         step = self.optimizer.step_count + 1  # the step batch ``first_batch`` will run
         for b in range(first_batch, len(rows)):
             for first, count, values in self._slots:
                 rows[b, first:first + count] = values(step + b - first_batch)
         self.backend.upload(self.table, rows)
-        self.counter.fill(first_batch)
 
     def _drop(self) -> None:
         self.backend.synchronize()  # no replay may still read what is released

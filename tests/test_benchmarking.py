@@ -211,13 +211,62 @@ def test_gpu_table_columns():
 
 def test_gpu_environment_never_raises():
     env = bm.gpu_environment({"torch": "x"})
-    assert {"CUPY_TF32", "tf32", "torch"} <= set(env)
+    assert {"CUPY_TF32", "tf32", "torch", "nvidia_driver"} <= set(env)
     if CUPY_REASON is None:
         assert {"cupy", "cuda_runtime", "cuda_driver", "device"} <= set(env)
         assert env["device"]["name"]
     else:
         assert "error" in env or "cupy" in env
 
+
+
+def test_a_contender_failing_mid_run_is_dropped_and_the_others_measured(monkeypatch, capsys):
+    """A contender that fails after its warm-up (a CUDA error in round 2, say) is
+    recorded in ``skipped`` with the round; the others keep their rounds and ratios."""
+    from fastnn.benchmarking import runner
+
+    w = bm.WORKLOADS["x"]
+    plain_block = runner.LocalRunner.block
+    calls = {"n": 0}
+
+    def block(self, samples):
+        if self.name == "numpy":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("device lost\nmore detail")
+        return plain_block(self, samples)
+
+    monkeypatch.setattr(runner.LocalRunner, "block", block)
+    skipped: dict = {}
+    results = bm.measure(w, ["floor", "numpy", "fastnn-numpy"], threads=1, rounds=3, samples=1,
+                         skipped=skipped)
+    assert [r.contender for r in results] == ["floor", "fastnn-numpy"]
+    assert skipped == {"x/numpy": "failed in round 2: RuntimeError: device lost"}
+    assert all(len(r.blocks_ms) == 3 for r in results)
+    assert results[1].x_floor is not None
+    assert "x/numpy: dropped (failed in round 2" in capsys.readouterr().err
+
+
+def test_torch_worker_processes_are_reused_across_workloads():
+    """A TorchWorker's process is kept idle after close() and taken by the next
+    workload's same contender (a torch import per workload is seconds on a GPU
+    machine); shutdown_workers ends it."""
+    pytest.importorskip("torch")
+    from fastnn.benchmarking import runner
+
+    first = runner.TorchWorker(bm.WORKLOADS["x"], "torch", 1)
+    pid = first.proc.pid
+    first.close()
+    second = runner.TorchWorker(bm.WORKLOADS["c"], "torch", 1)
+    try:
+        assert second.proc.pid == pid
+        second.calibrate()
+        assert len(second.block(1)) == 1  # the new workload's model, in the same process
+    finally:
+        second.close()
+    proc = second.proc
+    runner.shutdown_workers()
+    assert proc.wait(timeout=30) == 0 and not runner._IDLE_WORKERS
 
 # ---------------------------------------------------------------- PyTorch CUDA steps, on the CPU
 @pytest.fixture

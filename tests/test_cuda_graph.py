@@ -473,8 +473,8 @@ def test_steps_the_graph_cannot_hold_stay_per_op(fake_gpu, monkeypatch):
 
 @pytest.mark.parametrize("precision", ["float32", "tf32", "bf16"])
 def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
-    """fastnn-cupy-graph: 20 replays over 16 batches (an epoch wrap) give the
-    numbers of the same 21 steps run op by op over the same order, at each GEMM
+    """fastnn-cupy-graph: replays past its batches (an epoch wrap) give the
+    numbers of the same steps run op by op over the same order, at each GEMM
     precision (the epoch wrap happens outside the recording's precision block:
     the graph must not be dropped there)."""
     from fastnn import benchmarking as bm
@@ -482,20 +482,22 @@ def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
 
     backend = fake_gpu[0]
     w = bm.Workload("t", (6, 16, 4), 8, optimizer="adam", lr=1e-2, precision=precision)
+    batches = bm.workloads.graph_batches(w)
     run = bm.make_step(w, "fastnn-cupy-graph")
-    last = run(20)
-    assert FakeGraph.made[-1].launches == 20 and len(FakeGraph.made) == 1
+    last = run(batches + 4)
+    assert FakeGraph.made[-1].launches == batches + 4 and len(FakeGraph.made) == 1
     got = run.model.state_dict()
 
     with fn.use_backend(backend), fn.precision.using(precision):
         model, loss_fn, opt = bm.build_fastnn_model(w)
-        parts = [bm.make_batch(w, i) for i in range(16)]
+        parts = [bm.make_batch(w, i) for i in range(batches)]
         X = np.concatenate([x for x, _ in parts])
         y = np.concatenate([t for _, t in parts])
         order = np.random.default_rng(0).permutation(len(X))
         with training_step_mode(model):
-            for step in range(21):
-                rows = order[(step % 16) * 8:(step % 16 + 1) * 8]  # epoch 2 from step 16
+            for step in range(batches + 5):  # the plain first step, then the replays
+                b = step % batches  # epoch 2 from step ``batches``
+                rows = order[b * 8:(b + 1) * 8]
                 opt.zero_grad()
                 loss = loss_fn.forward(model.forward(X[rows]), y[rows])
                 model.backward(loss_fn.backward())

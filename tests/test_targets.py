@@ -74,3 +74,9 @@ def test_main_prints_a_row_per_target_and_the_reasons(tmp_path, capsys, markdown
 def test_main_reports_a_missing_file(tmp_path, capsys):
     assert targets.main([str(tmp_path / "none.json")]) == 2
     assert "none.json" in capsys.readouterr().err
+
+
+def test_a_profile_without_timed_gemms_still_gives_its_line():
+    line = targets._profile_line({"host_ms": 0.3, "device_ms": 0.2, "bound": "host",
+                                  "gemm_share": 0.0, "gemm_tflops": None})
+    assert line == "op by op: host 0.3 ms, device 0.2 ms per step (host-bound), GEMMs 0% of device time"

@@ -41,6 +41,7 @@ torch-cuda-graph time / step time.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -49,7 +50,7 @@ import numpy as np
 from fastnn.benchmarking.report import (command_line, environment, format_table, gpu_environment,
                                         plot, probe_torch_cuda)
 from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker,
-                                        measure, worker_main)
+                                        measure, shutdown_workers, worker_main)
 from fastnn.benchmarking.workloads import (ALL_WORKLOADS, DEFAULT_WORKLOADS, GPU_CONTENDERS,
                                            GPU_WORKLOADS, WORKLOADS, Workload,
                                            build_fastnn_model, contenders, cpu_contenders,
@@ -114,7 +115,8 @@ def resolve_device(requested: str = "auto") -> tuple[str, str | None]:
 def _rounds_samples(w: Workload, device: str, rounds: int, samples: int) -> tuple[int, int]:
     if w.kind == "fit":
         return rounds, 1
-    if (w.name == "d" and device == "cpu") or w.name == "e":  # ~1 s (CPU d) / ~45 ms (GPU e)
+    base = w.name.split("-")[0]  # e-tf32, e-bf16: e's shape
+    if (base == "d" and device == "cpu") or base == "e":  # ~1 s (CPU d) / ~45 ms (GPU e)
         return min(rounds, 3), min(samples, 2)
     return rounds, samples
 
@@ -171,27 +173,39 @@ def main(args) -> int:
                            "samples_per_block": samples, "quick": bool(args.quick),
                            "sgd": "lr 0.01 momentum 0.9", "adam": "torch defaults",
                            "timing": "host perf_counter around k steps; GPU contenders "
-                                     "synchronize the device at the end of every sample"},
+                                     "synchronize the device at the end of every sample",
+                           "graph_batches": "fastnn-cupy-graph gathers a new batch from device "
+                                            "data in every replay (fit's path, a new epoch "
+                                            "order every 256 batches, fewer for large "
+                                            "batches); torch-cuda-graph replays one static "
+                                            "batch"},
                    workloads={n: {**ALL_WORKLOADS[n].__dict__, "label": ALL_WORKLOADS[n].label}
                               for n in names},
                    results=[r.__dict__ for r in results], skipped=skipped,
                    table=format_table(results) if results else "")
-        with open(args.json, "w") as fh:
+        # Written whole, then renamed: a time guard stopping the bench mid-write
+        # leaves the previous workload's complete file, never a broken one.
+        tmp = f"{args.json}.tmp"
+        with open(tmp, "w") as fh:
             json.dump(doc, fh, indent=1, default=str)
+        os.replace(tmp, args.json)
 
     offered: set = set()
-    for name in names:
-        w = ALL_WORKLOADS[name]
-        if w.kind == "fit" and args.quick:
-            w = Workload(**{**w.__dict__, "epochs": 2})
-        cs = contenders(w, torch_ok, device, torch_cuda_ok, wanted, cupy_ok=cupy_reason is None)
-        offered.update(cs)
-        r, s = _rounds_samples(w, device, rounds, samples)
-        t0 = time.perf_counter()
-        results += measure(w, cs, threads, r, s, log, skipped)
-        if log:
-            log(f"  {name}: {time.perf_counter() - t0:.1f} s")
-        write_json(complete=False)  # a run cut short still leaves what it measured
+    try:
+        for name in names:
+            w = ALL_WORKLOADS[name]
+            if w.kind == "fit" and args.quick:
+                w = Workload(**{**w.__dict__, "epochs": 2})
+            cs = contenders(w, torch_ok, device, torch_cuda_ok, wanted, cupy_ok=cupy_reason is None)
+            offered.update(cs)
+            r, s = _rounds_samples(w, device, rounds, samples)
+            t0 = time.perf_counter()
+            results += measure(w, cs, threads, r, s, log, skipped)
+            if log:
+                log(f"  {name}: {time.perf_counter() - t0:.1f} s")
+            write_json(complete=False)  # a run cut short still leaves what it measured
+    finally:
+        shutdown_workers()  # the torch processes kept idle between workloads
     if wanted and wanted - offered:
         print(f"fastnn bench: not usable here (or not for these workloads): "
               f"{', '.join(sorted(wanted - offered))}", file=sys.stderr)

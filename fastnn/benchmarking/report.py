@@ -160,9 +160,22 @@ def gpu_environment(torch_probe: dict | None = None) -> dict:
             out["cublas"] = f"unavailable ({type(exc).__name__})"
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
+    out["nvidia_driver"] = _nvidia_driver()
     if torch_probe is not None:
         out["torch"] = torch_probe
     return out
+
+
+def _nvidia_driver() -> str | None:
+    """The NVIDIA driver release (e.g. "580.159.03"; cuda_driver is the CUDA
+    version it supports), from nvidia-smi; None where it cannot be asked."""
+    try:
+        done = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                              capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = done.stdout.strip().splitlines()
+    return lines[0].strip() if done.returncode == 0 and lines else None
 
 
 def probe_torch_cuda(timeout: float = 180.0) -> tuple[bool, dict]:

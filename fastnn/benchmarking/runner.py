@@ -8,6 +8,8 @@ timer around it measures finished work.
 """
 from __future__ import annotations
 
+import atexit
+import gc
 import json
 import math
 import os
@@ -69,23 +71,60 @@ class LocalRunner:
         pass
 
 
+# Idle worker processes by (contender, threads), reused by the next workload:
+# a new child costs a torch import and, on a GPU, a CUDA context (seconds each,
+# times every workload and torch contender of a GPU bench).
+_IDLE_WORKERS: dict = {}
+
+
+def _spawn_worker(threads: int) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               OPENBLAS_NUM_THREADS="1")
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [sys.executable, "-c", "from fastnn.benchmarking.runner import worker_main; worker_main()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+
+
+def _end_worker(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            proc.stdin.write(json.dumps({"cmd": "quit"}) + "\n")
+            proc.stdin.flush()
+            proc.wait(timeout=30)
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            proc.kill()  # our own child, by its handle
+            proc.wait()
+
+
+def shutdown_workers() -> None:
+    """End every idle worker process (``fastnn bench`` calls this when done)."""
+    while _IDLE_WORKERS:
+        _, proc = _IDLE_WORKERS.popitem()
+        _end_worker(proc)
+
+
+atexit.register(shutdown_workers)
+
+
 class TorchWorker:
-    """A contender running in a child process, driven over a pipe (JSON lines)."""
+    """A contender running in a child process, driven over a pipe (JSON lines).
+
+    The process outlives the contender: ``close`` releases its model (and its
+    GPU memory) and keeps the process idle for the same contender of the next
+    workload."""
 
     def __init__(self, w: Workload, contender: str, threads: int, seed: int = 0):
         self.w, self.name, self.info = w, contender, {}
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
-                   OPENBLAS_NUM_THREADS="1")
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-c", "from fastnn.benchmarking.runner import worker_main; worker_main()"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
+        self._key = (contender, threads)
+        proc = _IDLE_WORKERS.pop(self._key, None)
+        self.proc = proc if proc is not None and proc.poll() is None else _spawn_worker(threads)
         try:
             self.setup = self._call(cmd="setup", workload=w.__dict__, contender=contender,
                                     threads=threads, seed=seed)
         except BaseException:
-            self.close()  # the child stays alive after a failed setup: end it
+            _end_worker(self.proc)  # a child whose setup failed is not reused
             raise
         if contender != "torch":
             self.info["setup"] = self.setup
@@ -110,16 +149,19 @@ class TorchWorker:
         return reply["times"]
 
     def close(self):
-        if self.proc.poll() is None:
-            try:
-                self._call(cmd="quit")
-            except (RuntimeError, OSError, ValueError):
-                pass
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()  # our own child, by its handle
-                self.proc.wait()
+        """Release the contender and keep its process idle for reuse; end the
+        process instead if it cannot release or one of its kind is kept already."""
+        if self.proc.poll() is not None:
+            return
+        try:
+            self._call(cmd="release")
+        except (RuntimeError, OSError, ValueError):
+            _end_worker(self.proc)
+            return
+        if self._key in _IDLE_WORKERS:
+            _end_worker(self.proc)
+        else:
+            _IDLE_WORKERS[self._key] = self.proc
 
 
 def worker_main() -> None:
@@ -142,6 +184,15 @@ def worker_main() -> None:
                 reply = {"k": runner.calibrate(msg["min_sample"], msg["warmup_s"])}
             elif cmd == "block":
                 reply = {"times": runner.block(msg["samples"]), "info": runner.info}
+            elif cmd == "release":  # the parent keeps this process for another workload
+                runner = None
+                gc.collect()
+                import torch
+
+                if torch.cuda.is_initialized():
+                    torch.cuda.synchronize()
+                    torch.cuda.empty_cache()  # the next workload's model gets the memory
+                reply = {}
             elif cmd == "quit":
                 out.write("{}\n")
                 out.flush()
@@ -170,6 +221,22 @@ class Result:
     info: dict = field(default_factory=dict)
 
 
+def _why(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def _drop_failed(w: Workload, runner, why: str, skipped: dict | None) -> None:
+    """Record a contender that failed after its warm-up, and end it."""
+    if skipped is not None:
+        skipped[f"{w.name}/{runner.name}"] = f"failed in {why}"
+    print(f"  {w.name}/{runner.name}: dropped (failed in {why})", file=sys.stderr, flush=True)
+    try:
+        runner.close()
+    except Exception:  # already broken: its first error is the one reported
+        pass
+
+
 def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
             samples: int = 5, log=None, skipped: dict | None = None) -> list[Result]:
     """Alternate the contenders in blocks; ratios from the same round.
@@ -190,7 +257,7 @@ def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
                     raise
                 runners.append(r)
             except Exception as exc:  # one broken contender must not sink the table
-                why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+                why = _why(exc)
                 if skipped is not None:
                     skipped[f"{w.name}/{name}"] = why
                 print(f"  {w.name}/{name}: skipped ({why})", file=sys.stderr, flush=True)
@@ -201,7 +268,13 @@ def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
         for rnd in range(rounds):
             order = runners[rnd % len(runners):] + runners[:rnd % len(runners)]
             for r in order:
-                t = r.block(samples)
+                try:
+                    t = r.block(samples)
+                except Exception as exc:  # failing mid-run: drop it, the others go on
+                    _drop_failed(w, r, f"round {rnd + 1}: {_why(exc)}", skipped)
+                    runners.remove(r)
+                    del times[r.name], blocks[r.name]  # its ratios would miss rounds
+                    continue
                 times[r.name] += t
                 blocks[r.name].append(statistics.median(t))
             if log:

@@ -103,7 +103,9 @@ def _profile_line(p: dict | None) -> str | None:
     line = (f"op by op: host {p['host_ms']:.4g} ms, device {p['device_ms']:.4g} ms per step "
             f"({p['bound']}-bound)")
     if p.get("gemm_share") is not None:
-        line += f", GEMMs {100 * p['gemm_share']:.0f}% of device time at {p['gemm_tflops']:.3g} TFLOP/s"
+        line += f", GEMMs {100 * p['gemm_share']:.0f}% of device time"
+        if p.get("gemm_tflops") is not None:  # None when no GEMM was timed
+            line += f" at {p['gemm_tflops']:.3g} TFLOP/s"
     graph = p.get("graph") or {}
     if "device_ms" in graph:
         line += f"; graph replay {graph['device_ms']:.4g} ms on the device"

@@ -234,14 +234,26 @@ def fastnn_step(w: Workload, backend: str = "numba", seed: int = 0):
     return run
 
 
-def fastnn_graph_step(w: Workload, seed: int = 0, batches: int = 16):
+def graph_batches(w: Workload) -> int:
+    """How many batches of data fastnn-cupy-graph gathers from (a new epoch every
+    that many steps, as in fit): up to 256, fewer when that would pass 256 MiB
+    of input (e: 3), so making the data costs little of a GPU check's time."""
+    per_batch = w.batch * w.sizes[0] * 4
+    return int(max(3, min(256, (256 << 20) // per_batch)))
+
+
+def fastnn_graph_step(w: Workload, seed: int = 0, batches: int | None = None):
     """``run(k) -> last loss``: k steps of fit's CUDA-graph path on CuPy
     (fastnn-cupy-graph): the recorded step replayed, each replay gathering a
-    new batch from ``batches`` batches of data by a shuffled order, as fit does
-    (a new epoch, with its order and counter reset, every ``batches`` steps)."""
+    new batch from ``batches`` (default ``graph_batches(w)``) batches of data
+    by a shuffled order, as fit does (a new epoch, with its order and counter
+    reset, every ``batches`` steps)."""
     import fastnn as fn
     from fastnn import cuda_graph
     from fastnn.nn.module import label_range_of, training_step_mode
+
+    if batches is None:
+        batches = graph_batches(w)
 
     with fn.use_backend("cupy") as B, use_precision(w.precision):
         model, loss_fn, opt = build_fastnn_model(w, seed)

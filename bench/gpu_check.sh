@@ -177,12 +177,20 @@ targets_table() {
 
 install_local_wheels 2>&1 | tee "$REPORT"
 environment_info 2>&1 | tee -a "$REPORT"
-section "pytest -m 'gpu or not slow'" | tee -a "$REPORT"
+# pytest-xdist (on the GPU machine) spreads the suite over a few processes
+# sharing the one GPU: most of a cold run is compiling kernels (NVRTC, NVVM)
+# and CPU-only tests, which then overlap. FASTNN_GPU_PYTEST_WORKERS=0: serial.
+WORKERS="${FASTNN_GPU_PYTEST_WORKERS:-4}"
+XDIST=()
+if [[ "$WORKERS" != 0 ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then
+    XDIST=(-n "$WORKERS")
+fi
+section "pytest -m 'gpu or not slow' ${XDIST[*]+${XDIST[*]}}" | tee -a "$REPORT"
 # SIGINT at the guard: pytest stops and still prints its summary of what ran
 # (a hung GPU test must not eat the benchmark's share of the device time).
 timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-240}" \
     "$PYTHON" -m pytest -q ${FASTNN_GPU_CHECK_TESTS:-tests} -m "gpu or not slow" -ra --durations=10 \
-        -p no:cacheprovider 2>&1 \
+        -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} 2>&1 \
     | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
 (( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"

@@ -37,7 +37,8 @@ def cmd_info(args) -> int:
     if reasons.get("cupy") is None:
         import cupy
 
-        backend = fn.use_backend("cupy")
+        with fn.use_backend("cupy") as backend:
+            pass  # the instance only: info leaves the current backend as it was
         rt = cupy.cuda.runtime
         free, total = backend.memory_info() if hasattr(backend, "memory_info") else (0, 0)
         print(f"cupy {cupy.__version__}, CUDA runtime {rt.runtimeGetVersion()}, driver "
@@ -53,7 +54,10 @@ def cmd_info(args) -> int:
 def cmd_train(args) -> int:
     from fastnn.precision import using
 
-    with using(args.precision):  # the GEMM policy for this run only
+    import fastnn as fn
+
+    # The backend and the GEMM policy for this run only (main() may be called in-process).
+    with using(args.precision), fn.use_backend(args.backend):
         return _train(args)
 
 
@@ -63,7 +67,7 @@ def _train(args) -> int:
     import fastnn as fn
     from fastnn import data
 
-    backend = fn.use_backend(args.backend)
+    backend = fn.get_backend()  # cmd_train's use_backend(args.backend)
     if args.threads:
         fn.set_num_threads(args.threads)
     fn.manual_seed(args.seed)

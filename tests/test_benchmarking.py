@@ -168,6 +168,10 @@ def test_gpu_bench_runs_every_fastnn_gpu_contender_on_the_fake_device(fake_gpu, 
         monkeypatch.setitem(bm.ALL_WORKLOADS, name, w)
     monkeypatch.setattr(bm, "resolve_device", lambda requested="auto": ("gpu", None))
     monkeypatch.setattr(bm, "probe_torch_cuda", lambda: (False, {"error": "stub: no CUDA"}))
+    from fastnn import gpu_compiled  # numba.cuda's verdict fixed: on a GPU machine it works
+
+    monkeypatch.setitem(gpu_compiled._status, "cuda", "numba.cuda: no usable CUDA driver or device")
+    monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
     path = tmp_path / "gpu.json"
     assert main(["bench", "--device", "gpu", "--workloads", ",".join(small), "--rounds", "1",
                  "--samples", "1", "--json", str(path)]) == 0
@@ -373,4 +377,4 @@ def test_bench_gpu_run_end_to_end(tmp_path, capsys):
     assert {"floor-cupy", "fastnn-cupy"} <= got
     if doc["gpu"].get("torch", {}).get("cuda_available"):
         assert {"torch-cuda", "torch-cuda-graph"} <= got, doc["skipped"]
-        assert doc["gpu"]["torch"]["matmul.allow_tf32"] is (doc["gpu"]["tf32"])
+        assert doc["gpu"]["torch"]["matmul.allow_tf32"] is False  # probed at float32

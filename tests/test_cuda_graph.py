@@ -540,12 +540,22 @@ def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(fake_gpu, monkey
     assert few == many > 0
 
 
-def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu):
-    """fastnn-cupy-kernel needs numba.cuda on a real device: here it is left out
-    of the table with the reason, never timed as something else."""
+@pytest.mark.parametrize("fast_path, why", [
+    ("0", "FASTNN_FAST_PATH=0"),
+    (None, "numba.cuda: no usable CUDA driver or device"),
+])
+def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu, monkeypatch, fast_path, why):
+    """fastnn-cupy-kernel needs numba.cuda on a real device (and the fast path on):
+    without, it is left out of the table with the reason, never timed as
+    something else. (numba.cuda's verdict is fixed here: on a GPU machine it is
+    usable, but not with the stand-in for CuPy.)"""
     from fastnn import benchmarking as bm
+    from fastnn import gpu_compiled
 
-    with pytest.raises(RuntimeError, match="one-launch kernel does not apply here: numba.cuda"):
+    monkeypatch.setitem(gpu_compiled._status, "cuda", "numba.cuda: no usable CUDA driver or device")
+    if fast_path is None:
+        monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+    with pytest.raises(RuntimeError, match=f"one-launch kernel does not apply here: {why}"):
         bm.make_step(bm.WORKLOADS["x"], "fastnn-cupy-kernel")
 
 

@@ -9,6 +9,7 @@ torch_steps.py and only ever run in a child process) and the digits fit runs
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -324,8 +325,9 @@ def fastnn_kernel_step(w: Workload, seed: int = 0):
         plan = gpu_compiled.plan_for_fit(model, loss_fn, opt, Xd, yd, 10**9, w.batch,
                                          label_range_of(y))
         if plan is None:
-            raise RuntimeError("fastnn-cupy-kernel: the one-launch kernel does not apply here: "
-                               f"{gpu_compiled.unavailable_reason() or 'not a narrow MLP'}")
+            why = ("FASTNN_FAST_PATH=0" if os.environ.get("FASTNN_FAST_PATH") == "0"
+                   else gpu_compiled.unavailable_reason() or "not a narrow MLP")
+            raise RuntimeError(f"fastnn-cupy-kernel: the one-launch kernel does not apply here: {why}")
 
     def run(k: int) -> float:
         with fn.use_backend(B):

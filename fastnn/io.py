@@ -55,6 +55,11 @@ def save(model_or_state, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
+            # mkstemp makes the file owner-only (0600); a saved model gets the
+            # permissions any new file would (0666 less the umask).
+            umask = os.umask(0)
+            os.umask(umask)
+            os.fchmod(f.fileno(), 0o666 & ~umask)
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())

@@ -64,12 +64,14 @@ class _FlatGroup:
                         f"optimizer: parameter {p.name or ''} {p.shape} is no longer on the "
                         f"{self.backend.name} backend; create the optimizer after moving the model"
                     )
+                _check_slot("data", p, p.data, dv)
                 dv[...] = p.data
                 p.data = dv
             if p.grad is not gv:
                 if p.grad is None:  # no backward wrote it: a zero gradient
                     gv.fill(0)
                 else:
+                    _check_slot("grad", p, p.grad, gv)
                     gv[...] = p.grad
                 p.grad = gv
             p._grad_view = gv
@@ -79,6 +81,29 @@ class _FlatGroup:
         backward writes straight into the flat buffer, so no fill pass is needed."""
         for p in self.params:
             p.grad = None
+
+
+def _check_on(backend, p: Parameter, who: str) -> None:
+    """TypeError unless the parameter's data (and grad) are arrays of ``backend``."""
+    for what, arr in (("data", p.data), ("grad", p.grad)):
+        if arr is not None and not backend.is_array(arr):
+            raise TypeError(
+                f"{who}: parameter {p.name or ''} {p.shape} {what} is a "
+                f"{type(arr).__module__}.{type(arr).__name__} but the current backend is "
+                f"{backend.name}; create the optimizer under the model's backend, or move the "
+                f"model first with model.to({backend.name!r})"
+            )
+
+
+def _check_slot(what: str, p: Parameter, arr, slot) -> None:
+    """A rebound data/grad array must still fit its slot: copying it in would
+    silently cast it (after ``model.astype``) or broadcast it."""
+    if arr.dtype != slot.dtype or tuple(arr.shape) != tuple(slot.shape):
+        raise TypeError(
+            f"optimizer: parameter {p.name or ''} {what} is now {arr.dtype} {tuple(arr.shape)}, "
+            f"its slot {slot.dtype} {tuple(slot.shape)}; create the optimizer after "
+            "changing the model's dtype or shapes"
+        )
 
 
 def _shapes(params) -> str:
@@ -113,6 +138,8 @@ class Optimizer:
                 seen.add(id(p))
                 unique.append(p)
         backend = get_backend()
+        for p in unique:
+            _check_on(backend, p, type(self).__name__)
         by_dtype: dict = {}
         for p in unique:
             by_dtype.setdefault(np.dtype(p.data.dtype).str, []).append(p)

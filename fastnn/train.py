@@ -326,14 +326,22 @@ def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
     Xd, yd = (X, y) if backend.is_array(X) and backend.is_array(y) else _prepare(X, y, _model_dtype(model), "evaluate")
     was_training = model.training
     model.eval()
-    total, n = 0.0, len(Xd)
+    n = len(Xd)
+    on_cpu = backend.device.startswith("cpu")
+    label_range = label_range_of(y)  # once: per batch it would be a device read each
+    losses, sizes = [], []
     try:
-        with training_step_mode(model):
+        with training_step_mode(model, label_range):
             for lo in range(0, n, batch_size):
                 hi = min(lo + batch_size, n)
-                total += float(loss_fn.forward(model.forward(Xd[lo:hi]), yd[lo:hi])) * (hi - lo)
+                loss = loss_fn.forward(model.forward(Xd[lo:hi]), yd[lo:hi])
+                losses.append(float(loss) if on_cpu else loss)  # a GPU's stay on the device
+                sizes.append(hi - lo)
     finally:
         model.train(was_training)
+    if not on_cpu:  # one read for the whole set
+        losses = host_array(backend.xp.stack(losses)).astype(np.float64)
+    total = float(np.dot(np.asarray(losses, dtype=np.float64), np.asarray(sizes, dtype=np.float64)))
     if not math.isfinite(total):
         _raise_deferred_input_error(loss_fn)
     return total / n

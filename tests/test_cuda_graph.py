@@ -540,6 +540,33 @@ def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(fake_gpu, monkey
     assert few == many > 0
 
 
+@pytest.mark.parametrize("loss", ["xent", "mse"])
+def test_evaluate_reads_the_device_once_whatever_the_batch_count(fake_gpu, loss):
+    """evaluate (fit's validation) keeps each batch's loss on the device and
+    checks the label range once: one read per call, not three per batch."""
+    import fake_cupy
+
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(1)
+
+    def reads(n_batches):
+        X = rng.standard_normal((8 * n_batches, 6)).astype(np.float32)
+        y = rng.integers(0, 3, len(X)) if loss == "xent" else rng.random((len(X), 3), np.float32)
+        with fn.use_backend(backend):
+            model = fn.Sequential(fn.Linear(6, 16), fn.ReLU(), fn.Linear(16, 3))
+            loss_fn = fn.CrossEntropyLoss() if loss == "xent" else fn.MSELoss()
+            before = fake_cupy.host_reads[0]
+            value = fn.evaluate(model, loss_fn, X, y, batch_size=8)
+            count = fake_cupy.host_reads[0] - before
+        with fn.use_backend("numpy"):
+            model.to("numpy")
+            want = fn.evaluate(model, loss_fn, X, y, batch_size=8)
+        assert value == pytest.approx(want, rel=1e-6)
+        return count
+
+    assert reads(2) == reads(9) == 1
+
+
 @pytest.mark.parametrize("fast_path, why", [
     ("0", "FASTNN_FAST_PATH=0"),
     (None, "numba.cuda: no usable CUDA driver or device"),

@@ -434,6 +434,29 @@ def test_out_of_memory_names_the_layer_and_the_size(backend, monkeypatch):
         model(x)
 
 
+def test_optimizer_and_load_state_dict_refuse_parameters_of_another_backend(backend):
+    torch = pytest.importorskip("torch")
+    layer = fn.Linear(3, 4)
+    state = layer.state_dict()
+    layer.weight.data = torch.zeros(3, 4)  # stands in for arrays of another backend
+    with pytest.raises(TypeError, match=re.escape(f"model.to({backend.name!r})")) as info:
+        fn.SGD(layer.parameters(), lr=0.1)
+    assert "weight" in str(info.value) and "(3, 4)" in str(info.value)
+    with pytest.raises(TypeError, match=re.escape(f"model.to({backend.name!r})")):
+        layer.load_state_dict(state)
+
+
+def test_optimizer_refuses_a_parameter_whose_dtype_changed_after_it(backend):
+    layer = fn.Linear(3, 2)
+    opt = fn.SGD(layer.parameters(), lr=0.1)
+    layer.astype(np.float64)  # the optimizer's flat float32 slots would cast it back
+    layer.zero_grad()
+    x = backend.asarray(np.ones((4, 3)))
+    layer.backward(layer(x))
+    with pytest.raises(TypeError, match="create the optimizer after changing the model's dtype"):
+        opt.step()
+
+
 def test_parameters_of_another_backend_are_a_clear_error(backend):
     torch = pytest.importorskip("torch")
     layer = fn.Linear(3, 4)

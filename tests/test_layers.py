@@ -543,3 +543,17 @@ def test_sequential_sees_a_module_added_after_its_first_call():
 def test_append_refuses_non_modules():
     with pytest.raises(TypeError, match="Sequential.append: expected a fastnn Module, got list"):
         fn.Sequential().append([fn.ReLU()])
+
+
+def test_work_buffers_do_not_grow_with_every_batch_size(backend):
+    """predict / evaluate / fit reuse one work buffer per layer and role, as
+    large as the largest batch seen: 50 different sizes keep one set."""
+    model = fn.Sequential(fn.Linear(8, 16), fn.ReLU(), fn.Linear(16, 4))
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((50, 8)).astype(np.float32)
+    fn.predict(model, X)
+    keys = {m: set(m.__dict__.get("_buffers", {})) for m in model.modules()}
+    for n in range(1, 50):
+        got = fn.predict(model, X[:n])
+        np.testing.assert_allclose(got, fn.predict(model, X)[:n], rtol=1e-5, atol=1e-6)
+    assert {m: set(m.__dict__.get("_buffers", {})) for m in model.modules()} == keys

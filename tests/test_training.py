@@ -322,6 +322,18 @@ def test_save_writes_exactly_the_path_given(make_path, name, backend, tmp_path):
     assert set(fn.load(make_path(target))) >= {"0.weight", "2.bias"}
 
 
+def test_saved_file_gets_the_usual_permissions(backend, tmp_path):
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        path = tmp_path / "m.npz"
+        fn.save(fn.Linear(2, 3), path)
+        assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's owner-only 0600
+    finally:
+        os.umask(umask)
+
+
 def test_save_refuses_object_arrays(backend, tmp_path):
     path = tmp_path / "bad.npz"
     with pytest.raises(TypeError, match="object"):

@@ -170,7 +170,15 @@ class Module:
                     f"{type(self).__name__}.load_state_dict: {name!r} expects shape "
                     f"{p.shape}, got {tuple(value.shape)}"
                 )
-            p.data[...] = get_backend().asarray(value, dtype=p.data.dtype)
+            backend = get_backend()
+            if not backend.is_array(p.data):
+                raise TypeError(
+                    f"{type(self).__name__}.load_state_dict: parameter {name!r} is a "
+                    f"{type(p.data).__module__}.{type(p.data).__name__} but the current backend "
+                    f"is {backend.name}; load under the model's backend, or move it first with "
+                    f"model.to({backend.name!r})"
+                )
+            p.data[...] = backend.asarray(value, dtype=p.data.dtype)
 
     def to(self, backend) -> "Module":
         """Move every parameter to ``backend`` (a name or a Backend); grads are dropped."""
@@ -203,11 +211,17 @@ class Module:
         buffers = self.__dict__.get("_buffers")
         if buffers is None:
             buffers = self.__dict__["_buffers"] = {}
-        key = (tag, shape, dtype)  # buffers are dropped when the model moves backend
+        # One buffer per tag and row shape, as many rows as the largest batch so
+        # far: a smaller batch (the last of an epoch, a predict call) takes its
+        # leading rows (contiguous), so memory does not grow with every batch
+        # size seen. Dropped when the model moves backend.
+        shape = tuple(shape)
+        rows, row_shape = (shape[0], shape[1:]) if shape else (None, ())
+        key = (tag, row_shape, dtype)
         buf = buffers.get(key)
-        if buf is None:
+        if buf is None or (rows is not None and buf.shape[0] < rows):
             buf = buffers[key] = self._allocate(tag, shape, dtype, backend)
-        return buf
+        return buf if rows is None or buf.shape[0] == rows else buf[:rows]
 
     def _allocate(self, tag, shape, dtype, backend):
         try:

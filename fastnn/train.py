@@ -176,9 +176,11 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     sizes = np.full(n_batches, batch_size, dtype=np.float64)
     sizes[-1] = n - batch_size * (n_batches - 1)
 
-    def diverged(value, epoch, b):
+    def diverged(value, epoch, b, restored=False):
         return TrainingDiverged(
             f"fit: loss became {value} at epoch {epoch + 1}, batch {b + 1} of {n_batches}"
+            + (f"; the model is as it was at the start of epoch {epoch + 1} (on a GPU fit "
+               "reads the losses once per epoch)" if restored else "")
         )
 
     def step_per_op(epoch: int, b: int, lo: int, hi: int, order_d) -> float:
@@ -211,6 +213,8 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         order_d = backend.asarray(shuffler.permutation(n)) if shuffle else None
         if graphed is not None:
             graphed.new_epoch(order_d if shuffle else graphed_order)
+        if epoch_start is not None:
+            epoch_start.take()
         loss_sum = 0.0
         with training_step_mode(model, label_range):
             for b in range(n_batches):
@@ -229,8 +233,9 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             losses = host_array(batch_losses)
             bad = np.flatnonzero(~np.isfinite(losses))
             if bad.size:
+                epoch_start.restore()  # the steps after the bad batch made the weights NaN
                 _raise_deferred_input_error(loss_fn)  # e.g. BCELoss on values outside [0, 1]
-                raise diverged(losses[bad[0]], epoch, int(bad[0]))
+                raise diverged(losses[bad[0]], epoch, int(bad[0]), restored=True)
             loss_sum = float(np.dot(losses.astype(np.float64), sizes))
         return loss_sum / n
 
@@ -250,6 +255,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     graphed, history.step_path = _step_path(plan, model, loss_fn, optimizer, Xd, yd, xb, yb,
                                             batch_losses, epochs * (n // batch_size))
     graphed_order = backend.asarray(np.arange(n)) if graphed is not None and not shuffle else None
+    epoch_start = _EpochStart(optimizer) if plan is None and not on_cpu else None
     # Return to Python after every epoch only when something must run there.
     per_epoch = stop_when is not None or val is not None or bar.bar is not None
     train_seconds = 0.0
@@ -282,6 +288,47 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     if graphed is not None and graphed.failed is not None:
         history.step_path = f"per-op (CUDA graph failed: {graphed.failed})"
     return history
+
+
+class _EpochStart:
+    """The optimizer's weights and state as an epoch starts, kept on the device.
+
+    On a GPU fit reads the batch losses once per epoch, so the steps after a
+    NaN loss have already run when it is seen, and made the weights NaN too;
+    ``restore`` puts back the epoch's start (the CPU path raises before the
+    bad batch's update instead). One device copy per buffer and epoch, into
+    copies made once per fit; in place, so a recorded CUDA graph stays valid.
+    """
+
+    def __init__(self, optimizer):
+        self.optimizer = optimizer
+        self.copies: dict = {}  # id(buffer) -> (buffer, its copy)
+        self.taken: set = set()
+        self.step_count = 0
+
+    def _buffers(self):
+        for group in self.optimizer.groups:
+            yield group.data
+            yield from group.state.values()
+
+    def take(self) -> None:
+        self.step_count = self.optimizer.step_count
+        self.taken = set()
+        for buf in self._buffers():
+            kept = self.copies.get(id(buf))
+            if kept is None:
+                self.copies[id(buf)] = (buf, buf.copy())
+            else:
+                kept[1][...] = buf
+            self.taken.add(id(buf))
+
+    def restore(self) -> None:
+        for buf in self._buffers():
+            if id(buf) in self.taken:
+                buf[...] = self.copies[id(buf)][1]
+            else:  # a state buffer the epoch made: as new again
+                buf.fill(0)
+        self.optimizer.step_count = self.step_count
 
 
 def _step_path(plan, model, loss_fn, optimizer, Xd, yd, xb, yb, batch_losses, full_steps):

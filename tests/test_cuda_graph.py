@@ -540,6 +540,40 @@ def test_fit_reads_the_device_a_fixed_number_of_times_per_epoch(fake_gpu, monkey
     assert few == many > 0
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy standing in for the GPU: overflow
+@pytest.mark.parametrize("graph", ["0", "1"])
+def test_a_diverged_epoch_on_a_gpu_leaves_the_model_as_it_started(fake_gpu, monkeypatch, graph):
+    """On a GPU fit sees the NaN only at the epoch's end, after later steps made the
+    weights NaN: it puts back the epoch's start (weights, optimizer state, step
+    count) before raising, so a caught TrainingDiverged leaves a usable model."""
+    monkeypatch.setenv(cuda_graph.ENV, graph)
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 6)).astype(np.float32), rng.integers(0, 3, 64)
+    with fn.use_backend(backend):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(6, 16), fn.ReLU(), fn.Linear(16, 3))
+        opt = fn.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        seen = {}
+
+        def blow_up_after_the_first_epoch(history):
+            seen["weights"] = model.state_dict()
+            seen["momentum"] = {k: fn.to_numpy(v).copy() for k, v in opt.groups[0].state.items()}
+            seen["steps"] = opt.step_count
+            opt.lr = 1e30
+            return False
+
+        with pytest.raises(fn.TrainingDiverged, match="as it was at the start of epoch 2"):
+            fn.fit(model, fn.CrossEntropyLoss(), opt, X, y, epochs=3, batch_size=8,
+                   stop_when=blow_up_after_the_first_epoch, progress=False)
+    for name, value in model.state_dict().items():
+        assert np.isfinite(value).all(), name
+        np.testing.assert_array_equal(value, seen["weights"][name], err_msg=name)
+    for name, value in opt.groups[0].state.items():
+        np.testing.assert_array_equal(fn.to_numpy(value), seen["momentum"][name], err_msg=name)
+    assert opt.step_count == seen["steps"] == 8
+
+
 @pytest.mark.parametrize("loss", ["xent", "mse"])
 def test_evaluate_reads_the_device_once_whatever_the_batch_count(fake_gpu, loss):
     """evaluate (fit's validation) keeps each batch's loss on the device and

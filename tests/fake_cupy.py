@@ -329,18 +329,38 @@ _clock = [0]
 
 
 class FakeEvent:
+    """A CUDA event: its time is read only once it is known to have completed
+    (its own synchronize, or the device's); a real one gives cudaErrorNotReady."""
+
     def __init__(self, *args, **kwargs):
         self.time = None
+        self.done = False
 
     def record(self, stream=None):
+        assert not _recording(), "an event recorded while a CUDA graph records"
         self.time = _clock[0]
+        self.done = False
+        _recorded_events.append(self)
 
     def synchronize(self):
         assert self.time is not None, "synchronize on an event never recorded"
+        for event in _recorded_events:  # one stream: everything recorded before is done
+            if event.time is not None and event.time <= self.time:
+                event.done = True
+
+
+_recorded_events: list = []
+
+
+def _device_synchronized() -> None:
+    for event in _recorded_events:
+        event.done = True
+    _recorded_events.clear()
 
 
 def get_elapsed_time(start, end) -> float:
     assert start.time is not None and end.time is not None, "elapsed time of an unrecorded event"
+    assert end.done, "elapsed time before the end event completed (cudaErrorNotReady on a GPU)"
     return float(end.time - start.time)
 
 
@@ -381,6 +401,13 @@ class FakeCublas:
                      beta, c, c_type, ldc, compute, algo):
         assert self.stream == _streams[-1].ptr, "cuBLAS bound to another stream than the current"
         assert a_type == b_type and compute in (68, 70, 77)
+        # cuBLAS's own checks (CUBLAS_STATUS_INVALID_VALUE / NOT_SUPPORTED otherwise)
+        assert min(m, n, k) >= 1, ("empty GEMM", m, n, k)
+        assert lda >= max(1, m if op_a == 0 else k), ("lda", lda, m, k, op_a)
+        assert ldb >= max(1, k if op_b == 0 else n), ("ldb", ldb, k, n, op_b)
+        assert ldc >= max(1, m), ("ldc", ldc, m)
+        assert (a_type, c_type, compute) in {(0, 0, 68), (0, 0, 77), (1, 1, 70), (14, 0, 68)}, \
+            ("GemmEx type combination", a_type, c_type, compute)
         scalar = ctypes.c_double if compute == 70 else ctypes.c_float
         alpha_v, beta_v = scalar.from_address(alpha).value, scalar.from_address(beta).value
         out_dtype = self._TYPES[c_type]
@@ -461,16 +488,44 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
             self.id = device_id
 
         def synchronize(self):
-            pass
+            _device_synchronized()
 
     class RawModule:
         def __init__(self, code, options=()):
+            assert not _recording(), "a module compiled while a CUDA graph records"
             assert "--fmad=false" in options
             self.sigs = kernel_signatures(code)
 
         def get_function(self, name):
+            assert not _recording(), "a module loaded while a CUDA graph records"
             return _FakeFunction(name, self.sigs[name], launches)
 
+    def refused_in_capture(name, why):
+        function = _on_device(getattr(np, name))
+
+        def checked(*args, **kwargs):
+            if _recording() and (name != "asarray" or not isinstance(args[0], DeviceArray)):
+                raise AssertionError(f"cupy.{name} while a CUDA graph records: {why}")
+            return function(*args, **kwargs)
+
+        return checked
+
+    for name in ("matmul", "dot", "tensordot", "inner", "vdot", "einsum"):
+        setattr(fake, name, refused_in_capture(name, "CuPy's cuBLAS refuses (cupy#6290)"))
+    fake.asarray = refused_in_capture("asarray", "a host -> device copy from pageable memory")
+
+    def empty(shape, dtype=float, order="C"):
+        # Not zeros: a GPU's fresh memory holds whatever was there, so a read
+        # before the first write must show (NaN, or a large integer).
+        out = np.empty(shape, dtype, order).view(DeviceArray)
+        if out.dtype.kind == "f":
+            out.view(np.ndarray).fill(np.nan)
+        elif out.dtype.kind in "iu":
+            out.view(np.ndarray).fill(np.iinfo(out.dtype).max // 3)
+        return out
+
+    fake.empty = empty
+    fake.empty_like = lambda a, dtype=None, **kw: empty(np.shape(a), dtype or a.dtype)
     fake.arange = arange
     fake.RawModule = RawModule
     fake.cuda = types.SimpleNamespace(
@@ -506,7 +561,14 @@ def fake_gpu(monkeypatch):
     backend = cupy_backend.CupyBackend()
     assert backend._blas is not None, backend.blas_status
     # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
-    monkeypatch.setattr(backend, "upload", lambda dst, host: dst.__setitem__(Ellipsis, host))
+    def upload(dst, host):  # ndarray.set: same shape, contiguous target, not while recording
+        host = np.ascontiguousarray(host, dtype=dst.dtype)
+        assert host.shape == dst.shape, ("ndarray.set shape mismatch", host.shape, dst.shape)
+        assert dst.flags.c_contiguous, "ndarray.set into a non-contiguous array"
+        assert not _recording(), "ndarray.set (a host -> device copy) while a CUDA graph records"
+        dst.view(np.ndarray)[...] = host
+
+    monkeypatch.setattr(backend, "upload", upload)
     from fastnn import backends as registry
     from fastnn import precision
 

@@ -164,6 +164,35 @@ def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
     assert [c[0] for c in lib.calls[2:]] == ["stream", "workspace", "gemm"]
 
 
+
+def test_the_stand_in_refuses_what_a_real_capture_or_device_refuses(fake_gpu):
+    """tests/fake_cupy.py is only as good as its refusals: CuPy's cuBLAS, module
+    loads, host -> device copies and events inside a recording; an event's time
+    before it completed; GEMM leading dimensions cuBLAS would reject; and fresh
+    memory is not zeros."""
+    cupy = sys.modules["cupy"]
+    backend, _, lib = fake_gpu
+    a = backend.asarray(np.ones((2, 2), np.float32))
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    start.record()
+    end.record()
+    with pytest.raises(AssertionError, match="NotReady"):
+        cupy.cuda.get_elapsed_time(start, end)
+    end.synchronize()
+    assert cupy.cuda.get_elapsed_time(start, end) == 0.0
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        stream.begin_capture()
+        for refused in (lambda: cupy.matmul(a, a), lambda: cupy.asarray(np.ones(2)),
+                        lambda: cupy.RawModule(code="", options=("--fmad=false",)),
+                        lambda: cupy.cuda.Event().record()):
+            with pytest.raises(AssertionError, match="while a CUDA graph records"):
+                refused()
+        stream.end_capture()
+    assert np.isnan(cupy.empty((3,), np.float32).view(np.ndarray)).all()
+    with pytest.raises(AssertionError, match="lda"):
+        lib.cublasGemmEx(None, 0, 0, 4, 4, 4, 0, 0, 0, 2, 0, 0, 4, 0, 0, 0, 4, 68, -1)
+
 def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
     from fastnn.backends import cupy_backend
 

@@ -230,6 +230,7 @@ class DeviceArray(np.ndarray):
 
 
 host_reads = [0]  # device -> host reads so far (each a device sync on a GPU)
+launch_shapes: list = []  # (kernel, grid, block) of every launch so far
 
 
 def _plain(x):
@@ -465,6 +466,7 @@ class _FakeFunction:
                 assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
             named[pname] = value
         self.launches.append(self.name)
+        launch_shapes.append((self.name, tuple(grid), tuple(block)))
         _run_or_record(lambda: _emulate(self.name, named))
 
 

@@ -91,15 +91,22 @@ def _probe_device(cupy) -> dict:
     }
 
 
+# Most threads per block of the block-reduction kernels. The kernels allow 1024,
+# but a 1024-thread block gets at most 64 registers a thread and the float64
+# softmax_xent_small already needs 62 (NVRTC 13, sm_90): another compiler's
+# choice must not make the launch fail ("too many resources requested").
+_MAX_REDUCE_THREADS = 512
+
+
 def _one_block_threads(n: int) -> int:
-    """Block size of a one-block kernel over n items: whole warps, at most 1024."""
-    return min(-(-n // 32) * 32, 1024)
+    """Block size of a one-block kernel over n items: whole warps, at most 512."""
+    return min(-(-n // 32) * 32, _MAX_REDUCE_THREADS)
 
 
 def _row_threads(n_cols: int) -> int:
-    """Block size for one row of softmax_xent: ~4 columns per thread, 32..1024."""
+    """Block size for one row of softmax_xent: ~4 columns per thread, 32..512."""
     threads = 32
-    while threads * 4 < n_cols and threads < 1024:
+    while threads * 4 < n_cols and threads < _MAX_REDUCE_THREADS:
         threads *= 2
     return threads
 
@@ -493,7 +500,7 @@ class CupyBackend(Backend):
         if n <= _SMALL_XENT_ROWS and c <= _SMALL_XENT_COLS:
             loss = cupy.empty((), dtype=logits.dtype)
             fn = self._kernel("softmax_xent.cu", f"softmax_xent_small_{suffix}")
-            # a thread per row (n <= 1024)
+            # a thread per row (two for n > 512)
             fn((1,), (_one_block_threads(n),), (logits, dev_labels, grad, loss, np.int64(n),
                                                  np.int64(c), inv_n))
             return loss, grad

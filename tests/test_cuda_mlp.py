@@ -200,6 +200,14 @@ def test_simulated_kernel_matches_cpu_kernel(simulated, case):
         assert len(finite) < 2 or np.ptp(finite) > 0
 
 
+def _run_child(code: str, **env) -> None:
+    """Run ``code`` in a fresh interpreter (env set before numba is imported);
+    it must print ok."""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(REPO), **env), timeout=300)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
 def test_gpu_plan_is_none_off_the_gpu_backend():
     """Importing gpu_compiled touches no CUDA; off the cupy backend the plan is None."""
     code = (
@@ -213,10 +221,7 @@ def test_gpu_plan_is_none_off_the_gpu_backend():
         "print('ok')\n"
     )
     # numpy: on a GPU machine "auto" would be cupy, where the plan is not None
-    env = dict(os.environ, PYTHONPATH=str(REPO), FASTNN_BACKEND="numpy")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+    _run_child(code, FASTNN_BACKEND="numpy")
 
 
 def test_simulator_is_reported_unusable_for_fit():
@@ -227,11 +232,7 @@ def test_simulator_is_reported_unusable_for_fit():
         "assert r is not None and 'simulator' in r, r\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
-
+    _run_child(code, NUMBA_ENABLE_CUDASIM="1")
 
 
 def test_probe_problem_gives_the_hand_computed_step_under_the_simulator():
@@ -255,10 +256,7 @@ def test_probe_problem_gives_the_hand_computed_step_under_the_simulator():
         "    assert verdict is not None and 'loss 0.25' in verdict, verdict\n"
         "print('ok')\n"
     )
-    env = dict(os.environ, PYTHONPATH=str(REPO), NUMBA_ENABLE_CUDASIM="1")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
-                          env=env, timeout=300)
-    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-3000:]
+    _run_child(code, NUMBA_ENABLE_CUDASIM="1")
 
 # ---------------------------------------------------------------- GPU only
 def _cupy_or_skip():

@@ -91,7 +91,7 @@ PY
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 BUDGET_S="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
-DIGITS_RESERVE_S=60  # kept after the benchmark for the main job at each precision
+DIGITS_RESERVE_S=80  # kept after the benchmark for the main job and the three precisions
 
 # Seconds a section may run: its own cap, cut so that `reserve` seconds stay
 # before the deadline (BUDGET_S after the start); may be <= 0 (then skip it).
@@ -133,11 +133,14 @@ gpu_bench() {
 # per-op / CUDA-graph path (FASTNN_FAST_PATH=0: the one-launch kernel for tiny
 # nets computes in float32 whatever the policy), then the default main job.
 digits_by_precision() {
-    local p limit
-    for p in float32 tf32 bf16 default; do
-        # at least 15 s each, however late: these are the precision policy's accuracy figures
-        limit=$(guard_s 90 0)
-        (( limit < 15 )) && limit=15
+    local p limit runs_left=4
+    for p in default float32 tf32 bf16; do
+        # An equal share of what is left, 20 s at least (a cold start: CuPy's and
+        # Numba's first compiles), however late: the policy's accuracy figures.
+        limit=$(( $(guard_s 100000 0) / runs_left ))
+        (( runs_left -= 1 ))
+        (( limit > 90 )) && limit=90
+        (( limit < 20 )) && limit=20
         if [[ $p == default ]]; then
             section "fastnn train --backend cupy (the main job, default path; guard ${limit} s)"
             timeout -k 5 "$limit" "$PYTHON" -m fastnn train --backend cupy --quiet \

@@ -55,11 +55,9 @@ def save(model_or_state, path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            # mkstemp makes the file owner-only (0600); a saved model gets the
-            # permissions any new file would (0666 less the umask).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.fchmod(f.fileno(), 0o666 & ~umask)
+            # mkstemp makes the file owner-only (0600): a new file gets what any
+            # new file would (0666 less the umask), a replaced one keeps its mode.
+            os.fchmod(f.fileno(), _mode_for(path))
             np.savez(f, **arrays)
             f.flush()
             os.fsync(f.fileno())
@@ -76,6 +74,19 @@ def save(model_or_state, path) -> None:
             os.close(dir_fd)
     except OSError:
         pass
+
+
+# Read once, at import: reading it means setting it, and the process-wide
+# umask must not change under other threads while they create files.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def _mode_for(path: str) -> int:
+    try:
+        return os.stat(path).st_mode & 0o777
+    except OSError:
+        return 0o666 & ~_UMASK
 
 
 def load(path) -> dict:

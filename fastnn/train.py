@@ -155,6 +155,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         if len(validation_data) != 2:
             raise InputError("fit: validation_data must be a pair (X_val, y_val)")
         val = _prepare(*validation_data, dtype, "fit(validation_data)")
+        val_labels = label_range_of(validation_data[1])  # once, from the caller's copy
     if seed is None:
         seed = int(generator().integers(2**63))
     n = len(Xd)
@@ -278,7 +279,8 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             history.seconds = train_seconds
             history.samples_per_second = n * history.epochs_run / train_seconds if train_seconds > 0 else 0.0
             if val is not None:
-                history.val_loss.append(evaluate(model, loss_fn, *val, batch_size=max(batch_size, 1024)))
+                history.val_loss.append(_evaluate(model, loss_fn, *val, max(batch_size, 1024),
+                                                  val_labels))
                 model.train()
             if stop_when is not None and stop_when(history):
                 break
@@ -371,11 +373,16 @@ def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
     """Mean loss over (X, y) in eval mode (weighted by samples)."""
     backend = get_backend()
     Xd, yd = (X, y) if backend.is_array(X) and backend.is_array(y) else _prepare(X, y, _model_dtype(model), "evaluate")
+    # Once here: per batch it would be a device read each (fit passes its own).
+    return _evaluate(model, loss_fn, Xd, yd, batch_size, label_range_of(y))
+
+
+def _evaluate(model: Module, loss_fn, Xd, yd, batch_size: int, label_range) -> float:
+    backend = get_backend()
     was_training = model.training
     model.eval()
     n = len(Xd)
     on_cpu = backend.device.startswith("cpu")
-    label_range = label_range_of(y)  # once: per batch it would be a device read each
     losses, sizes = [], []
     try:
         with training_step_mode(model, label_range):

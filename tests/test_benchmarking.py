@@ -251,6 +251,19 @@ def test_a_contender_failing_mid_run_is_dropped_and_the_others_measured(monkeypa
     assert "x/numpy: dropped (failed in round 2" in capsys.readouterr().err
 
 
+
+def test_every_contender_failing_mid_run_leaves_an_empty_result(monkeypatch):
+    from fastnn.benchmarking import runner
+
+    def block(self, samples):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(runner.LocalRunner, "block", block)
+    skipped: dict = {}
+    assert bm.measure(bm.WORKLOADS["x"], ["floor", "numpy"], threads=1, rounds=3, samples=1,
+                      skipped=skipped) == []
+    assert set(skipped) == {"x/floor", "x/numpy"}
+
 def test_torch_worker_processes_are_reused_across_workloads():
     """A TorchWorker's process is kept idle after close() and taken by the next
     workload's same contender (a torch import per workload is seconds on a GPU

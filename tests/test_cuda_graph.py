@@ -256,6 +256,8 @@ def test_bf16_without_the_own_handle_still_rounds_the_gemm_inputs(monkeypatch):
     np.testing.assert_allclose(got_t, want, rtol=1e-6, atol=1e-6)
     assert np.abs(got - a @ b).max() > 1e-4  # the rounding is really there
     np.testing.assert_array_equal(np.asarray(backend.gemm(a, b)), a @ b)  # float32: exact
+    with precision.using("bf16"):  # an empty product launches nothing
+        assert backend.gemm(np.zeros((0, 5), np.float32), b).shape == (0, 3)
 
 # =========================================================== recorded step == op by op
 def _data(loss: str, n: int = 50):
@@ -601,6 +603,17 @@ def test_a_diverged_epoch_on_a_gpu_leaves_the_model_as_it_started(fake_gpu, monk
     for name, value in opt.groups[0].state.items():
         np.testing.assert_array_equal(fn.to_numpy(value), seen["momentum"][name], err_msg=name)
     assert opt.step_count == seen["steps"] == 8
+
+
+def test_label_range_of_float_targets_reads_nothing_back(fake_gpu):
+    import fake_cupy
+    from fastnn.nn.module import label_range_of
+
+    backend = fake_gpu[0]
+    before = fake_cupy.host_reads[0]
+    assert label_range_of(backend.asarray(np.ones((5, 2), np.float32))) is None
+    assert fake_cupy.host_reads[0] == before
+    assert label_range_of(backend.asarray(np.array([3, 1, 2]))) == (1, 3)
 
 
 @pytest.mark.parametrize("loss", ["xent", "mse"])

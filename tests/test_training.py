@@ -323,15 +323,15 @@ def test_save_writes_exactly_the_path_given(make_path, name, backend, tmp_path):
 
 
 def test_saved_file_gets_the_usual_permissions(backend, tmp_path):
-    import os
+    from fastnn import io
 
-    umask = os.umask(0o022)
-    try:
-        path = tmp_path / "m.npz"
-        fn.save(fn.Linear(2, 3), path)
-        assert (path.stat().st_mode & 0o777) == 0o644  # not mkstemp's owner-only 0600
-    finally:
-        os.umask(umask)
+    path = tmp_path / "m.npz"
+    fn.save(fn.Linear(2, 3), path)
+    # not mkstemp's owner-only 0600: a new file's usual mode (the umask read at import)
+    assert (path.stat().st_mode & 0o777) == 0o666 & ~io._UMASK
+    path.chmod(0o640)
+    fn.save(fn.Linear(2, 3), path)
+    assert (path.stat().st_mode & 0o777) == 0o640  # a replaced file keeps its mode
 
 
 def test_save_refuses_object_arrays(backend, tmp_path):

@@ -266,6 +266,8 @@ def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
         times = {r.name: [] for r in runners}
         blocks = {r.name: [] for r in runners}
         for rnd in range(rounds):
+            if not runners:  # every contender failed mid-run
+                break
             order = runners[rnd % len(runners):] + runners[:rnd % len(runners)]
             for r in order:
                 try:

@@ -53,7 +53,11 @@ def training_step_mode(model=None, label_range=None):
 
 def label_range_of(y):
     """(min, max) of integer labels, read once on the host (for
-    ``training_step_mode``'s ``label_range``); None for other targets."""
+    ``training_step_mode``'s ``label_range``); None for other targets (seen
+    from the dtype: float targets on a GPU are not copied to the host)."""
+    dtype = getattr(y, "dtype", None)
+    if dtype is not None and np.dtype(dtype).kind not in "iu":
+        return None
     y = host_array(y)
     return (int(y.min()), int(y.max())) if y.dtype.kind in "iu" and y.size else None
 

@@ -551,9 +551,17 @@ def test_work_buffers_do_not_grow_with_every_batch_size(backend):
     model = fn.Sequential(fn.Linear(8, 16), fn.ReLU(), fn.Linear(16, 4))
     rng = np.random.default_rng(0)
     X = rng.standard_normal((50, 8)).astype(np.float32)
+    def allocations():  # {id: array} of the arrays that own memory (views share their base's)
+        owners = (a if a.base is None else a.base for m in model.modules()
+                  for a in m.__dict__.get("_buffers", {}).values())
+        return {id(o): o for o in owners}  # held: no id is reused while compared
+
     fn.predict(model, X)
-    keys = {m: set(m.__dict__.get("_buffers", {})) for m in model.modules()}
+    owners = allocations()
     for n in range(1, 50):
         got = fn.predict(model, X[:n])
         np.testing.assert_allclose(got, fn.predict(model, X)[:n], rtol=1e-5, atol=1e-6)
-    assert {m: set(m.__dict__.get("_buffers", {})) for m in model.modules()} == keys
+    assert allocations().keys() == owners.keys()
+    fn.predict(model, np.concatenate([X, X]))  # a larger batch replaces each buffer
+    grown = allocations()
+    assert len(grown) == len(owners) and grown.keys().isdisjoint(owners.keys())

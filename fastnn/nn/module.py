@@ -215,17 +215,32 @@ class Module:
         buffers = self.__dict__.get("_buffers")
         if buffers is None:
             buffers = self.__dict__["_buffers"] = {}
-        # One buffer per tag and row shape, as many rows as the largest batch so
-        # far: a smaller batch (the last of an epoch, a predict call) takes its
-        # leading rows (contiguous), so memory does not grow with every batch
-        # size seen. Dropped when the model moves backend.
-        shape = tuple(shape)
-        rows, row_shape = (shape[0], shape[1:]) if shape else (None, ())
-        key = (tag, row_shape, dtype)
+        # Hot path: the buffer (or view) of this exact shape, one dict lookup.
+        key = (tag, shape, dtype)
         buf = buffers.get(key)
-        if buf is None or (rows is not None and buf.shape[0] < rows):
+        if buf is not None:
+            return buf
+        return self._buffer_rows(buffers, key, backend)
+
+    def _buffer_rows(self, buffers: dict, key: tuple, backend):
+        """A new shape for a work buffer: one allocation per tag and row shape,
+        as many rows as the largest batch so far; a smaller batch (an epoch's
+        last, a predict call) gets a view of its leading rows (contiguous), so
+        memory does not grow with every batch size seen."""
+        tag, shape, dtype = key
+        if not shape:  # 0-d: no rows to share
             buf = buffers[key] = self._allocate(tag, shape, dtype, backend)
-        return buf if rows is None or buf.shape[0] == rows else buf[:rows]
+            return buf
+        rows, row_shape = shape[0], tuple(shape[1:])
+        whole_key = ("rows", tag, row_shape, dtype)
+        whole = buffers.get(whole_key)
+        if whole is None or whole.shape[0] < rows:
+            whole = buffers[whole_key] = self._allocate(tag, shape, dtype, backend)
+            for k in [k for k in buffers if len(k) == 3 and k[0] == tag and k[2] == dtype
+                      and len(k[1]) == len(shape) and tuple(k[1][1:]) == row_shape]:
+                del buffers[k]  # views of the smaller buffer it replaces: let it go
+        buf = buffers[key] = whole if whole.shape[0] == rows else whole[:rows]
+        return buf
 
     def _allocate(self, tag, shape, dtype, backend):
         try:

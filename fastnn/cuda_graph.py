@@ -123,6 +123,7 @@ class GraphedStep:
         self._slots: list = []  # (first slot, count, values(step) -> floats)
         self._signature = None
         self._keep: list = []
+        self._pool = None  # the recording's private memory pool
 
     # ------------------------------------------------------------ fit's calls
     def new_epoch(self, order_d) -> None:
@@ -214,6 +215,7 @@ class GraphedStep:
         graph.upload(cupy.cuda.get_current_stream())
         self.graph, self._signature = graph, signature
         # Everything the graph points at stays allocated as long as it lives.
+        self._pool = pool
         self._keep = [stream, pool, loss, _arrays_of(self.loss_fn),
                       [_arrays_of(m) for m in self.model.modules()]]
 
@@ -255,10 +257,9 @@ class GraphedStep:
 
     def _drop(self) -> None:
         self.backend.synchronize()  # no replay may still read what is released
-        for kept in self._keep:
-            if hasattr(kept, "free_all_blocks"):
-                kept.free_all_blocks()  # the pool's free blocks; in-use ones stay
-        self.graph, self._keep, self._slots = None, [], []
+        if self._pool is not None:
+            self._pool.free_all_blocks()  # its free blocks; those still in use stay
+        self.graph, self._keep, self._slots, self._pool = None, [], [], None
         # An ordinary step first before the next recording: buffers the new
         # settings need (bf16 copies, ...) are then made outside the graph's pool.
         self._warm = False

@@ -304,8 +304,8 @@ class _EpochStart:
 
     def __init__(self, optimizer):
         self.optimizer = optimizer
-        self.copies: dict = {}  # id(buffer) -> (buffer, its copy)
-        self.taken: set = set()
+        self.copies: dict = {}  # id(buffer) -> (buffer, its copy), made once per fit
+        self.taken: list = []  # the (buffer, copy) pairs of this epoch's start
         self.step_count = 0
 
     def _buffers(self):
@@ -315,20 +315,21 @@ class _EpochStart:
 
     def take(self) -> None:
         self.step_count = self.optimizer.step_count
-        self.taken = set()
+        self.taken = []
         for buf in self._buffers():
             kept = self.copies.get(id(buf))
             if kept is None:
-                self.copies[id(buf)] = (buf, buf.copy())
+                kept = self.copies[id(buf)] = (buf, buf.copy())
             else:
                 kept[1][...] = buf
-            self.taken.add(id(buf))
+            self.taken.append(kept)
 
     def restore(self) -> None:
+        taken = {id(buf) for buf, _ in self.taken}
+        for buf, copy in self.taken:
+            buf[...] = copy
         for buf in self._buffers():
-            if id(buf) in self.taken:
-                buf[...] = self.copies[id(buf)][1]
-            else:  # a state buffer the epoch made: as new again
+            if id(buf) not in taken:  # a state buffer the epoch made: as new again
                 buf.fill(0)
         self.optimizer.step_count = self.step_count
 

@@ -2,8 +2,9 @@
 
 ``fit`` asks ``plan_fast_path``; when the model is a plain ``Sequential`` of
 ``Linear`` layers (each optionally followed by one of fastnn's elementwise
-activations), the loss is MSELoss or CrossEntropyLoss and the optimizer is
-SGD, Adam or AdamW, whole epochs run inside one Numba call
+activations), the loss is MSELoss, CrossEntropyLoss, BCEWithLogitsLoss or
+BCELoss (after a final Sigmoid, so the predictions are probabilities) and the
+optimizer is SGD, Adam or AdamW, whole epochs run inside one Numba call
 (backends/numba_mlp.py) on the optimizer's own flat buffers. Anything else, or
 ``FASTNN_FAST_PATH=0``, takes the ordinary path. Both give the same numbers up
 to the summation order of the matmuls.
@@ -19,7 +20,7 @@ from .backends import get_backend
 from .backends.activations import get_activation
 from .nn.activation import ElementwiseActivation
 from .nn.linear import Linear
-from .nn.losses import CrossEntropyLoss, MSELoss
+from .nn.losses import BCELoss, BCEWithLogitsLoss, CrossEntropyLoss, MSELoss
 from .nn.module import Sequential
 from .optim import SGD, Adam, AdamW
 
@@ -28,6 +29,10 @@ MAX_LAYER_WEIGHTS = 64 * 64
 # Measured on the project machine: an ordinary small-net step and a cold compile.
 ORDINARY_STEP_S = 40e-6
 COLD_COMPILE_S = 3.0
+# The kernels' loss codes (numba_mlp / cuda_mlp LOSS_*); all but CrossEntropyLoss
+# take float targets of the prediction's shape.
+LOSS_KINDS = {MSELoss: 0, CrossEntropyLoss: 1, BCEWithLogitsLoss: 2, BCELoss: 3}
+LOSS_XENT = LOSS_KINDS[CrossEntropyLoss]
 
 
 @dataclass
@@ -65,7 +70,7 @@ def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> Fa
     ``backend_name``: the backend the kernel runs on ("cupy": gpu_compiled)."""
     if os.environ.get("FASTNN_FAST_PATH") == "0" or get_backend().name != backend_name:
         return None
-    if type(model) is not Sequential or type(loss_fn) not in (MSELoss, CrossEntropyLoss):
+    if type(model) is not Sequential or type(loss_fn) not in LOSS_KINDS:
         return None
     if type(optimizer) not in (SGD, Adam, AdamW) or len(optimizer.groups) != 1:
         return None
@@ -94,10 +99,12 @@ def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> Fa
     for (_, fo, _, _), (fi, _, _, _) in zip(rows, rows[1:]):
         if fo != fi:
             return None
+    if type(loss_fn) is BCELoss and acts[-1] != get_activation("sigmoid").code:
+        return None  # the ordinary path checks each batch lies in [0, 1]; a sigmoid's output does
     return FastPlan(
         layout=np.array(rows, dtype=np.int64), acts=np.array(acts, dtype=np.int64),
         alphas=np.array(alphas, dtype=group.dtype),
-        loss_kind=0 if type(loss_fn) is MSELoss else 1,
+        loss_kind=LOSS_KINDS[type(loss_fn)],
         opt_kind=0 if type(optimizer) is SGD else 1, group=group,
     )
 
@@ -109,7 +116,7 @@ def fits_data(plan: FastPlan, X, y, label_range) -> bool:
     if X.ndim != 2 or X.shape[1] != plan.layout[0, 0]:
         return False
     classes = int(plan.layout[-1, 1])
-    if plan.loss_kind == 0:
+    if plan.loss_kind != LOSS_XENT:
         return tuple(y.shape) == (len(X), classes) and y.dtype == X.dtype
     return (y.ndim == 1 and y.dtype.kind in "iu" and label_range is not None
             and label_range[0] >= 0 and label_range[1] < classes)
@@ -134,7 +141,7 @@ def kernel_inputs(plan, X, y, xp):
         s1 = s2 = state.get("momentum_buffer", plan.group.grad)
     else:
         s1, s2 = state["exp_avg"], state["exp_avg_sq"]
-    if plan.loss_kind == 0:
+    if plan.loss_kind != LOSS_XENT:
         yf = y if y.ndim == 2 else y.reshape(len(y), -1)
         yi = xp.zeros(1, dtype=np.int64)
     else:

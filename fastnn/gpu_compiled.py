@@ -1,8 +1,9 @@
 """fit's fused fast path for narrow MLPs on the CuPy backend (GPU twin of compiled.py).
 
 Same eligibility as ``compiled.plan_fast_path`` (a plain ``Sequential`` of
-``Linear`` layers of <= 64x64 weights with fusable activations, MSELoss or
-CrossEntropyLoss, SGD/Adam/AdamW over one flat group), on the cupy backend:
+``Linear`` layers of <= 64x64 weights with fusable activations, MSELoss,
+CrossEntropyLoss, BCEWithLogitsLoss or BCELoss after a final Sigmoid,
+SGD/Adam/AdamW over one flat group), on the cupy backend:
 whole epochs then run in ONE launch of ``backends/cuda_mlp.train_mlp_cuda``
 on the optimizer's own flat device buffers, with the same math as
 ``numba_mlp.train_mlp``.

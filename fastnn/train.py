@@ -248,7 +248,13 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         losses = runner(plan, optimizer, Xd, yd, orders, batch_size)
         if len(losses) < count * n_batches or not np.isfinite(losses[-1]):
             k = len(losses) - 1
-            raise diverged(losses[k], epoch + k // n_batches, k % n_batches)
+            b = k % n_batches
+            # The kernel stopped before this batch's update: the batch again, op
+            # by op, raises what the ordinary path raises there (BCELoss: NaN
+            # predictions are an InputError), else the loss diverged.
+            rows = backend.asarray(orders[k // n_batches, b * batch_size:(b + 1) * batch_size])
+            loss_fn.forward(model.forward(xp.take(Xd, rows, axis=0)), xp.take(yd, rows, axis=0))
+            raise diverged(losses[k], epoch + k // n_batches, b)
         return list(losses.reshape(count, n_batches) @ sizes / n)
 
     plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size,

@@ -17,11 +17,15 @@ def numba_backend():
         yield
 
 
+BINARY_LOSSES = {"mse": fn.MSELoss, "bce-logits": fn.BCEWithLogitsLoss, "bce": fn.BCELoss}
+
+
 def _problem(kind, act, dtype):
-    if kind == "mse":
+    if kind in BINARY_LOSSES:
         X, y = xor(n_repeats=3)
-        model = fn.Sequential(fn.Linear(2, 8), act(), fn.Linear(8, 1))
-        return X.astype(dtype), y.astype(dtype), model, fn.MSELoss()
+        model = fn.Sequential(fn.Linear(2, 8), act(), fn.Linear(8, 1),
+                              *([fn.Sigmoid()] if kind == "bce" else []))
+        return X.astype(dtype), y.astype(dtype), model, BINARY_LOSSES[kind]()
     X, y = load_digits("train")
     X, y = X[:150].astype(dtype), y[:150]
     model = fn.Sequential(fn.Linear(64, 24), act(), fn.Linear(24, 16), act(), fn.Linear(16, 10))
@@ -52,6 +56,7 @@ def _train(fast, monkeypatch, kind, act, opt, dtype, epochs=4, **fit_kwargs):
         assert (plan_fast_path(model, loss, optimizer) is not None) == fast
         history = fn.fit(model, loss, optimizer, X, y, epochs=epochs, batch_size=16, seed=7,
                          progress=False, **fit_kwargs)
+        assert history.step_path.startswith("compiled") == fast, history.step_path
     finally:
         fn.set_default_dtype(np.float32)
     return history, model.state_dict(), optimizer
@@ -72,7 +77,16 @@ def test_same_numbers_as_ordinary_path_float64(monkeypatch, kind, act, opt):
             np.testing.assert_allclose(o_fast.state_dict()[key], value, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("kind,act,opt", [("mse", "relu", "adam"), ("xent", "tanh", "sgd-nesterov-wd")])
+# BCE: every optimizer with one activation, every activation with one optimizer.
+@pytest.mark.parametrize("act,opt", [("tanh", o) for o in sorted(OPTIMIZERS)]
+                         + [(a, "adam") for a in sorted(ACTIVATIONS) if a != "tanh"])
+@pytest.mark.parametrize("kind", ["bce-logits", "bce"])
+def test_bce_same_numbers_as_ordinary_path_float64(monkeypatch, kind, act, opt):
+    test_same_numbers_as_ordinary_path_float64(monkeypatch, kind, act, opt)
+
+
+@pytest.mark.parametrize("kind,act,opt", [("mse", "relu", "adam"), ("xent", "tanh", "sgd-nesterov-wd"),
+                                          ("bce-logits", "relu", "sgd"), ("bce", "tanh", "adamw")])
 def test_same_numbers_as_ordinary_path_float32(monkeypatch, kind, act, opt):
     h_slow, w_slow, _ = _train(False, monkeypatch, kind, act, opt, np.float32)
     h_fast, w_fast, _ = _train(True, monkeypatch, kind, act, opt, np.float32)
@@ -126,7 +140,11 @@ def test_not_used_where_it_does_not_apply(monkeypatch):
     big = fn.Sequential(fn.Linear(256, 256), fn.ReLU(), fn.Linear(256, 1))
     assert plan_fast_path(big, fn.MSELoss(), fn.Adam(big.parameters())) is None
     small = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1))
-    assert plan_fast_path(small, fn.BCEWithLogitsLoss(), fn.Adam(small.parameters())) is None
+    assert plan_fast_path(small, fn.BCEWithLogitsLoss(), fn.Adam(small.parameters())) is not None
+    # BCELoss only after a final sigmoid: other outputs need the ordinary path's range check.
+    assert plan_fast_path(small, fn.BCELoss(), fn.Adam(small.parameters())) is None
+    squashed = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1), fn.Sigmoid())
+    assert plan_fast_path(squashed, fn.BCELoss(), fn.Adam(squashed.parameters())) is not None
     assert plan_fast_path(small, fn.MSELoss(), fn.RMSprop(small.parameters())) is None
     extra = fn.Parameter(np.zeros(3, np.float32))
     assert plan_fast_path(small, fn.MSELoss(), fn.Adam(small.parameters() + [extra])) is None
@@ -163,3 +181,33 @@ def test_auto_mode_compiles_only_when_it_pays(monkeypatch):
     monkeypatch.setenv("FASTNN_FAST_PATH", "1")
     monkeypatch.setattr(compiled, "_on_disk", lambda kernel: False)
     assert compiled.worth_compiling(steps=1)
+
+
+@pytest.mark.parametrize("fast", [False, True])
+def test_stopped_batch_gets_the_ordinary_paths_error(monkeypatch, fast):
+    """Where the kernel stops at a non-finite loss, fit raises what the ordinary
+    path raises for that batch: BCELoss on NaN predictions is an InputError,
+    BCEWithLogitsLoss on NaN logits a divergence (named by epoch and batch)."""
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1" if fast else "0")
+    X, y = xor(n_repeats=8)  # 32 samples: 2 batches of 16
+    for loss, error, message in [
+        (fn.BCELoss(), fn.InputError, r"BCELoss: predictions must be probabilities .* got nan"),
+        (fn.BCEWithLogitsLoss(), fn.TrainingDiverged, r"loss became nan at epoch 1, batch 1 of 2"),
+    ]:
+        model = fn.Sequential(fn.Linear(2, 4), fn.Tanh(), fn.Linear(4, 1),
+                              *([fn.Sigmoid()] if type(loss) is fn.BCELoss else []))
+        model[2].weight.data[0, 0] = np.nan  # as a diverged step leaves it
+        opt = fn.SGD(model.parameters(), lr=0.1)
+        assert (plan_fast_path(model, loss, opt) is not None) == fast
+        with pytest.raises(error, match=message):
+            fn.fit(model, loss, opt, X, y, epochs=1, batch_size=16, progress=False)
+        assert opt.step_count == 0 and np.isfinite(model[0].weight.data).all()
+
+
+def test_kernels_share_the_loss_codes():
+    from fastnn import compiled
+    from fastnn.backends import numba_mlp
+
+    want = {fn.MSELoss: numba_mlp.LOSS_MSE, fn.CrossEntropyLoss: numba_mlp.LOSS_XENT,
+            fn.BCEWithLogitsLoss: numba_mlp.LOSS_BCE_LOGITS, fn.BCELoss: numba_mlp.LOSS_BCE}
+    assert compiled.LOSS_KINDS == want  # cuda_mlp's: tests/test_cuda_mlp.py

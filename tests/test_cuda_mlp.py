@@ -55,6 +55,22 @@ def _case_list() -> list[dict]:
         cases.append(dict(name=f"act_{act}", layers=[(3, 4, True, act), (4, 2, True, act)],
                           loss=0, opt=0, hyper=[0.1, 0.9, 0.0, 0.0, 0.0], n=5, batch=3,
                           epochs=2))
+    # BCE on logits and on a final sigmoid's probabilities (soft targets in [0, 1]).
+    cases += [
+        dict(name="bce_logits_adam", layers=[(2, 8, True, "tanh"), (8, 1, True, "identity")],
+             loss=2, opt=1, hyper=[0.05, 0.9, 0.999, 1e-8, 0.0, 0.0], n=5, batch=2, epochs=3),
+        dict(name="bce_sgd_two_outputs", layers=[(3, 6, True, "relu"), (6, 2, True, "sigmoid")],
+             loss=3, opt=0, hyper=list(SGD_HYPER.values()), n=6, batch=4, epochs=3),
+        dict(name="bce_logits_sgd_float32", layers=[(2, 8, True, "gelu"), (8, 1, True, "identity")],
+             loss=2, opt=0, hyper=[0.2, 0.0, 0.0, 0.0, 0.0], n=4, batch=2, epochs=2,
+             dtype="float32"),
+        dict(name="bce_adamw_float32", layers=[(2, 8, True, "tanh"), (8, 1, True, "sigmoid")],
+             loss=3, opt=1, hyper=[0.05, 0.8, 0.99, 1e-6, 0.1, 1.0], n=4, batch=4, epochs=3,
+             dtype="float32"),
+        dict(name="nonfinite_stop_bce", layers=[(2, 4, True, "tanh"), (4, 1, True, "sigmoid")],
+             loss=3, opt=1, hyper=[0.05, 0.9, 0.999, 1e-8, 0.0, 0.0], n=6, batch=2, epochs=2,
+             nan_pos=2),
+    ]
     # A NaN in one sample (in epoch 0's second batch): the kernel must stop at
     # that batch, after writing its loss and before its update.
     cases.append(dict(name="nonfinite_stop_mse", layers=[(2, 8, True, "tanh"), (8, 1, True, "identity")],
@@ -96,8 +112,8 @@ def _build(case: dict, seed: int = 0) -> dict:
     alphas = np.array([0.1 if a == "leaky_relu" else 0.0 for *_, a in case["layers"]], dtype=dtype)
     n, d_in, d_out = case["n"], layout[0, 0], layout[-1, 1]
     X = rng.normal(size=(n, d_in)).astype(dtype)
-    if case["loss"] == 0:
-        Yf = rng.uniform(-1, 1, (n, d_out)).astype(dtype)
+    if case["loss"] != 1:  # float targets: MSE's in [-1, 1], BCE's probabilities
+        Yf = rng.uniform(-1 if case["loss"] == 0 else 0, 1, (n, d_out)).astype(dtype)
         Yi = np.zeros(1, np.int64)
     else:
         Yf = np.zeros((1, 1), dtype)
@@ -224,6 +240,19 @@ def test_gpu_plan_is_none_off_the_gpu_backend():
     _run_child(code, FASTNN_BACKEND="numpy")
 
 
+def test_cuda_kernel_has_the_cpu_kernels_codes():
+    """cuda_mlp defines its own codes (numba.cuda freezes module constants)."""
+    code = (
+        "from fastnn.backends import cuda_mlp, numba_kernels, numba_mlp\n"
+        "for name in ('LOSS_MSE', 'LOSS_XENT', 'LOSS_BCE_LOGITS', 'LOSS_BCE', 'OPT_SGD', 'OPT_ADAM'):\n"
+        "    assert getattr(cuda_mlp, name) == getattr(numba_mlp, name), name\n"
+        "for name in ('IDENTITY', 'RELU', 'LEAKY_RELU', 'SIGMOID', 'TANH', 'GELU'):\n"
+        "    assert getattr(cuda_mlp, name) == getattr(numba_kernels, name), name\n"
+        "print('ok')\n"
+    )
+    _run_child(code, NUMBA_ENABLE_CUDASIM="1")
+
+
 def test_simulator_is_reported_unusable_for_fit():
     """Under the simulator numba.cuda 'works' but must never be used by fit."""
     code = (
@@ -273,7 +302,8 @@ def _cupy_or_skip():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("case", [c for c in CASES if "float32" not in c["name"]][:6],
+@pytest.mark.parametrize("case", [c for c in CASES if "float32" not in c["name"]][:6]
+                         + [c for c in CASES if c["loss"] >= 2 and "float32" not in c["name"]],
                          ids=lambda c: c["name"])
 def test_gpu_kernel_matches_cpu_kernel(case):
     """The compiled kernel on CuPy arrays: same numbers to rounding (FMA, device libm)."""

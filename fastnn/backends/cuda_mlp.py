@@ -33,11 +33,13 @@ import numpy as np
 from numba import cuda, int32
 
 from .activations import ACTIVATIONS, GELU_C, GELU_K
+from .base import BCE_EPSILON
+from .numba_kernels import bce_grad, bce_logits_term, bce_term
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
     ACTIVATIONS[name].code for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
 )
-LOSS_MSE, LOSS_XENT = 0, 1
+LOSS_MSE, LOSS_XENT, LOSS_BCE_LOGITS, LOSS_BCE = 0, 1, 2, 3  # compiled.LOSS_KINDS
 OPT_SGD, OPT_ADAM = 0, 1
 MAX_BATCH = 256
 MAX_THREADS = 256
@@ -46,7 +48,13 @@ N_CONST = 16  # slots of the dtype-cast constants array ``cst``
 # cst slots (the param dtype): 0 zero; 1 MSE 2/(m*out); 2 MSE 1/(m*out); 3 xent 1/m;
 # SGD: 4 lr, 5 momentum, 6 1-dampening, 7 weight_decay;
 # Adam: 4 1-beta1, 5 beta2, 6 1-beta2, 7 step_size, 8 sqrt(bias corr. 2), 9 eps,
-#       10 weight_decay, 11 1-lr*weight_decay.
+#       10 weight_decay, 11 1-lr*weight_decay;
+# 12 one; 13 BCELoss's log clamp -100; 14 BCE's epsilon.
+
+# The BCE terms are numba_mlp's own functions, compiled for the device: one definition.
+_bce_logits_term = cuda.jit(device=True)(bce_logits_term.py_func)
+_bce_term = cuda.jit(device=True)(bce_term.py_func)
+_bce_grad = cuda.jit(device=True)(bce_grad.py_func)
 
 
 @cuda.jit(device=True)
@@ -110,6 +118,9 @@ def train_mlp_cuda(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
     n_batches = (n + batch_size - 1) // batch_size
     if tid == 0:
         cst[0] = 0.0
+        cst[12] = 1.0
+        cst[13] = -100.0
+        cst[14] = BCE_EPSILON
         flag[0] = 0
     cuda.syncthreads()
     zero = cst[0]  # a zero of the param dtype
@@ -162,21 +173,33 @@ def train_mlp_cuda(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
                     A[l + 1, r, j] = _act(v, code, alpha)
                 cuda.syncthreads()
             # ---------------- loss (thread 0, in numba_mlp's order) and its gradient (into dA)
-            if loss_kind == LOSS_MSE:
-                scale = cst[1]
+            if loss_kind != LOSS_XENT:  # elementwise: MSE, BCE on logits, BCE on probabilities
+                scale, inv, one, floor, eps = cst[1], cst[2], cst[12], cst[13], cst[14]
                 for idx in range(tid, m * out_dim, nt):
                     r = idx // out_dim
                     j = idx - r * out_dim
-                    d = A[n_layers, r, j] - Yf[orders[e, lo + r], j]
-                    dA[r, j] = d * scale
+                    x = A[n_layers, r, j]
+                    t = Yf[orders[e, lo + r], j]
+                    if loss_kind == LOSS_MSE:
+                        dA[r, j] = (x - t) * scale
+                    elif loss_kind == LOSS_BCE_LOGITS:
+                        dA[r, j] = (_act(x, SIGMOID, zero) - t) * inv
+                    else:
+                        dA[r, j] = _bce_grad(x, t, one, eps, inv)
                 if tid == 0:
-                    inv = cst[2]
                     acc = zero
                     for r in range(m):
                         src = orders[e, lo + r]
                         for j in range(out_dim):
-                            d = A[n_layers, r, j] - Yf[src, j]
-                            acc += d * d
+                            x = A[n_layers, r, j]
+                            t = Yf[src, j]
+                            if loss_kind == LOSS_MSE:
+                                d = x - t
+                                acc += d * d
+                            elif loss_kind == LOSS_BCE_LOGITS:
+                                acc += _bce_logits_term(x, t, zero)
+                            else:
+                                acc += _bce_term(x, t, one, floor)
                     total = acc * inv
                     losses[done] = total
                     if not math.isfinite(total):

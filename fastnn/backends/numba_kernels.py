@@ -69,6 +69,32 @@ def act_grad_value(g, y, z, code, alpha):
     return g
 
 
+@njit(cache=True, nogil=True)
+def bce_logits_term(x, t, zero):
+    """One element of BCEWithLogitsLoss's sum: max(x, 0) - x t + log1p(exp(-|x|))
+    (``zero`` of the dtype: an int literal would make float32 math float64)."""
+    relu = x if (x > zero or x != x) else zero
+    return relu - x * t + math.log1p(math.exp(-abs(x)))
+
+
+@njit(cache=True, nogil=True)
+def bce_term(p, t, one, floor):
+    """One element of BCELoss's sum, as torch: -(t log p + (1 - t) log(1 - p)),
+    each log clamped at ``floor`` (-100): p = 0 or 1 is valid input."""
+    if p != p:
+        return p
+    log_p = max(math.log(p), floor) if p > one - one else floor
+    log_q = max(math.log1p(-p), floor) if p < one else floor
+    return -(t * log_p + (one - t) * log_q)
+
+
+@njit(cache=True, nogil=True)
+def bce_grad(p, t, one, eps, inv_size):
+    """d BCELoss / d p of one element, as torch: (p - t) / max(p (1 - p), eps) / size."""
+    q = (one - p) * p
+    return (p - t) / (q if (q > eps or q != q) else eps) * inv_size
+
+
 @njit(cache=True, nogil=True, error_model="numpy")
 def bias_act_inplace_2d(z, bias, act, alpha, has_bias):
     """z = act(z + bias) for act in {identity, relu, leaky_relu}.

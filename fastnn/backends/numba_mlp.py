@@ -18,9 +18,12 @@ import math
 import numpy as np
 from numba import njit
 
-from .numba_kernels import act_grad_value, act_value, adam_1d, sgd_1d
+from .base import BCE_EPSILON
+from .numba_kernels import (SIGMOID, act_grad_value, act_value, adam_1d, bce_grad, bce_logits_term,
+                            bce_term, sgd_1d)
 
-LOSS_MSE, LOSS_XENT = 0, 1
+# compiled.LOSS_KINDS: MSELoss, CrossEntropyLoss, BCEWithLogitsLoss, BCELoss (after a sigmoid).
+LOSS_MSE, LOSS_XENT, LOSS_BCE_LOGITS, LOSS_BCE = 0, 1, 2, 3
 OPT_SGD, OPT_ADAM = 0, 1
 
 
@@ -36,6 +39,8 @@ def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
     n = X.shape[0]
     n_layers = layout.shape[0]
     dt = np.empty(1, dtype=params.dtype)  # scratch for casts to the param dtype
+    zero, one = _as(dt, 0.0), _as(dt, 1.0)
+    floor, eps = _as(dt, -100.0), _as(dt, BCE_EPSILON)  # BCELoss's log clamp and torch's epsilon
     width = 0
     for l in range(n_layers):
         width = max(width, layout[l, 0], layout[l, 1])
@@ -76,16 +81,25 @@ def train_mlp(X, Yf, Yi, orders, batch_size, params, grads, state1, state2,
                         A[l + 1, r, j] = act_value(v, code, alpha)
             # ---------------- loss and its gradient (into dA)
             total = 0.0
-            if loss_kind == LOSS_MSE:
+            if loss_kind != LOSS_XENT:  # elementwise: MSE, BCE on logits, BCE on probabilities
                 scale = _as(dt, 2.0 / (m * out_dim))
                 inv = _as(dt, 1.0 / (m * out_dim))
-                acc = _as(dt, 0.0)
+                acc = zero
                 for r in range(m):
                     src = orders[e, lo + r]
                     for j in range(out_dim):
-                        d = A[n_layers, r, j] - Yf[src, j]
-                        acc += d * d
-                        dA[r, j] = d * scale
+                        x = A[n_layers, r, j]
+                        t = Yf[src, j]
+                        if loss_kind == LOSS_MSE:
+                            d = x - t
+                            acc += d * d
+                            dA[r, j] = d * scale
+                        elif loss_kind == LOSS_BCE_LOGITS:
+                            acc += bce_logits_term(x, t, zero)
+                            dA[r, j] = (act_value(x, SIGMOID, zero) - t) * inv
+                        else:
+                            acc += bce_term(x, t, one, floor)
+                            dA[r, j] = bce_grad(x, t, one, eps, inv)
                 total = acc * inv
             else:
                 inv_n = _as(dt, 1.0 / m)

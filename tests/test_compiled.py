@@ -211,3 +211,31 @@ def test_kernels_share_the_loss_codes():
     want = {fn.MSELoss: numba_mlp.LOSS_MSE, fn.CrossEntropyLoss: numba_mlp.LOSS_XENT,
             fn.BCEWithLogitsLoss: numba_mlp.LOSS_BCE_LOGITS, fn.BCELoss: numba_mlp.LOSS_BCE}
     assert compiled.LOSS_KINDS == want  # cuda_mlp's: tests/test_cuda_mlp.py
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_bce_on_saturated_sigmoid_is_clamped_like_the_ordinary_path(monkeypatch, dtype):
+    """Probabilities of exactly 0 and 1 (log = -inf, clamped at -100; the
+    gradient's denominator at its epsilon) give the ordinary path's numbers."""
+    X, y = xor(n_repeats=2)
+    runs = []
+    for fast in (False, True):
+        monkeypatch.setenv("FASTNN_FAST_PATH", "1" if fast else "0")
+        fn.set_default_dtype(dtype)
+        try:
+            fn.manual_seed(1)
+            model = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1), fn.Sigmoid())
+            model[2].weight.data[...] = np.array([[800.0], [-800.0], [800.0], [-800.0]], dtype)
+            model[2].bias.data[...] = -400.0
+            opt = fn.SGD(model.parameters(), lr=0.1)
+            h = fn.fit(model, fn.BCELoss(), opt, X.astype(dtype), 1 - y.astype(dtype), epochs=3,
+                       batch_size=4, shuffle=False, progress=False)
+        finally:
+            fn.set_default_dtype(np.float32)
+        assert h.step_path.startswith("compiled") == fast
+        runs.append((np.array(h.loss), model.state_dict()))
+    (slow, w_slow), (quick, w_quick) = runs
+    assert slow.max() > 20  # really saturated: clamped terms of 100
+    np.testing.assert_allclose(quick, slow, rtol=1e-6)
+    for name in w_slow:
+        np.testing.assert_allclose(w_quick[name], w_slow[name], rtol=1e-6, atol=1e-6, err_msg=name)

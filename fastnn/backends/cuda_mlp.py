@@ -32,8 +32,10 @@ import math
 import numpy as np
 from numba import cuda, int32
 
+from . import activations, base, numba_kernels
 from .activations import ACTIVATIONS, GELU_C, GELU_K
 from .base import BCE_EPSILON
+from .jit_cache import track_sources
 from .numba_kernels import bce_grad, bce_logits_term, bce_term
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
@@ -361,3 +363,7 @@ def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout,
         alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
         work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
     )
+
+
+# Built from numba_kernels' BCE terms and constants of activations.py and base.py.
+track_sources(globals(), numba_kernels, activations, base)

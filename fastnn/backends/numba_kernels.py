@@ -19,7 +19,9 @@ import math
 
 from numba import njit
 
+from . import activations
 from .activations import ACTIVATIONS, GELU_C, GELU_K
+from .jit_cache import track_sources
 
 # The table's codes, as module constants Numba freezes into the kernels.
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
@@ -265,3 +267,7 @@ def rmsprop_1d(param, grad, square_avg, buf, grad_avg, lr, alpha, one_minus_alph
             param[i] = param[i] - lr * b
         else:
             param[i] = param[i] - lr * (g / avg)
+
+
+# The activation codes and GELU constants above are frozen into these kernels.
+track_sources(globals(), activations)

@@ -253,6 +253,66 @@ def test_cuda_kernel_has_the_cpu_kernels_codes():
     _run_child(code, NUMBA_ENABLE_CUDASIM="1")
 
 
+# The kernel's signature as gpu_compiled.run_epochs launches it (C-contiguous
+# device arrays, Python ints as int64), compiled for an H100/H200 (sm_90).
+_COMPILE_FOR_SM90 = """
+import sys, types
+from numba import cuda, types as T
+import numba.cuda.dispatcher as dispatcher
+# No device here: device functions ask the current device for its compute capability.
+dispatcher.get_current_device = lambda: types.SimpleNamespace(compute_capability=(9, 0))
+from fastnn.backends import cuda_mlp
+
+def arr(t, nd):
+    return T.Array(t, nd, "C")
+
+out = sys.argv[1]
+for name, ft in (("f32", T.float32), ("f64", T.float64)):
+    sig = (arr(ft, 2), arr(ft, 2), arr(T.int64, 1), arr(T.int64, 2), T.int64,
+           arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(T.int64, 2), arr(T.int64, 1),
+           arr(ft, 1), T.int64, T.int64, arr(T.float64, 1), T.int64, arr(T.float64, 1),
+           arr(T.float64, 1), arr(ft, 3), arr(ft, 3), arr(ft, 2), arr(ft, 2), arr(T.float64, 1),
+           arr(ft, 1))
+    ptx, _ = cuda.compile_ptx(cuda_mlp.train_mlp_cuda.py_func, sig, cc=(9, 0))
+    path = f"{out}/train_mlp_{name}.ptx"
+    open(path, "w").write(ptx)
+    # PTX -> sm_90 machine code, as the driver does at load: nvJitLink, the
+    # version that matches numba-cuda's NVVM (a system ptxas may be older).
+    from cuda.bindings import nvjitlink
+    h = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
+    nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx.encode(), len(ptx.encode()), name)
+    nvjitlink.complete(h)
+    cubin = bytearray(nvjitlink.get_linked_cubin_size(h))
+    nvjitlink.get_linked_cubin(h, cubin)
+    log = bytearray(nvjitlink.get_info_log_size(h))
+    nvjitlink.get_info_log(h, log)
+    nvjitlink.destroy(h)
+    assert len(cubin) > 1000, len(cubin)
+    print(name, [l.strip() for l in log.decode().splitlines() if "registers" in l])
+print("ok")
+"""
+
+
+def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
+    """The real CUDA compile of train_mlp_cuda, float32 and float64: numba-cuda
+    -> NVVM -> PTX for sm_90 -> machine code (nvJitLink).
+    The simulator runs the kernel as Python and cannot see a typing error in
+    any branch, which would fail the compile, and with it the one-launch path,
+    on every GPU."""
+    import importlib.util
+
+    if importlib.util.find_spec("numba_cuda") is None:
+        pytest.skip("numba-cuda not installed (the test extra installs it)")
+    proc = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, str(tmp_path)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    if proc.returncode != 0 and "libnvvm" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("NVVM not found (the test extra's numba-cuda[cu13] brings it)")
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
+    for name in ("f32", "f64"):
+        assert ".entry" in (tmp_path / f"train_mlp_{name}.ptx").read_text()
+
+
 def test_simulator_is_reported_unusable_for_fit():
     """Under the simulator numba.cuda 'works' but must never be used by fit."""
     code = (

@@ -278,7 +278,10 @@ for name, ft in (("f32", T.float32), ("f64", T.float64)):
     open(path, "w").write(ptx)
     # PTX -> sm_90 machine code, as the driver does at load: nvJitLink, the
     # version that matches numba-cuda's NVVM (a system ptxas may be older).
-    from cuda.bindings import nvjitlink
+    try:
+        from cuda.bindings import nvjitlink
+    except ImportError:  # numba-cuda without cuda-bindings' nvJitLink: the PTX alone
+        continue
     h = nvjitlink.create(2, ["-arch=sm_90", "-verbose"])
     nvjitlink.add_data(h, nvjitlink.InputType.PTX, ptx.encode(), len(ptx.encode()), name)
     nvjitlink.complete(h)

@@ -82,6 +82,19 @@ def _emulate(kernel: str, a: dict) -> None:
         flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
         if stem == "act_backward_bf16":
             flat["bits"][:n] = _bf16_bits(flat["out"][:n])
+    elif stem == "act_backward_bias":
+        shape = (int(a["n_rows"]), int(a["n_cols"]))
+        size, spec = shape[0] * shape[1], _act_by_code(int(a["act"]))
+        pre = flat["pre"][:size].reshape(shape) if a["use_pre"] else None
+        y = None if spec.name == "gelu" else flat["y"][:size].reshape(shape)
+        g = spec.backward(np, flat["dy"][:size].reshape(shape), y, pre, a["alpha"])
+        flat["out"][:size] = g.reshape(-1)
+        # The kernel's order: thread row k sums rows k, k + 32, ... (an axis-0
+        # NumPy sum is sequential too), then the 32 partials in turn.
+        total = g[0::32].sum(axis=0)
+        for k in range(1, 32):
+            total = total + g[k::32].sum(axis=0)
+        flat["db"][:shape[1]] = total
     elif stem in ("softmax_xent", "softmax_xent_small"):
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         rows = np.arange(x.shape[0])
@@ -465,6 +478,9 @@ class _FakeFunction:
             else:
                 assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
             named[pname] = value
+        if self.name.startswith("act_backward_bias"):  # one block of (32, 32) per 32 columns
+            assert tuple(block) == (32, 32), (self.name, block)
+            assert tuple(grid) == (-(-int(named["n_cols"]) // 32),), (self.name, grid)
         self.launches.append(self.name)
         launch_shapes.append((self.name, tuple(grid), tuple(block)))
         _run_or_record(lambda: _emulate(self.name, named))

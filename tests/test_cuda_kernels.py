@@ -427,6 +427,77 @@ def test_launch_args_optimizers(fake_gpu, kind, hyper, dtype):
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
 
 
+def bias_grad_in_kernel_order(dz):
+    """act_backward_bias's column sums in the kernel's own order (kernels/README.md):
+    thread row k adds rows k, k + 32, ... in turn, then the 32 partials in order."""
+    parts = [np.zeros(dz.shape[1], dz.dtype) for _ in range(32)]
+    for r in range(dz.shape[0]):
+        parts[r % 32] += dz[r]
+    total = parts[0].copy()
+    for k in range(1, 32):
+        total += parts[k]
+    return total
+
+
+@pytest.mark.parametrize("shape", [(7, 5), (70, 65), (1024, 3)])
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("act", ACTS)
+def test_launch_args_act_backward_bias(fake_gpu, act, dtype, shape):
+    gpu, launches = fake_gpu
+    ref = NumpyBackend()
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal(shape).astype(dtype)
+    y = ACTIVATIONS[act].forward(np, x, LEAKY_ALPHA).astype(dtype)
+    dy = rng.standard_normal(shape).astype(dtype)
+    want = ref.act_backward(dy.copy(), y, act, x, LEAKY_ALPHA)
+    for out in (None, np.empty_like(dy)):  # in place in dy, or a separate dz
+        d = dy.copy()
+        dz, db = gpu.act_backward_bias(d, y, act, x, LEAKY_ALPHA, out=out)
+        assert launches[-1] == f"act_backward_bias_{SUFFIX[dtype]}"
+        assert dz is (d if out is None else out) and db.shape == (shape[1],) and db.dtype == dtype
+        np.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(db, bias_grad_in_kernel_order(dz))
+        np.testing.assert_allclose(db, want.sum(axis=0), rtol=1e-4, atol=1e-4)
+    given = np.full(shape[1], np.nan, dtype)
+    assert gpu.act_backward_bias(dy.copy(), y, act, x, LEAKY_ALPHA, bias_grad_out=given)[1] is given
+    np.testing.assert_allclose(given, want.sum(axis=0), rtol=1e-4, atol=1e-4)
+
+
+def test_act_backward_bias_of_a_large_batch_is_the_two_ops(fake_gpu):
+    """Above FUSED_BIAS_GRAD_MAX_ROWS one block per 32 columns would serialise
+    the rows: act_backward (spread over the device) and the column sums instead."""
+    from fastnn.backends.cupy_backend import FUSED_BIAS_GRAD_MAX_ROWS
+
+    gpu, launches = fake_gpu
+    dy = np.random.default_rng(0).standard_normal((FUSED_BIAS_GRAD_MAX_ROWS + 1, 3)).astype(np.float32)
+    y = np.maximum(dy, 0)
+    dz, db = gpu.act_backward_bias(dy.copy(), y, "relu")
+    assert launches == ["act_backward_f32"]
+    np.testing.assert_allclose(db, np.where(y > 0, dy, 0).sum(axis=0), rtol=1e-5)
+
+
+def test_linear_backward_takes_the_fused_bias_gradient_and_accumulates(fake_gpu, monkeypatch):
+    """A Linear with an activation: one act_backward_bias launch; a second
+    backward without zero_grad adds to the bias gradient (accumulate_grad's
+    scratch path) as on the NumPy backend."""
+    gpu, launches = fake_gpu
+    monkeypatch.setitem(fastnn.backends._instances, "cupy", gpu)
+    rng = np.random.default_rng(2)
+    x, dy = rng.standard_normal((9, 5)).astype(np.float32), rng.standard_normal((9, 40)).astype(np.float32)
+    grads = {}
+    for name in ("numpy", "cupy"):
+        fastnn.manual_seed(0)
+        with fastnn.use_backend(name):
+            model = fastnn.Sequential(fastnn.Linear(5, 40), fastnn.Tanh())  # tanh fused into the Linear
+            for _ in range(2):
+                model(x)
+                model.backward(dy)
+            grads[name] = {n: np.array(p.grad) for n, p in model.named_parameters()}
+    assert launches.count("act_backward_bias_f32") == 2 and "act_backward_f32" not in launches
+    for n, g in grads["numpy"].items():
+        np.testing.assert_allclose(grads["cupy"][n], g, rtol=1e-5, atol=1e-5, err_msg=n)
+
+
 def test_fallback_for_non_contiguous_launches_nothing(fake_gpu):
     gpu, launches = fake_gpu
     z = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
@@ -523,6 +594,29 @@ def _bf16_edge_values(shape, seed):
                       np.inf, -np.inf, np.nan, 0.0, -0.0], dtype=np.float32)
     x[:edges.size] = edges
     return x.reshape(shape)
+
+
+@gpu_mark
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("kind", ("random", "large"))
+@pytest.mark.parametrize("act", ACTS)
+@pytest.mark.parametrize("shape", [(41, 29), (256, 1024), (1024, 33)])
+def test_gpu_act_backward_bias_matches_numpy(gpu, shape, act, kind, dtype):
+    """dz as act_backward; the bias gradient bit for bit the kernel-order sum of
+    the dz it wrote, and close to NumPy's column sums."""
+    ref = NumpyBackend()
+    x = make_input(kind, shape, dtype)
+    y = ACTIVATIONS[act].forward(np, x, LEAKY_ALPHA).astype(dtype)
+    dy = make_input("random", shape, dtype, seed=2)
+    want = ref.act_backward(dy.copy(), y, act, x, LEAKY_ALPHA)
+    dz, db = gpu.act_backward_bias(gpu.asarray(dy), gpu.asarray(y), act, gpu.asarray(x), LEAKY_ALPHA,
+                                   out=gpu.xp.empty(shape, dtype))
+    dz, db = to_host(dz), to_host(db)
+    np.testing.assert_allclose(dz, want, **TOL[dtype])
+    np.testing.assert_array_equal(db, bias_grad_in_kernel_order(dz))
+    scale = np.abs(want).sum(axis=0) + 1
+    np.testing.assert_allclose(db / scale, want.sum(axis=0) / scale, atol=1e-5 if dtype == np.float32
+                               else 1e-12)
 
 
 @gpu_mark

@@ -220,6 +220,30 @@ def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu, monkeyp
     assert doc["target"]["fraction_of_copy"] == 0.8
     assert [r["op"] for r in doc["results"]] == list(KERNEL)
     assert all(r["gb_per_s"] > 0 and r["seconds"] > 0 for r in doc["results"])
+    fusion = doc["bias_grad_fusion"]["results"]
+    assert [r["shape"] for r in fusion] == [list(s) for s in gpu_kernels.BIAS_GRAD_SHAPES]
+    assert all(r["fused_us"] > 0 and r["separate_us"] > 0 and r["speedup"] > 0 for r in fusion)
+    assert "act_backward + bias grad" in out
+
+
+def test_bias_grad_fusion_times_one_launch_against_two(fake_gpu):
+    """The fused side is act_backward_bias alone; the other side act_backward
+    and the ones-GEMM: a timer counting device launches (kernels and cuBLAS
+    GEMMs) per call sees one against two."""
+    backend, launches, _ = fake_gpu
+    gemms = backend._blas._lib.calls
+
+    def timer(call, repeats):
+        start = len(launches) + len(gemms)
+        for _ in range(repeats):
+            call()
+        return (len(launches) + len(gemms) - start) / repeats * 1e-6  # "1 us per launch"
+
+    rows = gpu_kernels.measure_bias_grad_fusion(backend, repeats=3, timer=timer)
+    assert launches.count("act_backward_bias_f32") == len(rows) * (gpu_kernels._WARMUP + 3 * 3)
+    assert [(r["fused_us"], r["separate_us"], r["speedup"]) for r in rows] == \
+        [(pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0))] * len(rows)
+    print(gpu_kernels.format_fusion_table(rows))
 
 
 def test_main_without_a_usable_cupy_returns_2(monkeypatch, tmp_path, capsys):

@@ -84,6 +84,9 @@ class Backend:
     # True when gemm_operand does work (CuPy under bf16); a layer skips the call
     # otherwise, which keeps the small-net CPU step as short as it was.
     prepares_gemm_operands = False
+    # Whether act_backward_bias is one pass (CuPy); elsewhere a Linear calls the
+    # two ops itself and skips the indirection (its CPU step stays as short).
+    fuses_bias_grad = False
 
     def gemm_operand(self, x, bits_buffer):
         """``x`` prepared once for several GEMMs (forward and backward reuse it);
@@ -139,6 +142,14 @@ class Backend:
             out = dy
         out[...] = dz
         return out
+
+    def act_backward_bias(self, dy, y, act: str, pre=None, alpha: float = 0.0, out=None,
+                          bias_grad_out=None):
+        """``act_backward`` and the column sums of its result (a Linear's bias
+        gradient): returns ``(dz, db)``, db written to ``bias_grad_out`` when
+        given. One launch on CuPy for small batches; two ops elsewhere."""
+        dz = self.act_backward(dy, y, act, pre, alpha, out)
+        return dz, self.bias_grad(dz, out=bias_grad_out)
 
     # ------------------------------------------------------------ losses
     def mse(self, pred, target, grad_out):

@@ -40,6 +40,10 @@ _DLPACK_ON_GPU = {2, 13}  # kDLCUDA, kDLCUDAManaged
 _MSE_BLOCKS = 1024  # fixed partial-sum count per size: the loss is deterministic
 _SMALL_MSE = 8192  # mse in one block (one launch) up to this many elements
 _SMALL_BCE = 1 << 16  # bce / bce_with_logits in one block (one launch) up to this many
+# act_backward_bias (one block per 32 columns) up to this many rows; larger
+# batches keep act_backward + the ones-GEMM, which spread over the whole device.
+FUSED_BIAS_GRAD_MAX_ROWS = 1024
+_BIAS_ROWS = 32  # act_backward.cu's FN_BIAS_ROWS: the block's second dimension
 
 
 class GPUOutOfMemory(FastnnError, MemoryError):
@@ -446,6 +450,28 @@ class CupyBackend(Backend):
         fn = self._kernel("act_backward.cu", f"act_backward_{_FLOATS[dy.dtype]}")
         self._launch_1d(fn, dy.size, args)
         return out
+
+    fuses_bias_grad = True
+
+    @_oom_guard("act_backward", lambda dy, *a, **k: 2 * _nbytes(dy))
+    def act_backward_bias(self, dy, y, act, pre=None, alpha=0.0, out=None, bias_grad_out=None):
+        """act_backward and the bias gradient in one launch (act_backward_bias)
+        for a batch of at most FUSED_BIAS_GRAD_MAX_ROWS rows."""
+        out = dy if out is None else out
+        args = self._act_backward_args(dy, y, act, pre, alpha, out) \
+            if dy.ndim == 2 and dy.shape[0] <= FUSED_BIAS_GRAD_MAX_ROWS else None
+        db = bias_grad_out
+        if args is not None and db is None:
+            db = self.xp.empty((dy.shape[1],), dtype=dy.dtype)
+        if args is None or not (self._fusable(db) and db.dtype == dy.dtype
+                                and db.shape == dy.shape[1:]):
+            return super().act_backward_bias(dy, y, act, pre, alpha, out, bias_grad_out)
+        n_rows, n_cols = dy.shape
+        fn = self._kernel("act_backward.cu", f"act_backward_bias_{_FLOATS[dy.dtype]}")
+        dy_, y_, pre_, out_, _, code, alpha_, use_pre = args
+        fn(((n_cols + 31) // 32,), (32, _BIAS_ROWS),
+           (dy_, y_, pre_, out_, db, np.int64(n_rows), np.int64(n_cols), code, alpha_, use_pre))
+        return out, db
 
     @_oom_guard("act_backward", lambda dy, *a, **k: 2.5 * _nbytes(dy))
     def act_backward_operand(self, dy, y, act, pre=None, alpha=0.0, out=None, bits_buffer=None):

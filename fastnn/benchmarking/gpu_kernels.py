@@ -4,7 +4,8 @@
 elementwise op of the CuPy backend (bias_act, act_backward, the SGD and Adam
 steps, the float32 -> bf16 conversion) on big float32 arrays, launched through
 the public backend methods, next to a plain device copy measured in the same
-run. These kernels are bandwidth-bound, so the figure of merit is the bytes
+run; and, at small launch-bound shapes, the fused activation backward + bias
+gradient against the two ops it replaces (``measure_bias_grad_fusion``). These kernels are bandwidth-bound, so the figure of merit is the bytes
 they move per second as a fraction of what a copy moves: the target is
 ``fraction_of_copy >= 0.8`` (TARGET).
 
@@ -169,6 +170,50 @@ OPS: tuple[Op, ...] = (
 )
 
 
+# act_backward + the bias gradient at the hidden layers of workloads c and a
+# (batch, features): launch-bound shapes where one fused launch replaces two.
+BIAS_GRAD_SHAPES = ((64, 256), (256, 1024))
+
+
+def measure_bias_grad_fusion(backend, repeats: int = 20, timer=None) -> list[dict]:
+    """Device time of ``act_backward_bias`` (one launch) against
+    ``act_backward`` + ``bias_grad`` (two) on BIAS_GRAD_SHAPES, relu, float32."""
+    xp = backend.xp
+    timer = timer or _event_timer(backend)
+    results = []
+    for rows, cols in BIAS_GRAD_SHAPES:
+        n = rows * cols
+        dy = _uniform(xp, n, -1, 1, 20).reshape(rows, cols)
+        y = _uniform(xp, n, -1, 1, 21).reshape(rows, cols)
+        dz, db = xp.empty_like(dy), xp.empty((cols,), dtype=np.float32)
+
+        def fused():
+            backend.act_backward_bias(dy, y, "relu", out=dz, bias_grad_out=db)
+
+        def separate():
+            backend.act_backward(dy, y, "relu", out=dz)
+            backend.bias_grad(dz, out=db)
+
+        row = {"shape": [rows, cols]}
+        for name, launch in (("fused", fused), ("separate", separate)):
+            for _ in range(_WARMUP):
+                launch()
+            backend.synchronize()
+            row[f"{name}_us"] = 1e6 * statistics.median(
+                float(timer(launch, repeats)) for _ in range(BATCHES))
+        row["speedup"] = row["separate_us"] / row["fused_us"]
+        results.append(row)
+    return results
+
+
+def format_fusion_table(results: list[dict]) -> str:
+    lines = [f"{'act_backward + bias grad':<26} {'fused us':>9} {'two ops us':>11} {'speedup':>8}"]
+    for r in results:
+        lines.append(f"{'relu ' + 'x'.join(map(str, r['shape'])):<26} {r['fused_us']:>9.2f} "
+                     f"{r['separate_us']:>11.2f} {r['speedup']:>7.2f}x")
+    return "\n".join(lines)
+
+
 def _event_timer(backend):
     """``timer(fn, repeats)`` -> device seconds per launch, from CUDA events."""
     cuda = backend.xp.cuda
@@ -274,7 +319,9 @@ def main(argv=None) -> int:
               f"{args.elements:,} float32 elements, {args.repeats} launches x {BATCHES}",
               flush=True)
         results = measure(backend, args.elements, args.repeats)
+        fusion = measure_bias_grad_fusion(backend, args.repeats)
     print(format_table(results))
+    print(format_fusion_table(fusion))
     if args.json:
         doc = {
             "benchmark": "fused elementwise kernels vs device-to-device copy",
@@ -296,6 +343,12 @@ def main(argv=None) -> int:
             "git": _git(),
             "results": results,
             "table": format_table(results),
+            "bias_grad_fusion": {
+                "what": "act_backward_bias (one launch) vs act_backward + bias_grad (two), relu, "
+                        "float32, at the hidden layers of workloads c and a; device us per call",
+                "results": fusion,
+                "table": format_fusion_table(fusion),
+            },
         }
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=1, default=str)

@@ -42,7 +42,7 @@ from fastnn.backends.base import gemm_array
 
 DEFAULT_WORKLOADS = "c,a,e,e-tf32,e-bf16,d-bf16"
 BACKEND_OPS = ("gemm", "gemm_operand", "bias_grad", "add_bias", "bias_act", "bias_act_operand",
-               "act_backward", "act_backward_operand", "mse", "bce", "bce_with_logits",
+               "act_backward", "act_backward_bias", "act_backward_operand", "mse", "bce", "bce_with_logits",
                "softmax_xent", "sgd_step",
                "adam_step", "rmsprop_step")
 QUEUED_STEPS = 3     # steps per queued-ahead window (few: the launch queue must not fill)

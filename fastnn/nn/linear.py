@@ -159,9 +159,18 @@ class Linear(Module):
             )
         dy2 = dy.reshape(n, self.out_features)
         dz_bits = self._bits_buffer("dz_bits", backend) if backend.prepares_gemm_operands else None
+        b = self.bias
+        bias_scratch = (lambda: self._buffer("db", b.shape, b.dtype, backend)) if b is not None else None
+        bias_done = False
         if act is not None:
             dz = self._buffer("dz", dy2.shape, y.dtype, backend)
-            if dz_bits is None:
+            if dz_bits is None and b is not None and backend.fuses_bias_grad:  # one pass
+                b.accumulate_grad(
+                    lambda out: backend.act_backward_bias(dy2, y, act, pre, alpha, dz, out)[1],
+                    scratch=bias_scratch,
+                )
+                dzq, bias_done = dz, True
+            elif dz_bits is None:
                 backend.act_backward(dy2, y, act, pre, alpha, out=dz)
                 dzq = dz
             else:  # dz and its bf16 bits in one pass
@@ -174,12 +183,8 @@ class Linear(Module):
             lambda out: backend.gemm(xq, dzq, out=out, trans_a=True),
             scratch=lambda: self._buffer("dw", w.shape, w.dtype, backend),
         )
-        if self.bias is not None:
-            b = self.bias
-            b.accumulate_grad(
-                lambda out: backend.bias_grad(dz, out=out),
-                scratch=lambda: self._buffer("db", b.shape, b.dtype, backend),
-            )
+        if b is not None and not bias_done:
+            b.accumulate_grad(lambda out: backend.bias_grad(dz, out=out), scratch=bias_scratch)
         if not need_input_grad:
             return None
         dx = self._buffer("dx", (n, self.in_features), y.dtype, backend)

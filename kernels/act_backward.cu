@@ -61,6 +61,7 @@ __device__ void act_backward_bias_impl(const T* dy, const T* y, const T* pre, T*
     const long long col = (long long)blockIdx.x * 32 + threadIdx.x;
     T s = T(0);
     if (col < n_cols) {
+#pragma unroll 4  // several rows' loads in flight: few blocks, so latency-bound
         for (long long r = threadIdx.y; r < n_rows; r += FN_BIAS_ROWS) {
             const long long i = r * n_cols + col;
             const T x = use_pre ? pre[i] : T(0);
@@ -79,14 +80,14 @@ __device__ void act_backward_bias_impl(const T* dy, const T* y, const T* pre, T*
     }
 }
 
-extern "C" __global__ void act_backward_bias_f32(const float* dy, const float* y,
+extern "C" __global__ void __launch_bounds__(32 * FN_BIAS_ROWS) act_backward_bias_f32(const float* dy, const float* y,
                                                  const float* pre, float* out, float* db,
                                                  long long n_rows, long long n_cols, int act,
                                                  float alpha, int use_pre) {
     act_backward_bias_impl<float>(dy, y, pre, out, db, n_rows, n_cols, act, alpha, use_pre);
 }
 
-extern "C" __global__ void act_backward_bias_f64(const double* dy, const double* y,
+extern "C" __global__ void __launch_bounds__(32 * FN_BIAS_ROWS) act_backward_bias_f64(const double* dy, const double* y,
                                                  const double* pre, double* out, double* db,
                                                  long long n_rows, long long n_cols, int act,
                                                  double alpha, int use_pre) {

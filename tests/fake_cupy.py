@@ -90,11 +90,15 @@ def _emulate(kernel: str, a: dict) -> None:
         y = None if spec.name == "gelu" else flat["y"][:size].reshape(shape)
         g = spec.backward(np, flat["dy"][:size].reshape(shape), y, pre, a["alpha"])
         flat["out"][:size] = g.reshape(-1)
-        # The kernel's order: thread row k sums rows k, k + 32, ... (an axis-0
-        # NumPy sum is sequential too), then the 32 partials in turn.
-        total = g[0::32].sum(axis=0)
+        # The kernel's order: thread row k adds rows k, k + 32, ... one by one,
+        # then the 32 partials in turn (row by row here: NumPy's own sum is
+        # pairwise along a lone axis, as a one-column dz would give it).
+        parts = np.zeros((32, shape[1]), g.dtype)
+        for r in range(shape[0]):
+            parts[r % 32] += g[r]
+        total = parts[0].copy()
         for k in range(1, 32):
-            total = total + g[k::32].sum(axis=0)
+            total += parts[k]
         flat["db"][:shape[1]] = total
     elif stem in ("softmax_xent", "softmax_xent_small"):
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))

@@ -439,7 +439,7 @@ def bias_grad_in_kernel_order(dz):
     return total
 
 
-@pytest.mark.parametrize("shape", [(7, 5), (70, 65), (1024, 3)])
+@pytest.mark.parametrize("shape", [(7, 5), (70, 65), (1024, 3), (1024, 1)])
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("act", ACTS)
 def test_launch_args_act_backward_bias(fake_gpu, act, dtype, shape):
@@ -600,7 +600,7 @@ def _bf16_edge_values(shape, seed):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", ("random", "large"))
 @pytest.mark.parametrize("act", ACTS)
-@pytest.mark.parametrize("shape", [(41, 29), (256, 1024), (1024, 33)])
+@pytest.mark.parametrize("shape", [(41, 29), (256, 1024), (1024, 33), (700, 1)])
 def test_gpu_act_backward_bias_matches_numpy(gpu, shape, act, kind, dtype):
     """dz as act_backward; the bias gradient bit for bit the kernel-order sum of
     the dz it wrote, and close to NumPy's column sums."""

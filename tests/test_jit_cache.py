@@ -56,12 +56,12 @@ def test_an_edit_in_a_dependency_recompiles_the_cached_kernel(tmp_path):
 
 
 def test_fastnn_kernels_are_stamped_with_their_dependencies():
-    from fastnn.backends import activations, base, numba_kernels, numba_mlp
+    from fastnn.backends import activations, constants, numba_kernels, numba_mlp
     from fastnn.backends.jit_cache import sources_digest
 
     cache_file = getattr(getattr(numba_mlp.train_mlp, "_cache", None), "_cache_file", None)
     if cache_file is None or not hasattr(cache_file, "_source_stamp"):
         pytest.skip("this Numba keeps its cache stamp elsewhere: jit_cache does nothing")
-    assert cache_file._source_stamp[1] == sources_digest(numba_kernels, activations, base)
+    assert cache_file._source_stamp[1] == sources_digest(numba_kernels, activations, constants)
     stamp = numba_kernels.act_value._cache._cache_file._source_stamp
     assert stamp[1] == sources_digest(activations)

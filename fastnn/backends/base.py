@@ -15,8 +15,7 @@ import contextlib
 import numpy as np
 
 from .activations import get_activation
-
-BCE_EPSILON = 9.999999960041972e-13  # float32(1e-12), torch's BCE backward, in every dtype
+from .constants import BCE_EPSILON  # noqa: F401  (kernels and the CuPy backend import it here too)
 
 
 class Backend:

@@ -32,9 +32,9 @@ import math
 import numpy as np
 from numba import cuda, int32
 
-from . import activations, base, numba_kernels
+from . import activations, constants, numba_kernels
 from .activations import ACTIVATIONS, GELU_C, GELU_K
-from .base import BCE_EPSILON
+from .constants import BCE_EPSILON
 from .jit_cache import track_sources
 from .numba_kernels import bce_grad, bce_logits_term, bce_term
 
@@ -365,5 +365,5 @@ def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout,
     )
 
 
-# Built from numba_kernels' BCE terms and constants of activations.py and base.py.
-track_sources(globals(), numba_kernels, activations, base)
+# Built from numba_kernels' BCE terms and the constants of activations.py and constants.py.
+track_sources(globals(), numba_kernels, activations, constants)

@@ -3,7 +3,7 @@
 Numba keeps a cached kernel while its own file's modification time and size
 stay the same. A kernel also freezes in what it calls from other files (the
 machine code of ``numba_kernels`` functions) and their constants (activation
-codes, BCE's epsilon), so an edit there alone would leave it stale: a
+codes, BCE's epsilon in constants.py), so an edit there alone would leave it stale: a
 developer would test old code. ``track_sources`` adds a digest of those files
 to the stamp Numba compares, so such an edit recompiles the kernel once.
 

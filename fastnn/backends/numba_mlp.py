@@ -18,8 +18,8 @@ import math
 import numpy as np
 from numba import njit
 
-from . import activations, base, numba_kernels
-from .base import BCE_EPSILON
+from . import activations, constants, numba_kernels
+from .constants import BCE_EPSILON
 from .jit_cache import track_sources
 from .numba_kernels import (SIGMOID, act_grad_value, act_value, adam_1d, bce_grad, bce_logits_term,
                             bce_term, sgd_1d)
@@ -184,5 +184,5 @@ def _update(params, grads, state1, state2, opt_kind, hyper, step, dt):
                 _as(dt, 1.0 - lr * wd), wd != 0.0, hyper[5] != 0.0)
 
 
-# Built from numba_kernels' functions and constants of activations.py and base.py.
-track_sources(globals(), numba_kernels, activations, base)
+# Built from numba_kernels' functions and the constants of activations.py and constants.py.
+track_sources(globals(), numba_kernels, activations, constants)

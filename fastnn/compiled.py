@@ -57,11 +57,10 @@ def worth_compiling(steps: int) -> bool:
 
 
 def _on_disk(kernel) -> bool:
-    """Whether Numba's cache already holds the kernel (internal API: False if it moved)."""
-    try:
-        return os.path.exists(kernel._cache._cache_file._index_path)
-    except AttributeError:
-        return False
+    """Whether Numba's cache holds a fresh copy of the kernel (jit_cache)."""
+    from .backends.jit_cache import cached_on_disk
+
+    return cached_on_disk(kernel)
 
 
 def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> FastPlan | None:

@@ -35,11 +35,17 @@ def _run(tmp_path) -> tuple[str, bool]:
     """f(1) in a fresh interpreter, and whether it came from the disk cache."""
     env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}",
                NUMBA_CACHE_DIR=str(tmp_path / "cache"), NUMBA_DEBUG_CACHE="1")
-    proc = subprocess.run([sys.executable, "-c", "from deppkg.kern import f; print('f(1) =', f(1))"],
-                          capture_output=True, text=True, env=env, timeout=120)
+    code = ("from fastnn.backends.jit_cache import cached_on_disk\n"
+            "from deppkg.kern import f\n"
+            "fresh = cached_on_disk(f)\n"
+            "print('f(1) =', f(1), 'fresh before the call:', fresh)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    value = proc.stdout.split("f(1) =")[1].split()[0]
-    return value, "data loaded" in proc.stdout
+    value, fresh = proc.stdout.split("f(1) =")[1].split()[0], "before the call: True" in proc.stdout
+    loaded = "data loaded" in proc.stdout
+    assert fresh == loaded  # cached_on_disk foretells whether Numba loads or compiles
+    return value, loaded
 
 
 def test_an_edit_in_a_dependency_recompiles_the_cached_kernel(tmp_path):

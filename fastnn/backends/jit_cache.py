@@ -16,6 +16,7 @@ cache then behaves as plain Numba's.
 from __future__ import annotations
 
 import hashlib
+import pickle
 from pathlib import Path
 
 
@@ -43,3 +44,20 @@ def track_sources(namespace: dict, *modules) -> int:
         cache_file._source_stamp = (cache_file._source_stamp, digest)
         stamped += 1
     return stamped
+
+
+def cached_on_disk(dispatcher) -> bool:
+    """Whether Numba's disk cache holds a fresh entry for ``dispatcher``: its
+    index exists, is of this Numba and carries the current stamp (a stale one
+    would be recompiled). False where Numba keeps these elsewhere."""
+    cache_file = getattr(getattr(dispatcher, "_cache", None), "_cache_file", None)
+    try:
+        with open(cache_file._index_path, "rb") as f:
+            version = pickle.load(f)
+            data = f.read()
+        if version != cache_file._version:
+            return False
+        stamp, overloads = pickle.loads(data)
+        return stamp == cache_file._source_stamp and bool(overloads)
+    except Exception:  # no index yet, another layout, a truncated file
+        return False

@@ -15,7 +15,7 @@ import contextlib
 import numpy as np
 
 from .activations import get_activation
-from .constants import BCE_EPSILON  # noqa: F401  (kernels and the CuPy backend import it here too)
+from .constants import BCE_EPSILON
 
 
 class Backend:

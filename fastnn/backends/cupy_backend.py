@@ -23,8 +23,8 @@ from ..errors import BackendUnavailable, CaptureUnsupported, FastnnError
 from ..precision import get_precision
 from . import cublas, kernel_sources
 from .activations import get_activation
-from .base import (BCE_EPSILON, Backend, GemmOperand, adam_bias_correction, gemm_array,
-                   host_array)
+from .base import Backend, GemmOperand, adam_bias_correction, gemm_array, host_array
+from .constants import BCE_EPSILON
 
 _FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}

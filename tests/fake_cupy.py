@@ -59,6 +59,20 @@ def kernel_signatures(source: str) -> dict[str, list[tuple[str, str]]]:
 
 
 
+def bias_grad_in_kernel_order(dz):
+    """act_backward_bias's column sums in the kernel's own order (kernels/README.md):
+    thread row k adds rows k, k + 32, ... one by one, then the 32 partials in
+    turn (row by row here: NumPy's own sum is pairwise along a lone axis, as a
+    one-column dz would give it)."""
+    parts = np.zeros((32, dz.shape[1]), dz.dtype)
+    for r in range(dz.shape[0]):
+        parts[r % 32] += dz[r]
+    total = parts[0].copy()
+    for k in range(1, 32):
+        total += parts[k]
+    return total
+
+
 def _act_by_code(code):
     return next(a for a in ACTIVATIONS.values() if a.code == code)
 
@@ -90,16 +104,7 @@ def _emulate(kernel: str, a: dict) -> None:
         y = None if spec.name == "gelu" else flat["y"][:size].reshape(shape)
         g = spec.backward(np, flat["dy"][:size].reshape(shape), y, pre, a["alpha"])
         flat["out"][:size] = g.reshape(-1)
-        # The kernel's order: thread row k adds rows k, k + 32, ... one by one,
-        # then the 32 partials in turn (row by row here: NumPy's own sum is
-        # pairwise along a lone axis, as a one-column dz would give it).
-        parts = np.zeros((32, shape[1]), g.dtype)
-        for r in range(shape[0]):
-            parts[r % 32] += g[r]
-        total = parts[0].copy()
-        for k in range(1, 32):
-            total += parts[k]
-        flat["db"][:shape[1]] = total
+        flat["db"][:shape[1]] = bias_grad_in_kernel_order(g)
     elif stem in ("softmax_xent", "softmax_xent_small"):
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         rows = np.arange(x.shape[0])

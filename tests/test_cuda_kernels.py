@@ -31,7 +31,8 @@ from fastnn.backends.activations import ACTIVATIONS, GELU_C, GELU_K
 from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.errors import BackendUnavailable
 
-from fake_cupy import _C_TYPES, _fake_cupy, kernel_signatures  # noqa: F401  (tests/fake_cupy.py)
+from fake_cupy import (_C_TYPES, _fake_cupy, bias_grad_in_kernel_order,  # noqa: F401
+                       kernel_signatures)  # (tests/fake_cupy.py)
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels"
@@ -425,18 +426,6 @@ def test_launch_args_optimizers(fake_gpu, kind, hyper, dtype):
     assert launches == [f"{kind}_{SUFFIX[dtype]}"] * len(grads)
     for key in want:
         np.testing.assert_array_equal(got[key], want[key], err_msg=key)
-
-
-def bias_grad_in_kernel_order(dz):
-    """act_backward_bias's column sums in the kernel's own order (kernels/README.md):
-    thread row k adds rows k, k + 32, ... in turn, then the 32 partials in order."""
-    parts = [np.zeros(dz.shape[1], dz.dtype) for _ in range(32)]
-    for r in range(dz.shape[0]):
-        parts[r % 32] += dz[r]
-    total = parts[0].copy()
-    for k in range(1, 32):
-        total += parts[k]
-    return total
 
 
 @pytest.mark.parametrize("shape", [(7, 5), (70, 65), (1024, 3), (1024, 1)])

@@ -231,13 +231,13 @@ def test_bias_grad_fusion_times_one_launch_against_two(fake_gpu):
     and the ones-GEMM: a timer counting device launches (kernels and cuBLAS
     GEMMs) per call sees one against two."""
     backend, launches, _ = fake_gpu
-    gemms = backend._blas._lib.calls
+    blas_calls = backend._blas._lib.calls  # GEMMs (the stream is bound at start-up)
 
     def timer(call, repeats):
-        start = len(launches) + len(gemms)
+        start = len(launches) + len(blas_calls)
         for _ in range(repeats):
             call()
-        return (len(launches) + len(gemms) - start) / repeats * 1e-6  # "1 us per launch"
+        return (len(launches) + len(blas_calls) - start) / repeats * 1e-6  # "1 us per launch"
 
     rows = gpu_kernels.measure_bias_grad_fusion(backend, repeats=3, timer=timer)
     assert launches.count("act_backward_bias_f32") == len(rows) * (gpu_kernels._WARMUP + 3 * 3)

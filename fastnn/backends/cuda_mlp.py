@@ -7,7 +7,7 @@ or more epochs inside ONE block of one launch: the block's threads split each
 phase (rows x output features for the matmuls, weights for the gradients,
 elements for the update) with ``cuda.syncthreads()`` between phases.
 
-It follows ``numba_mlp.train_mlp`` op for op: the same activation formulas, the
+It follows ``numba_mlp.train_mlp`` op for op: the same activation functions, the
 same loss scaling, the same ``sgd_1d`` / ``adam_1d`` element update, and every
 sum runs over its index in the same order (the forward sums over k, the weight
 gradient over rows, the loss over rows then features in one thread). Under
@@ -33,10 +33,10 @@ import numpy as np
 from numba import cuda, int32
 
 from . import activations, constants, numba_kernels
-from .activations import ACTIVATIONS, GELU_C, GELU_K
+from .activations import ACTIVATIONS
 from .constants import BCE_EPSILON
 from .jit_cache import track_sources
-from .numba_kernels import bce_grad, bce_logits_term, bce_term
+from .numba_kernels import act_grad_value, act_value, bce_grad, bce_logits_term, bce_term
 
 IDENTITY, RELU, LEAKY_RELU, SIGMOID, TANH, GELU = (
     ACTIVATIONS[name].code for name in ("identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu")
@@ -53,51 +53,13 @@ N_CONST = 16  # slots of the dtype-cast constants array ``cst``
 #       10 weight_decay, 11 1-lr*weight_decay;
 # 12 one; 13 BCELoss's log clamp -100; 14 BCE's epsilon.
 
-# The BCE terms are numba_mlp's own functions, compiled for the device: one definition.
+# The activations and BCE terms are numba_mlp's own element functions, compiled
+# for the device: one definition, so the two kernels cannot drift apart.
+_act = cuda.jit(device=True)(act_value.py_func)
+_act_grad = cuda.jit(device=True)(act_grad_value.py_func)
 _bce_logits_term = cuda.jit(device=True)(bce_logits_term.py_func)
 _bce_term = cuda.jit(device=True)(bce_term.py_func)
 _bce_grad = cuda.jit(device=True)(bce_grad.py_func)
-
-
-@cuda.jit(device=True)
-def _act(v, code, alpha):
-    one = alpha - alpha + 1
-    zero = alpha - alpha
-    if code == RELU:
-        return v if (v > zero or v != v) else zero
-    if code == LEAKY_RELU:
-        return v if v > zero else v * alpha
-    if code == SIGMOID:
-        return one / (one + math.exp(-v))
-    if code == TANH:
-        return math.tanh(v)
-    if code == GELU:
-        c = alpha - alpha + GELU_C
-        k = alpha - alpha + GELU_K
-        return (one / 2) * v * (one + math.tanh(c * (v + k * v * v * v)))
-    return v
-
-
-@cuda.jit(device=True)
-def _act_grad(g, y, z, code, alpha):
-    """dy * act'(.) from the output y (or the pre-activation z)."""
-    one = alpha - alpha + 1
-    zero = alpha - alpha
-    if code == RELU:
-        return g if y > zero else zero
-    if code == LEAKY_RELU:
-        return g if z > zero else g * alpha
-    if code == SIGMOID:
-        return g * (y * (one - y))
-    if code == TANH:
-        return g * (one - y * y)
-    if code == GELU:
-        c = alpha - alpha + GELU_C
-        k = alpha - alpha + GELU_K
-        th = math.tanh(c * (z + k * z * z * z))
-        d_inner = c * (one + 3 * k * z * z)
-        return g * ((one / 2) * (one + th) + (one / 2) * z * (one - th * th) * d_inner)
-    return g
 
 
 @cuda.jit(cache=True)
@@ -365,5 +327,5 @@ def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout,
     )
 
 
-# Built from numba_kernels' BCE terms and the constants of activations.py and constants.py.
+# Built from numba_kernels' element functions and the constants of activations.py and constants.py.
 track_sources(globals(), numba_kernels, activations, constants)

@@ -8,23 +8,28 @@
 # Report: ${FASTNN_RESULTS_DIR:-bench/results}/gpu-check-<UTC time>.txt with the
 # nvidia-smi / CUDA / CuPy / NVRTC versions, fastnn's backend table, the
 # pytest output (GPU tests included, slow CPU-only tests left out; interrupted
-# after FASTNN_GPU_PYTEST_LIMIT_S, default 240 s, with its summary kept;
-# FASTNN_GPU_CHECK_TESTS narrows the test paths, default tests), the main
-# job at each GEMM precision, the fused kernels' bandwidth (gpu-kernels-<UTC
-# time>.json), the step profile (gpu-profile-<UTC time>.json), the benchmark
-# table and issue 6's targets against it (gpu-targets-<UTC time>.md); the
-# benchmark itself also writes gpu-bench-<UTC time>.json (+ .png when
-# matplotlib is there) beside it. Every section after pytest runs under a time
-# guard cut to one deadline, FASTNN_GPU_CHECK_BUDGET_S (default 450 s) after the
-# start, so the whole check ends near it even when something hangs: the
-# benchmark (at most 300 s; its JSON is rewritten after every workload, so a
-# cut-short run keeps what it measured) keeps a reserve for the main job at
-# each precision, which runs last. Exits with pytest's
-# status (the benchmark's is reported, never returned), or 3 when pytest passed
-# but no GPU was usable (a dry run of the script, not a GPU check). Never
-# installs the test extra (these machines are offline and already carry what
-# the tests need); wheels placed in .whl/ (e.g. a
-# cupy-cuda13x wheel) are installed from that folder only.
+# after FASTNN_GPU_PYTEST_LIMIT_S, default 180 s, with its summary kept, and
+# each test cut at 120 s when pytest-timeout is there; FASTNN_GPU_CHECK_TESTS
+# narrows the test paths, default tests), the benchmark table
+# (gpu-bench-<UTC time>.json, + .png when matplotlib is there), the fused
+# kernels' bandwidth (gpu-kernels-<UTC time>.json), the step profile
+# (gpu-profile-<UTC time>.json), issue 6's targets against them
+# (gpu-targets-<UTC time>.md) and the main job at each GEMM precision.
+#
+# Time: every section runs under a guard cut to one deadline,
+# FASTNN_GPU_CHECK_BUDGET_S (default 480 s) after the start, so the whole check
+# ends near it even when something hangs. The benchmark runs right after pytest
+# (it is what the GPU run is for) with at least BENCH_FLOOR_S, at most 300 s;
+# its JSON is rewritten after every workload, so a cut-short run keeps what it
+# measured. The kernel and profile tools share what is left but a reserve for
+# the main job at each precision, which runs last.
+#
+# Exit status: pytest's; 4 when pytest was cut at its guard (never 124/137,
+# which read as the device tool's own time-out); 3 when pytest passed but no
+# GPU was usable (a dry run of the script, not a GPU check). The benchmark's
+# status is reported, never returned. Never installs the test extra (these
+# machines are offline and already carry what the tests need); wheels placed
+# in .whl/ (e.g. a cupy-cuda13x wheel) are installed from that folder only.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -49,11 +54,11 @@ environment_info() {
     echo "# fastnn gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo "host: $(hostname)  git: $(git rev-parse --short HEAD 2>/dev/null || echo n/a)"
     section "nvidia-smi"
-    nvidia-smi 2>&1 || echo "(nvidia-smi not available)"
+    timeout -k 5 60 nvidia-smi 2>&1 || echo "(nvidia-smi not available or hung)"
     section "nvcc"
     nvcc --version 2>&1 | tail -n 2 || echo "(nvcc not on PATH)"
     section "python / cupy / CUDA"
-    "$PYTHON" - <<'PY'
+    timeout -k 5 60 "$PYTHON" - <<'PY' || echo "(version probe failed or hung: $?)"
 import os, platform, sys
 print("python", sys.version.split()[0], "|", platform.platform())
 try:
@@ -84,14 +89,16 @@ except Exception as exc:
     print("fastnn: import failed:", type(exc).__name__, exc)
 PY
     section "fastnn info"
-    "$PYTHON" -m fastnn info 2>&1 || echo "(fastnn info failed)"
+    timeout -k 5 60 "$PYTHON" -m fastnn info 2>&1 || echo "(fastnn info failed or hung: $?)"
 }
 
 # fastnn runs from this checkout (kernels/ found beside pyproject.toml).
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
-BUDGET_S="${FASTNN_GPU_CHECK_BUDGET_S:-450}"
-DIGITS_RESERVE_S=80  # kept after the benchmark for the main job and the three precisions
+BUDGET_S="${FASTNN_GPU_CHECK_BUDGET_S:-480}"
+DIGITS_RESERVE_S=100  # kept at the end for the main job and the three precisions (4 x 25 s)
+TOOL_MIN_S=30         # kept after the benchmark for each of the kernel and profile tools
+BENCH_FLOOR_S=150     # the benchmark's share even when pytest used its whole guard
 
 # Seconds a section may run: its own cap, cut so that `reserve` seconds stay
 # before the deadline (BUDGET_S after the start); may be <= 0 (then skip it).
@@ -103,7 +110,14 @@ guard_s() {
 
 gpu_bench() {
     local limit
-    limit=$(guard_s 300 "$DIGITS_RESERVE_S")
+    # What is left but the tools' and the main job's reserves; when pytest took
+    # its whole guard that is short, so the floor is taken from the tools first.
+    limit=$(guard_s 300 $(( 2 * TOOL_MIN_S + DIGITS_RESERVE_S )))
+    if (( limit < BENCH_FLOOR_S )); then
+        local most
+        most=$(guard_s 300 "$DIGITS_RESERVE_S")
+        limit=$(( most < BENCH_FLOOR_S ? most : BENCH_FLOOR_S ))
+    fi
     local workloads="${FASTNN_GPU_BENCH_WORKLOADS:-a,c,x,e,e-tf32,e-bf16,d,d-tf32,d-bf16}"
     local stem="$RESULTS_DIR/gpu-bench-$STAMP"
     section "fastnn bench --device gpu --workloads $workloads --rounds 3 (time guard ${limit} s)"
@@ -119,10 +133,14 @@ gpu_bench() {
         --rounds 3 --json "$stem.json" ${plot[@]+"${plot[@]}"} -v
     local rc=$?
     if (( rc == 124 || rc == 137 )); then
-        echo "gpu-check: the benchmark ran past its ${limit} s guard; $stem.json keeps the" \
-             "workloads finished before (\"complete\": false)"
-    fi
-    if [[ -f "$stem.json" ]]; then
+        if [[ -f "$stem.json" ]]; then
+            echo "gpu-check: the benchmark was stopped at its ${limit} s guard; $stem.json" \
+                 "holds the workloads it finished (\"complete\": false)"
+        else
+            echo "gpu-check: the benchmark was stopped at its ${limit} s guard before its first" \
+                 "workload finished: no JSON"
+        fi
+    elif [[ -f "$stem.json" ]]; then
         echo "gpu-check: benchmark exit status $rc; JSON: $stem.json"
     else
         echo "gpu-check: benchmark exit status $rc; no JSON written"
@@ -155,12 +173,13 @@ digits_by_precision() {
 }
 
 # One fastnn.benchmarking tool writing <name>-<UTC time>.json, under a guard of
-# at most 120 s that leaves the benchmark its minimum and the main job its reserve.
-# Args: module, result name, what it measures (for the failure line).
+# at most 90 s that leaves `reserve` seconds (the tools after it and the main
+# job) before the deadline; TOOL_MIN_S at least.
+# Args: module, result name, what it measures (for the failure line), reserve.
 device_tool() {
     local limit
-    limit=$(guard_s 120 $(( 150 + DIGITS_RESERVE_S )))
-    (( limit < 20 )) && limit=20
+    limit=$(guard_s 90 "$4")
+    (( limit < TOOL_MIN_S )) && limit=$TOOL_MIN_S
     section "python -m fastnn.benchmarking.$1 (guard ${limit} s)"
     timeout -k 5 "$limit" "$PYTHON" -m "fastnn.benchmarking.$1" --json "$RESULTS_DIR/$2-$STAMP.json" \
         || echo "gpu-check: $3 failed ($?)"
@@ -189,26 +208,33 @@ if [[ "$WORKERS" != 0 ]] && "$PYTHON" -c "import xdist" 2>/dev/null; then
     XDIST=(-n "$WORKERS")
 fi
 section "pytest -m 'gpu or not slow' ${XDIST[*]+${XDIST[*]}}" | tee -a "$REPORT"
-# SIGINT at the guard: pytest stops and still prints its summary of what ran
-# (a hung GPU test must not eat the benchmark's share of the device time).
-timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-240}" \
+# A hung GPU test must not eat the benchmark's share of the device time: each
+# test is cut at 120 s (pytest-timeout, when installed) and the whole run gets
+# SIGINT at its guard, after which pytest still prints its summary of what ran.
+PER_TEST=()
+"$PYTHON" -c "import pytest_timeout" 2>/dev/null && PER_TEST=(--timeout=120)
+timeout -s INT -k 20 "${FASTNN_GPU_PYTEST_LIMIT_S:-180}" \
     "$PYTHON" -m pytest -q ${FASTNN_GPU_CHECK_TESTS:-tests} -m "gpu or not slow" -ra --durations=10 \
-        -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} 2>&1 \
+        -p no:cacheprovider ${XDIST[@]+"${XDIST[@]}"} ${PER_TEST[@]+"${PER_TEST[@]}"} 2>&1 \
     | tee -a "$REPORT"
 status=${PIPESTATUS[0]}
-(( status == 124 )) && echo "gpu-check: pytest ran past its guard (FASTNN_GPU_PYTEST_LIMIT_S)" | tee -a "$REPORT"
+if (( status == 124 || status == 137 )); then
+    echo "gpu-check: pytest was cut at its guard (FASTNN_GPU_PYTEST_LIMIT_S); exit status 4" | tee -a "$REPORT"
+    status=4
+fi
 echo "gpu-check: pytest exit status $status ($SECONDS s so far)" | tee -a "$REPORT"
+gpu_bench 2>&1 | tee -a "$REPORT"
 # Fused elementwise kernels against the device-to-device copy bandwidth.
-device_tool gpu_kernels gpu-kernels "kernel bandwidth" 2>&1 | tee -a "$REPORT"
+device_tool gpu_kernels gpu-kernels "kernel bandwidth" $(( TOOL_MIN_S + DIGITS_RESERVE_S )) 2>&1 \
+    | tee -a "$REPORT"
 # Where each step's time goes (host vs device, per layer and op, the graph
 # replay), for reading any missed target.
-device_tool gpu_profile gpu-profile "step profile" 2>&1 | tee -a "$REPORT"
-gpu_bench 2>&1 | tee -a "$REPORT"
+device_tool gpu_profile gpu-profile "step profile" "$DIGITS_RESERVE_S" 2>&1 | tee -a "$REPORT"
 targets_table 2>&1 | tee -a "$REPORT"
 digits_by_precision 2>&1 | tee -a "$REPORT"
 echo "gpu-check: pytest exit status $status; ${SECONDS} s in all; report: $REPORT" | tee -a "$REPORT"
-if ! "$PYTHON" -c "import sys, fastnn; sys.exit(fastnn.available_backends()['cupy'] is not None)" \
-        2>/dev/null; then
+if ! timeout -k 5 60 "$PYTHON" -c \
+        "import sys, fastnn; sys.exit(fastnn.available_backends()['cupy'] is not None)" 2>/dev/null; then
     # A run without a usable GPU checks the script, not the GPU code: never a pass.
     echo "gpu-check: NOT A GPU RUN: fastnn's CuPy backend is unusable here (see above)" | tee -a "$REPORT"
     (( status == 0 )) && status=3

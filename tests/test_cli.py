@@ -101,6 +101,39 @@ def test_gpu_check_dry_run_without_a_gpu(tmp_path):
                     "gpu-check: pytest exit status 0", "NOT A GPU RUN"):
         assert section in text, section
     assert "unbound variable" not in proc.stderr + text
+    # The benchmark runs right after pytest: the GPU run is for its numbers.
+    assert (text.index("## pytest") < text.index("## fastnn bench --device gpu")
+            < text.index("## python -m fastnn.benchmarking.gpu_kernels"))
+
+
+@pytest.mark.slow
+def test_gpu_check_pytest_cut_at_its_guard_exits_4(tmp_path):
+    """pytest stopped by its guard: exit status 4, not timeout's 124 (which reads
+    as the device tool's own time-out), and with no time left the benchmark is
+    skipped with a line saying so while the later sections still report."""
+    import pathlib
+    import shutil
+
+    if fn.available_backends()["cupy"] is None:
+        pytest.skip("a usable GPU here: the dry run is for machines without one")
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("no bash")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    hung = tmp_path / "hung" / "test_hung.py"
+    hung.parent.mkdir()
+    hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
+    results = tmp_path / "results"
+    env = dict(os.environ, FASTNN_RESULTS_DIR=str(results), PYTHON=sys.executable,
+               FASTNN_GPU_CHECK_TESTS=str(hung),
+               FASTNN_GPU_PYTEST_LIMIT_S="3", FASTNN_GPU_CHECK_BUDGET_S="1")
+    proc = subprocess.run([bash, str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = next(results.glob("gpu-check-*.txt")).read_text()
+    for line in ("pytest was cut at its guard", "skipped the benchmark",
+                 "## python -m fastnn.benchmarking.gpu_profile", "NOT A GPU RUN"):
+        assert line in text, line
 
 
 def test_gpu_check_script_parses():

@@ -256,6 +256,13 @@ host_reads = [0]  # device -> host reads so far (each a device sync on a GPU)
 launch_shapes: list = []  # (kernel, grid, block) of every launch so far
 
 
+def on_device(x, dtype=None):
+    """A host value as a fresh, C-contiguous fake device array: a copy, as
+    ``cupy.asarray`` of a NumPy array is (what a test hands the backend where a
+    user would hand it a CuPy array)."""
+    return np.array(x, dtype=dtype, order="C").view(DeviceArray)
+
+
 def _plain(x):
     """A DeviceArray as the NumPy array it is (kernels "run on the device")."""
     return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
@@ -483,7 +490,11 @@ class _FakeFunction:
         for value, (ctype, pname) in zip(args, self.params):
             is_ptr, dtype = _C_TYPES[ctype]
             if is_ptr:
-                assert isinstance(value, np.ndarray), f"{self.name}.{pname}: not an array"
+                if not isinstance(value, DeviceArray):
+                    # What CuPy does with a NumPy array (or anything but its own
+                    # ndarray) as a pointer argument: there is no device address.
+                    raise TypeError(f"{self.name}.{pname}: unsupported type {type(value).__name__} "
+                                    "for a pointer argument (not a device array)")
                 assert value.dtype == dtype and value.flags.c_contiguous, (self.name, pname, value.dtype)
             else:
                 assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
@@ -540,7 +551,16 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
 
     for name in ("matmul", "dot", "tensordot", "inner", "vdot", "einsum"):
         setattr(fake, name, refused_in_capture(name, "CuPy's cuBLAS refuses (cupy#6290)"))
-    fake.asarray = refused_in_capture("asarray", "a host -> device copy from pageable memory")
+    copy_in = refused_in_capture("asarray", "a host -> device copy from pageable memory")
+
+    def asarray(a, dtype=None, order=None):
+        # A device array as it is (a view at most); anything else is copied to
+        # the device, so writing to the result never changes the host value.
+        if isinstance(a, DeviceArray):
+            return copy_in(a, dtype=dtype, order=order)
+        return copy_in(np.array(a, dtype=dtype, order=order or "K"))
+
+    fake.asarray = asarray
 
     def empty(shape, dtype=float, order="C"):
         # Not zeros: a GPU's fresh memory holds whatever was there, so a read
@@ -556,6 +576,7 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
     fake.empty_like = lambda a, dtype=None, **kw: empty(np.shape(a), dtype or a.dtype)
     fake.arange = arange
     fake.RawModule = RawModule
+    fake.ndarray = DeviceArray  # isinstance(numpy_array, cupy.ndarray) is False, as in CuPy
     fake.cuda = types.SimpleNamespace(
         Stream=FakeStream, get_current_stream=lambda: _streams[-1], Graph=FakeGraph,
         Event=FakeEvent, get_elapsed_time=get_elapsed_time,

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fake_cupy import _fake_cupy
+from fake_cupy import _fake_cupy, on_device
 from fastnn.backends import cublas
 from fastnn.precision import bf16_bits, bf16_round
 
@@ -118,8 +118,11 @@ def test_cupy_backend_probe_and_ops_through_ctypes(shim, monkeypatch):
     rng = np.random.default_rng(2)
     dz = rng.standard_normal((9, 4)).astype(np.float32)
     x = rng.standard_normal((9, 6)).astype(np.float32)
-    np.testing.assert_allclose(backend.gemm(x, dz, trans_a=True), x.T @ dz, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(backend.bias_grad(dz), dz.sum(0), rtol=1e-5, atol=1e-6)
+    # Both through the shim, not CuPy's matmul (the generic fallback).
+    monkeypatch.setattr(sys.modules["cupy"], "matmul", None, raising=False)
+    np.testing.assert_allclose(backend.gemm(on_device(x), on_device(dz), trans_a=True), x.T @ dz,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(backend.bias_grad(on_device(dz)), dz.sum(0), rtol=1e-5, atol=1e-6)
 
 
 def test_load_library_finds_the_libcublas_this_process_mapped(tmp_path):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import fastnn as fn
-from fake_cupy import FakeCublas, FakeGraph, _fake_cupy
+from fake_cupy import FakeCublas, FakeGraph, _fake_cupy, on_device
 from fastnn import cuda_graph
 from fastnn.backends import cublas
 from fastnn.backends.numpy_backend import NumpyBackend
@@ -32,15 +32,16 @@ def test_own_cublas_gemm_matches_numpy_for_every_transpose(fake_gpu, trans_a, tr
     rng = np.random.default_rng(0)
     a = rng.standard_normal((7, 3)).astype(dtype)   # op(a) is (7, 3)
     b = rng.standard_normal((3, 5)).astype(dtype)   # op(b) is (3, 5)
-    a_arg = np.ascontiguousarray(a.T) if trans_a else a
-    b_arg = np.ascontiguousarray(b.T) if trans_b else b
+    a_arg = on_device(np.ascontiguousarray(a.T) if trans_a else a)
+    b_arg = on_device(np.ascontiguousarray(b.T) if trans_b else b)
     lib.calls.clear()
-    out = np.full((7, 5), np.nan, dtype=dtype)
+    out = backend.xp.full((7, 5), np.nan, dtype=dtype)
     got = backend.gemm(a_arg, b_arg, out=out, trans_a=trans_a, trans_b=trans_b)
     assert got is out and ("gemm", (5, 7, 3)) in lib.calls  # column-major: C^T = op(b)^T op(a)^T
     np.testing.assert_allclose(got, a @ b, rtol=1e-6 if dtype == np.float32 else 1e-13)
     fresh = backend.gemm(a_arg, b_arg, trans_a=trans_a, trans_b=trans_b)
     assert fresh.shape == (7, 5) and fresh.dtype == dtype
+    assert isinstance(got, backend.xp.ndarray) and isinstance(fresh, backend.xp.ndarray)
 
 
 def test_gemm_arguments_reject_mismatched_inner_dimensions():
@@ -53,14 +54,15 @@ def test_own_cublas_precision_modes(fake_gpu, monkeypatch):
     rng = np.random.default_rng(1)
     a = rng.standard_normal((6, 9)).astype(np.float32)
     b = rng.standard_normal((9, 4)).astype(np.float32)
+    a_dev, b_dev = on_device(a), on_device(b)
     seen = []
     real = lib.cublasGemmEx
     monkeypatch.setattr(lib, "cublasGemmEx", lambda *args: seen.append(args[8]) or real(*args))
-    np.testing.assert_allclose(backend.gemm(a, b), a @ b, rtol=1e-6)
+    np.testing.assert_allclose(backend.gemm(a_dev, b_dev), a @ b, rtol=1e-6)
     fn.set_precision("tf32")
-    backend.gemm(a, b)
+    backend.gemm(a_dev, b_dev)
     fn.set_precision("bf16")
-    got = backend.gemm(a, b)
+    got = backend.gemm(a_dev, b_dev)
     assert seen == [cublas.R_32F, cublas.R_32F, cublas.R_16BF]
     assert launches.count("f32_to_bf16") == 2
     want = bf16_round(a) @ bf16_round(b)
@@ -68,7 +70,7 @@ def test_own_cublas_precision_modes(fake_gpu, monkeypatch):
     assert got.dtype == np.float32 and np.abs(got - a @ b).max() > 1e-4  # really rounded
     # Gradients never take the shortcut: the bias gradient stays exact float32.
     dz = rng.standard_normal((6, 4)).astype(np.float32)
-    np.testing.assert_allclose(backend.bias_grad(dz), dz.sum(0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(backend.bias_grad(on_device(dz)), dz.sum(0), rtol=1e-6, atol=1e-6)
     assert seen[-1] == cublas.R_32F
 
 
@@ -82,9 +84,9 @@ def test_bf16_linear_converts_each_operand_once_per_pass(fake_gpu, monkeypatch):
     fn.set_precision("bf16")
     with fn.use_backend(backend):
         layer = fn.Linear(6, 5)
-        w = layer.weight.data.copy()
-        y = layer(x)
-        dx = layer.backward(dy)
+        w = backend.to_numpy(layer.weight.data).copy()
+        y = layer(backend.asarray(x))
+        dx = layer.backward(backend.asarray(dy))
     assert launches.count("f32_to_bf16") == 3
     xr, wr, dyr = bf16_round(x), bf16_round(w), bf16_round(dy)
     np.testing.assert_allclose(y, xr @ wr, rtol=1e-5, atol=1e-6)
@@ -103,6 +105,7 @@ def _bf16_mlp_steps(backend, launches=(), steps=3):
     rng = np.random.default_rng(5)
     x = rng.standard_normal((16, 12)).astype(np.float32)
     labels = rng.integers(0, 3, 16)
+    x, labels = backend.asarray(x), backend.asarray(labels)  # on the device, as fit puts them
     with fn.use_backend(backend), fn.precision.using("bf16"):
         model = fn.Sequential(fn.Linear(12, 20), fn.ReLU(), fn.Linear(20, 20), fn.Tanh(),
                               fn.Linear(20, 8), fn.GELU(), fn.Linear(8, 3))
@@ -140,20 +143,22 @@ def test_bf16_operand_is_not_reused_after_a_reshape_or_outside_sequential(fake_g
     """The hand-over is between a Sequential's own layers only: a Linear called
     by the user gets and returns plain arrays."""
     backend, launches, _ = fake_gpu
+    plain = backend.xp.ndarray  # a device array, not a GemmOperand
     with fn.use_backend(backend), fn.precision.using("bf16"):
         a, b = fn.Linear(4, 6), fn.Linear(6, 2)
-        h = a.forward_fused(np.ones((3, 4), np.float32), "relu", 0.0)
-        assert isinstance(h, np.ndarray) and b(h).shape == (3, 2)
+        h = a.forward_fused(backend.xp.ones((3, 4), np.float32), "relu", 0.0)
+        assert isinstance(h, plain) and b(h).shape == (3, 2)
         model = fn.Sequential(fn.Linear(4, 6), fn.ReLU(), fn.Linear(6, 2))
-        out = model(np.ones((2, 3, 4), np.float32))  # 3-D input: rows reshaped, no hand-over
-        assert isinstance(out, np.ndarray) and out.shape == (2, 3, 2)
-        assert isinstance(model(np.ones((3, 4), np.float32)), np.ndarray)
+        # 3-D input: rows reshaped, no hand-over
+        out = model(backend.xp.ones((2, 3, 4), np.float32))
+        assert isinstance(out, plain) and out.shape == (2, 3, 2)
+        assert isinstance(model(backend.xp.ones((3, 4), np.float32)), plain)
     assert "bias_act_bf16" in launches
 
 
 def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
     backend, _, lib = fake_gpu
-    a = np.ones((2, 2), np.float32)
+    a = on_device(np.ones((2, 2), np.float32))
     lib.calls.clear()
     backend.gemm(a, a)
     backend.gemm(a, a)
@@ -208,7 +213,7 @@ def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
     assert backend.blas_status == ("CuPy's matmul (own cuBLAS handle unusable: OSError: "
                                    "libcublas.so.13: cannot open shared object file)")
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
-    np.testing.assert_array_equal(backend.gemm(a, a.T.copy()), a @ a.T)
+    np.testing.assert_array_equal(backend.gemm(on_device(a), on_device(a.T)), a @ a.T)
     assert "own cuBLAS" in cuda_graph.ineligible_reason(backend, None, None, None, None, None, 999)
 
 
@@ -248,16 +253,17 @@ def test_bf16_without_the_own_handle_still_rounds_the_gemm_inputs(monkeypatch):
     assert backend._blas is None
     rng = np.random.default_rng(1)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in ((6, 5), (5, 3)))
+    a_dev, b_dev = on_device(a), on_device(b)
     with precision.using("bf16"):
-        got = np.asarray(backend.gemm(a, b))
-        got_t = np.asarray(backend.gemm(a.T.copy(), b, trans_a=True))
+        got = backend.to_numpy(backend.gemm(a_dev, b_dev))
+        got_t = backend.to_numpy(backend.gemm(on_device(a.T), b_dev, trans_a=True))
     want = bf16_round(a) @ bf16_round(b)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(got_t, want, rtol=1e-6, atol=1e-6)
     assert np.abs(got - a @ b).max() > 1e-4  # the rounding is really there
-    np.testing.assert_array_equal(np.asarray(backend.gemm(a, b)), a @ b)  # float32: exact
+    np.testing.assert_array_equal(backend.to_numpy(backend.gemm(a_dev, b_dev)), a @ b)  # exact
     with precision.using("bf16"):  # an empty product launches nothing
-        assert backend.gemm(np.zeros((0, 5), np.float32), b).shape == (0, 3)
+        assert backend.gemm(on_device(np.zeros((0, 5), np.float32)), b_dev).shape == (0, 3)
 
 # =========================================================== recorded step == op by op
 def _data(loss: str, n: int = 50):
@@ -522,8 +528,8 @@ def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
     with fn.use_backend(backend), fn.precision.using(precision):
         model, loss_fn, opt = bm.build_fastnn_model(w)
         parts = [bm.make_batch(w, i) for i in range(batches)]
-        X = np.concatenate([x for x, _ in parts])
-        y = np.concatenate([t for _, t in parts])
+        X = backend.asarray(np.concatenate([x for x, _ in parts]))
+        y = backend.asarray(np.concatenate([t for _, t in parts]))
         order = np.random.default_rng(0).permutation(len(X))
         with training_step_mode(model):
             for step in range(batches + 5):  # the plain first step, then the replays

@@ -32,7 +32,7 @@ from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.errors import BackendUnavailable
 
 from fake_cupy import (_C_TYPES, _fake_cupy, bias_grad_in_kernel_order,  # noqa: F401
-                       kernel_signatures)  # (tests/fake_cupy.py)
+                       kernel_signatures, on_device)  # (tests/fake_cupy.py)
 
 REPO = Path(__file__).resolve().parents[1]
 KERNEL_DIR = REPO / "kernels"
@@ -124,26 +124,7 @@ def test_nvcc_compiles_to_ptx_for_sm90(nvcc, filename, tmp_path):
             assert not re.search(r"\bfma\.", text), "optim.cu PTX contains FMA"
 
 
-@pytest.mark.parametrize("filename", CU_FILES)
-def test_nvrtc_compiles_what_the_backend_compiles(filename):
-    """The runtime compiler itself (NVRTC, through CuPy's binding), on the exact
-    inlined text CupyBackend hands to RawModule; needs CuPy and its NVRTC, no GPU."""
-    try:
-        from cupy_backends.cuda.libs import nvrtc
-    except Exception as exc:  # no CuPy here (CI): nvcc above covers the sources
-        pytest.skip(f"CuPy's NVRTC binding unavailable: {type(exc).__name__}: {exc}")
-    from fastnn.backends.cupy_backend import _COMPILE_OPTIONS
-
-    source = kernel_sources.read_kernel(filename)
-    program = nvrtc.createProgram(source, filename, [], [])
-    try:
-        nvrtc.compileProgram(program, list(_COMPILE_OPTIONS) + ["-arch=compute_90"])
-    except Exception as exc:
-        pytest.fail(f"NVRTC failed on {filename}: {exc}\n{nvrtc.getProgramLog(program)}")
-    ptx = nvrtc.getPTX(program)
-    ptx = ptx.decode() if isinstance(ptx, bytes) else ptx
-    for kernel in kernel_signatures(source):
-        assert re.search(rf"\.entry\s+{kernel}\s*\(", ptx), f"{kernel} missing in NVRTC's PTX"
+# NVRTC itself, with CuPy's options: tests/test_nvrtc.py.
 
 
 # =========================================================== 2. launch contract (CPU)
@@ -198,17 +179,18 @@ def test_launch_args_bias_act_and_backward(fake_gpu, act, dtype):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((7, 5)).astype(dtype)
     bias = rng.standard_normal(5).astype(dtype)
-    z_gpu, z_ref = x.copy(), x.copy()
-    y_gpu = gpu.bias_act(z_gpu, bias, act, LEAKY_ALPHA, out=np.empty_like(x))
+    z_gpu, z_ref = on_device(x), x.copy()
+    y_gpu = gpu.bias_act(z_gpu, on_device(bias), act, LEAKY_ALPHA, out=gpu.xp.empty_like(z_gpu))
     y_ref = ref.bias_act(z_ref, bias, act, LEAKY_ALPHA, out=np.empty_like(x))
     assert launches == [f"bias_act_{SUFFIX[dtype]}"]
-    np.testing.assert_allclose(z_gpu, z_ref, rtol=1e-6)
+    np.testing.assert_allclose(z_gpu, z_ref, rtol=1e-6)  # z += bias in place, on the device
     np.testing.assert_allclose(y_gpu, y_ref, rtol=1e-5, atol=1e-6)
     dy = rng.standard_normal(x.shape).astype(dtype)
     for pre in (None, z_ref):
         if pre is None and act == "gelu":
             continue
-        got = gpu.act_backward(dy.copy(), y_ref, act, pre, LEAKY_ALPHA)
+        got = gpu.act_backward(on_device(dy), on_device(y_ref), act,
+                               None if pre is None else on_device(pre), LEAKY_ALPHA)
         want = ref.act_backward(dy.copy(), y_ref, act, pre, LEAKY_ALPHA)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert launches[-1].startswith("act_backward_")
@@ -226,26 +208,29 @@ def test_launch_args_bf16_operand_kernels(fake_gpu, act, monkeypatch):
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 5)).astype(np.float32)
     bias = rng.standard_normal(5).astype(np.float32)
-    bits = lambda shape: np.zeros(shape, np.uint16)  # noqa: E731
+    bits = lambda shape: gpu.xp.zeros(shape, np.uint16)  # noqa: E731
     want = NumpyBackend().bias_act(x.copy(), bias, act, LEAKY_ALPHA)
     with using("bf16"):
-        got = gpu.bias_act_operand(x.copy(), bias, act, LEAKY_ALPHA, bits_buffer=bits)
+        got = gpu.bias_act_operand(on_device(x), on_device(bias), act, LEAKY_ALPHA,
+                                   bits_buffer=bits)
     assert launches == ["bias_act_bf16"]
     np.testing.assert_allclose(got.array, want, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.bits, bf16_bits(got.array))
     dy = rng.standard_normal(x.shape).astype(np.float32)
     pre = x + bias
     with using("bf16"):
-        got = gpu.act_backward_operand(dy.copy(), want, act, pre, LEAKY_ALPHA, bits_buffer=bits)
+        got = gpu.act_backward_operand(on_device(dy), on_device(want), act, on_device(pre),
+                                       LEAKY_ALPHA, bits_buffer=bits)
     assert launches[-1] == "act_backward_bf16"
     np.testing.assert_allclose(got.array, NumpyBackend().act_backward(dy.copy(), want, act, pre,
                                                                       LEAKY_ALPHA), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(got.bits, bf16_bits(got.array))
     launches.clear()
-    plain = gpu.bias_act_operand(x.copy(), bias, act, LEAKY_ALPHA, bits_buffer=bits)
-    as_f64 = gpu.bias_act_operand(x.astype(np.float64), bias.astype(np.float64), act, LEAKY_ALPHA,
-                                  bits_buffer=bits)
-    assert isinstance(plain, np.ndarray) and isinstance(as_f64, np.ndarray)
+    plain = gpu.bias_act_operand(on_device(x), on_device(bias), act, LEAKY_ALPHA, bits_buffer=bits)
+    as_f64 = gpu.bias_act_operand(on_device(x, np.float64), on_device(bias, np.float64), act,
+                                  LEAKY_ALPHA, bits_buffer=bits)
+    # plain device arrays, not GemmOperands
+    assert isinstance(plain, gpu.xp.ndarray) and isinstance(as_f64, gpu.xp.ndarray)
     assert launches == ["bias_act_f32", "bias_act_f64"]
 
 
@@ -264,7 +249,7 @@ def test_launch_args_softmax_xent(fake_gpu, dtype, label_dtype, shape, kernels):
     rng = np.random.default_rng(2)
     logits = rng.standard_normal(shape).astype(dtype)
     labels = rng.integers(0, shape[1], shape[0]).astype(label_dtype)
-    loss, grad = gpu.softmax_xent(logits, labels)
+    loss, grad = gpu.softmax_xent(on_device(logits), on_device(labels))
     want_loss, want_grad = NumpyBackend().softmax_xent(logits, labels.astype(np.int64))
     assert [re.sub(r"_f(32|64)(_i(32|64))?$", "", name) for name in launches] == kernels
     assert loss.shape == () and loss.dtype == dtype
@@ -285,6 +270,7 @@ def test_launch_args_mse(fake_gpu, dtype, shape, kernels):
     rng = np.random.default_rng(3)
     pred, target = (rng.standard_normal(shape).astype(dtype) for _ in range(2))
     want_loss, want_grad = NumpyBackend().mse(pred.copy(), target, np.empty_like(pred))
+    pred, target = on_device(pred), on_device(target)
     loss, grad = gpu.mse(pred, target, pred)  # grad may alias pred
     assert [re.sub(r"_f(32|64)$", "", name) for name in launches] == kernels
     assert loss.shape == () and loss.dtype == dtype and grad is pred
@@ -345,7 +331,7 @@ def test_launch_args_bce(fake_gpu, dtype, shape, kernels, case, with_seen):
     p, t = bce_case(case, shape, dtype)
     if case in ("out_of_range", "nan") and not with_seen:
         pytest.skip("without seen the caller has checked the range")
-    check_bce(gpu, p, t, with_seen, lambda a: a.copy(), np.asarray)
+    check_bce(gpu, p, t, with_seen, on_device, to_host)
     assert [re.sub(r"_f(32|64)$", "", name) for name in launches] == kernels
 
 
@@ -357,7 +343,7 @@ def test_launch_args_bce_with_logits(fake_gpu, dtype, shape, kernels):
     x = (rng.standard_normal(shape) * 30).astype(dtype)  # far into both tails
     t = rng.integers(0, 2, shape).astype(dtype)
     want_loss, want_grad = NumpyBackend().bce_with_logits(x, t, np.empty_like(x))
-    loss, grad = gpu.bce_with_logits(x.copy(), t, np.empty_like(x))
+    loss, grad = gpu.bce_with_logits(on_device(x), on_device(t), gpu.xp.empty_like(x))
     assert [re.sub(r"_f(32|64)$", "", name) for name in launches if "bias_act" not in name] == kernels
     assert float(loss) == pytest.approx(float(want_loss), rel=1e-5)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-7)
@@ -373,13 +359,14 @@ def test_block_reductions_launch_at_most_512_threads(fake_gpu):
     fake_cupy.launch_shapes.clear()
     for dtype in FLOATS:
         for n, c in ((1024, 32), (3, 5000), (2000, 10)):
-            gpu.softmax_xent(rng.standard_normal((n, c)).astype(dtype), rng.integers(0, c, n))
+            gpu.softmax_xent(on_device(rng.standard_normal((n, c)).astype(dtype)),
+                             on_device(rng.integers(0, c, n)))
         for n in (8192, 300_000):
-            x = rng.standard_normal(n).astype(dtype)
-            gpu.mse(x, x.copy(), np.empty_like(x))
-        p = rng.uniform(0, 1, 1 << 16).astype(dtype)
-        gpu.bce(p, p.copy(), np.empty_like(p))
-        gpu.bce_with_logits(p, p.copy(), np.empty_like(p))
+            x = on_device(rng.standard_normal(n).astype(dtype))
+            gpu.mse(x, x.copy(), gpu.xp.empty_like(x))
+        p = on_device(rng.uniform(0, 1, 1 << 16).astype(dtype))
+        gpu.bce(p, p.copy(), gpu.xp.empty_like(p))
+        gpu.bce_with_logits(p, p.copy(), gpu.xp.empty_like(p))
     blocks = {name: block[0] for name, _, block in fake_cupy.launch_shapes}
     assert {re.sub(r"_f(32|64)(_i(32|64))?$", "", k) for k in blocks} >= {
         "softmax_xent", "softmax_xent_small", "sum_scaled", "mse_partial", "bce", "bce_logits"}
@@ -421,7 +408,7 @@ def test_launch_args_optimizers(fake_gpu, kind, hyper, dtype):
     rng = np.random.default_rng(3)
     p0 = rng.standard_normal(33).astype(dtype)
     grads = [rng.standard_normal(33).astype(dtype) for _ in range(4)]
-    got = run_optimizer(gpu, kind, hyper, p0.copy(), [g.copy() for g in grads])
+    got = run_optimizer(gpu, kind, hyper, on_device(p0), [on_device(g) for g in grads])
     want = run_optimizer(NumpyBackend(), kind, hyper, p0.copy(), [g.copy() for g in grads])
     assert launches == [f"{kind}_{SUFFIX[dtype]}"] * len(grads)
     for key in want:
@@ -439,16 +426,18 @@ def test_launch_args_act_backward_bias(fake_gpu, act, dtype, shape):
     y = ACTIVATIONS[act].forward(np, x, LEAKY_ALPHA).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     want = ref.act_backward(dy.copy(), y, act, x, LEAKY_ALPHA)
-    for out in (None, np.empty_like(dy)):  # in place in dy, or a separate dz
-        d = dy.copy()
-        dz, db = gpu.act_backward_bias(d, y, act, x, LEAKY_ALPHA, out=out)
+    y_dev, x_dev = on_device(y), on_device(x)
+    for out in (None, gpu.xp.empty_like(dy)):  # in place in dy, or a separate dz
+        d = on_device(dy)
+        dz, db = gpu.act_backward_bias(d, y_dev, act, x_dev, LEAKY_ALPHA, out=out)
         assert launches[-1] == f"act_backward_bias_{SUFFIX[dtype]}"
         assert dz is (d if out is None else out) and db.shape == (shape[1],) and db.dtype == dtype
         np.testing.assert_allclose(dz, want, rtol=1e-5, atol=1e-6)
         np.testing.assert_array_equal(db, bias_grad_in_kernel_order(dz))
         np.testing.assert_allclose(db, want.sum(axis=0), rtol=1e-4, atol=1e-4)
-    given = np.full(shape[1], np.nan, dtype)
-    assert gpu.act_backward_bias(dy.copy(), y, act, x, LEAKY_ALPHA, bias_grad_out=given)[1] is given
+    given = gpu.xp.full(shape[1], np.nan, dtype)
+    assert gpu.act_backward_bias(on_device(dy), y_dev, act, x_dev, LEAKY_ALPHA,
+                                 bias_grad_out=given)[1] is given
     np.testing.assert_allclose(given, want.sum(axis=0), rtol=1e-4, atol=1e-4)
 
 
@@ -460,7 +449,7 @@ def test_act_backward_bias_of_a_large_batch_is_the_two_ops(fake_gpu):
     gpu, launches = fake_gpu
     dy = np.random.default_rng(0).standard_normal((FUSED_BIAS_GRAD_MAX_ROWS + 1, 3)).astype(np.float32)
     y = np.maximum(dy, 0)
-    dz, db = gpu.act_backward_bias(dy.copy(), y, "relu")
+    dz, db = gpu.act_backward_bias(on_device(dy), on_device(y), "relu")
     assert launches == ["act_backward_f32"]
     np.testing.assert_allclose(db, np.where(y > 0, dy, 0).sum(axis=0), rtol=1e-5)
 
@@ -479,8 +468,8 @@ def test_linear_backward_takes_the_fused_bias_gradient_and_accumulates(fake_gpu,
         with fastnn.use_backend(name):
             model = fastnn.Sequential(fastnn.Linear(5, 40), fastnn.Tanh())  # tanh fused into the Linear
             for _ in range(2):
-                model(x)
-                model.backward(dy)
+                model(fastnn.asarray(x))  # on the current backend's device
+                model.backward(fastnn.asarray(dy))
             grads[name] = {n: np.array(p.grad) for n, p in model.named_parameters()}
     assert launches.count("act_backward_bias_f32") == 2 and "act_backward_f32" not in launches
     for n, g in grads["numpy"].items():
@@ -489,9 +478,10 @@ def test_linear_backward_takes_the_fused_bias_gradient_and_accumulates(fake_gpu,
 
 def test_fallback_for_non_contiguous_launches_nothing(fake_gpu):
     gpu, launches = fake_gpu
-    z = np.arange(24, dtype=np.float32).reshape(4, 6)[:, ::2]
+    z = on_device(np.arange(24, dtype=np.float32).reshape(4, 6))[:, ::2]  # a strided device view
+    assert isinstance(z, gpu.xp.ndarray) and not z.flags.c_contiguous
     want = np.maximum(z, 0)
-    np.testing.assert_array_equal(gpu.bias_act(z, None, "relu", out=np.empty_like(z)), want)
+    np.testing.assert_array_equal(gpu.bias_act(z, None, "relu", out=gpu.xp.empty_like(z)), want)
     assert launches == []
 
 
@@ -542,6 +532,20 @@ def test_gpu_bias_act_matches_numpy(gpu, act, kind, dtype, shape):
             assert y.dtype == dtype and (separate_out or y is z)
             np.testing.assert_allclose(to_host(z), z_ref, **TOL[dtype])
             np.testing.assert_allclose(to_host(y), y_ref, **TOL[dtype])
+
+
+@gpu_mark
+def test_gpu_float32_subnormals_flush_float64_keep(gpu):
+    """CuPy compiles with -ftz=true (kernels/README.md): z + 0 of a float32
+    subnormal is 0 on the GPU, where NumPy keeps it; float64 keeps it on both."""
+    tiny32 = np.array([[1e-40, -1e-40, 2e-38, 1.0]], dtype=np.float32)
+    z = gpu.asarray(tiny32)
+    gpu.bias_act(z, gpu.asarray(np.zeros(4, np.float32)), "identity", LEAKY_ALPHA)
+    np.testing.assert_array_equal(to_host(z), [[0.0, 0.0, np.float32(2e-38), 1.0]])
+    tiny64 = np.array([[1e-310, -1e-310, 1.0]])
+    z = gpu.asarray(tiny64)
+    gpu.bias_act(z, gpu.asarray(np.zeros(3)), "identity", LEAKY_ALPHA)
+    np.testing.assert_array_equal(to_host(z), tiny64)
 
 
 @gpu_mark

@@ -55,14 +55,15 @@ def test_profile_counts_each_layers_launches(fake_gpu):
 
 def test_profile_leaves_model_and_backend_unpatched(fake_gpu):
     backend = fake_gpu[0]
-    model = fn.Sequential(fn.Linear(3, 2))
     timeline = gpu_profile.Timeline(backend.xp)
     with fn.use_backend(backend):
+        model = fn.Sequential(fn.Linear(3, 2))  # its parameters on the (fake) device
         opt = fn.SGD(model.parameters(), lr=0.1)
         loss_fn = fn.MSELoss()
         with gpu_profile.instrumented(backend, model, loss_fn, opt, timeline):
             assert "gemm" in vars(backend) and "forward_fused" in vars(model[0])
-            loss_fn(model(np.ones((4, 3), np.float32)), np.zeros((4, 2), np.float32))
+            x, target = backend.xp.ones((4, 3), np.float32), backend.xp.zeros((4, 2), np.float32)
+            loss_fn(model(x), target)
         assert "gemm" not in vars(backend) and "forward_fused" not in vars(model[0])
         assert "step" not in vars(opt) and "forward" not in vars(loss_fn)
     phases = {s[0] for s in timeline.spans}

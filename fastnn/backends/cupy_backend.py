@@ -29,7 +29,9 @@ from .constants import BCE_EPSILON
 _FLOATS = {np.dtype(np.float32): "f32", np.dtype(np.float64): "f64"}
 _LABELS = {np.dtype(np.int32): "i32", np.dtype(np.int64): "i64"}
 # No FMA contraction: the optimizer kernels must round exactly like the NumPy
-# reference (mul, then add), or trajectories drift by an ulp per step.
+# reference (mul, then add), or trajectories drift by an ulp per step. CuPy
+# appends -ftz=true after these (float32 subnormals flush to zero, as in its own
+# kernels; a later -ftz=false of ours would lose): see kernels/README.md.
 _COMPILE_OPTIONS = ("--fmad=false",)
 _BLOCK = 256  # threads per block of the elementwise (grid-stride) kernels
 _MAX_ROW_BLOCKS = 1 << 24  # softmax_xent walks further rows with a grid-stride loop
@@ -100,6 +102,14 @@ def _probe_device(cupy) -> dict:
 # softmax_xent_small already needs 62 (NVRTC 13, sm_90): another compiler's
 # choice must not make the launch fail ("too many resources requested").
 _MAX_REDUCE_THREADS = 512
+
+
+def _compile_errors(cupy) -> tuple:
+    """What RawModule raises for a kernel file that does not compile (NVRTC) or
+    compiles but does not load (the driver: e.g. an architecture it cannot run)."""
+    driver = getattr(cupy.cuda, "driver", None)
+    loading = getattr(driver, "CUDADriverError", None)
+    return (cupy.cuda.compiler.CompileException,) + ((loading,) if loading else ())
 
 
 def _one_block_threads(n: int) -> int:
@@ -360,8 +370,9 @@ class CupyBackend(Backend):
                 )
                 _modules[(cupy.cuda.Device().id, filename)] = module
             return module.get_function(name)
-        except cupy.cuda.compiler.CompileException as exc:
-            raise RuntimeError(f"fastnn: compiling kernels/{filename} failed:\n{exc}") from exc
+        except _compile_errors(cupy) as exc:
+            raise RuntimeError(f"fastnn: compiling or loading kernels/{filename} failed "
+                               f"({type(exc).__name__}):\n{exc}") from exc
 
     def _launch_1d(self, fn, n: int, args) -> None:
         """Launch an elementwise grid-stride kernel over ``n`` elements."""

@@ -72,11 +72,9 @@ def test_python_dash_m_fastnn():
     assert result.returncode == 0 and "backends:" in result.stdout, result.stderr
 
 
-@pytest.mark.slow
-def test_gpu_check_dry_run_without_a_gpu(tmp_path):
-    """The whole script on a CPU with one small test file: every section runs and
-    reports (a GPU step failing here says so and the script goes on), the report
-    lands in FASTNN_RESULTS_DIR, and the exit status is 3: not a GPU check."""
+def _run_gpu_check_without_a_gpu(results_dir, **env_vars):
+    """bench/gpu_check.sh on this CPU machine with FASTNN_RESULTS_DIR=results_dir
+    and env_vars: (the finished process, the text of its one report)."""
     import pathlib
     import shutil
 
@@ -86,14 +84,21 @@ def test_gpu_check_dry_run_without_a_gpu(tmp_path):
     if bash is None:
         pytest.skip("no bash")
     repo = pathlib.Path(__file__).resolve().parents[1]
-    env = dict(os.environ, FASTNN_RESULTS_DIR=str(tmp_path), PYTHON=sys.executable,
-               FASTNN_GPU_CHECK_TESTS="tests/test_precision.py")
+    env = dict(os.environ, FASTNN_RESULTS_DIR=str(results_dir), PYTHON=sys.executable, **env_vars)
     proc = subprocess.run([bash, str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env,
                           capture_output=True, text=True, timeout=300)
+    reports = list(pathlib.Path(results_dir).glob("gpu-check-*.txt"))
+    assert len(reports) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc, reports[0].read_text()
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_without_a_gpu(tmp_path):
+    """The whole script on a CPU with one small test file: every section runs and
+    reports (a GPU step failing here says so and the script goes on), the report
+    lands in FASTNN_RESULTS_DIR, and the exit status is 3: not a GPU check."""
+    proc, text = _run_gpu_check_without_a_gpu(tmp_path, FASTNN_GPU_CHECK_TESTS="tests/test_precision.py")
     assert proc.returncode == 3, proc.stdout[-3000:] + proc.stderr[-3000:]
-    reports = list(tmp_path.glob("gpu-check-*.txt"))
-    assert len(reports) == 1
-    text = reports[0].read_text()
     for section in ("## nvidia-smi", "## fastnn info", "## pytest", "passed",
                     "--precision bf16", "## python -m fastnn.benchmarking.gpu_kernels",
                     "## python -m fastnn.benchmarking.gpu_profile", "## fastnn bench --device gpu",
@@ -111,26 +116,13 @@ def test_gpu_check_pytest_cut_at_its_guard_exits_4(tmp_path):
     """pytest stopped by its guard: exit status 4, not timeout's 124 (which reads
     as the device tool's own time-out), and with no time left the benchmark is
     skipped with a line saying so while the later sections still report."""
-    import pathlib
-    import shutil
-
-    if fn.available_backends()["cupy"] is None:
-        pytest.skip("a usable GPU here: the dry run is for machines without one")
-    bash = shutil.which("bash")
-    if bash is None:
-        pytest.skip("no bash")
-    repo = pathlib.Path(__file__).resolve().parents[1]
     hung = tmp_path / "hung" / "test_hung.py"
     hung.parent.mkdir()
     hung.write_text("import time\n\ndef test_hangs():\n    time.sleep(60)\n")
-    results = tmp_path / "results"
-    env = dict(os.environ, FASTNN_RESULTS_DIR=str(results), PYTHON=sys.executable,
-               FASTNN_GPU_CHECK_TESTS=str(hung),
-               FASTNN_GPU_PYTEST_LIMIT_S="3", FASTNN_GPU_CHECK_BUDGET_S="1")
-    proc = subprocess.run([bash, str(repo / "bench" / "gpu_check.sh")], cwd=repo, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc, text = _run_gpu_check_without_a_gpu(
+        tmp_path / "results", FASTNN_GPU_CHECK_TESTS=str(hung),
+        FASTNN_GPU_PYTEST_LIMIT_S="3", FASTNN_GPU_CHECK_BUDGET_S="1")
     assert proc.returncode == 4, proc.stdout[-3000:] + proc.stderr[-3000:]
-    text = next(results.glob("gpu-check-*.txt")).read_text()
     for line in ("pytest was cut at its guard", "skipped the benchmark",
                  "## python -m fastnn.benchmarking.gpu_profile", "NOT A GPU RUN"):
         assert line in text, line

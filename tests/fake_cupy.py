@@ -591,6 +591,7 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
         Device=Device,
         memory=types.SimpleNamespace(OutOfMemoryError=type("OutOfMemoryError", (MemoryError,), {})),
         compiler=types.SimpleNamespace(CompileException=type("CompileException", (Exception,), {})),
+        driver=types.SimpleNamespace(CUDADriverError=type("CUDADriverError", (RuntimeError,), {})),
     )
     return fake
 

@@ -139,6 +139,27 @@ def fake_gpu(monkeypatch):
     return cupy_backend.CupyBackend(), launches
 
 
+@pytest.mark.parametrize("error", ["CompileException", "CUDADriverError"])
+def test_a_kernel_file_that_does_not_compile_or_load_is_named(fake_gpu, monkeypatch, error):
+    """NVRTC's error, or the driver's for a module that compiled but does not
+    load: one RuntimeError naming the kernel file, the cause chained."""
+    gpu, _ = fake_gpu
+    cuda = sys.modules["cupy"].cuda
+    raised = getattr(cuda.compiler if error == "CompileException" else cuda.driver, error)
+
+    class Broken:
+        def __init__(self, code, options=()):
+            pass
+
+        def get_function(self, name):
+            raise raised("CUDA_ERROR_NO_BINARY_FOR_GPU")
+
+    monkeypatch.setattr(sys.modules["cupy"], "RawModule", Broken)
+    with pytest.raises(RuntimeError, match=r"(?s)kernels/bias_act\.cu failed .*NO_BINARY") as info:
+        gpu.bias_act(on_device(np.ones((2, 3), np.float32)), None, "relu", LEAKY_ALPHA)
+    assert type(info.value.__cause__) is raised
+
+
 @pytest.mark.parametrize("setup, reason", [
     (dict(count_error=RuntimeError("cudaErrorInsufficientDriver: driver too old\nmore")),
      "cupy: no usable CUDA driver (RuntimeError: cudaErrorInsufficientDriver: driver too old)"),

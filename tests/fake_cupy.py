@@ -480,7 +480,8 @@ class _FakeFunction:
 
     def __call__(self, grid, block, args):
         assert len(grid) >= 1 and all(int(g) >= 1 for g in grid), (self.name, grid)
-        assert 1 <= block[0] <= 1024, (self.name, block)
+        assert all(int(b) >= 1 for b in block) and int(np.prod(block)) <= 1024, \
+            f"{self.name}: block {block}: at most 1024 threads in all"
         if self.name.startswith(("softmax_xent_small", "bce")):
             assert tuple(grid) == (1,), f"{self.name} reduces in one block"
         if self.name.startswith(("softmax_xent", "bce", "sum_scaled", "mse_partial")):

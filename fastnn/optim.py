@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from .backends import get_backend, host_array
-from .errors import InputError
+from .errors import CaptureUnsupported, InputError
 from .nn.parameter import Parameter
 
 _ALIGN = 16  # elements: keeps every view 64-byte aligned for SIMD
@@ -52,6 +52,9 @@ class _FlatGroup:
         """The flat state buffer ``name``, created (zeros) on first use."""
         buf = self.state.get(name)
         if buf is None:
+            if self.backend.capturing:  # the zero fill would be recorded and rerun every replay
+                raise CaptureUnsupported(f"optimizer state {name!r} first needed while a CUDA "
+                                         "graph records (run one ordinary step first)")
             buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
         return buf
 

@@ -114,7 +114,7 @@ def test_cupy_backend_probe_and_ops_through_ctypes(shim, monkeypatch):
     monkeypatch.setattr(cublas, "load_library", lambda cupy: shim)
     backend = cupy_backend.CupyBackend()
     assert backend._blas is not None, backend.blas_status
-    assert backend.blas_status.startswith("own cuBLAS handle")
+    assert backend.blas_status.startswith("own cuBLAS handle on libfastnn_cublas_shim.so (")
     rng = np.random.default_rng(2)
     dz = rng.standard_normal((9, 4)).astype(np.float32)
     x = rng.standard_normal((9, 6)).astype(np.float32)
@@ -125,32 +125,63 @@ def test_cupy_backend_probe_and_ops_through_ctypes(shim, monkeypatch):
     np.testing.assert_allclose(backend.bias_grad(on_device(dz)), dz.sum(0), rtol=1e-5, atol=1e-6)
 
 
-def test_load_library_finds_the_libcublas_this_process_mapped(tmp_path):
-    """After CuPy's first handle, libcublas is in /proc/self/maps: that file is
-    the one loaded (same version as CuPy's, no second copy). A fresh process, so
-    no real libcublas is around to be found instead."""
+def _load_library_in_a_fresh_process(tmp_path, mapped: list[Path], runtime_version):
+    """Run cublas.load_library in a new process whose stand-in CuPy maps the
+    libraries ``mapped`` (in that order) on its first handle and reports
+    ``runtime_version`` (None: a CuPy without runtimeGetVersion). A fresh
+    process, so no real libcublas is around to be found instead. Returns
+    (path of the library loaded, its maps lines were found, flags)."""
     if not Path("/proc/self/maps").exists():
         pytest.skip("no /proc/self/maps here")
-    lib = _build(tmp_path / "libcublas.so.13")
+    runtime = ("" if runtime_version is None
+               else f"runtime=types.SimpleNamespace(runtimeGetVersion=lambda: {runtime_version}),")
     script = f"""
 import ctypes, sys, types
 sys.path.insert(0, {str(REPO)!r})
 from fastnn.backends import cublas
 loaded = []
 def get_cublas_handle():  # what CuPy does: load libcublas
-    loaded.append(ctypes.CDLL({str(lib)!r}))
-cupy = types.SimpleNamespace(cuda=types.SimpleNamespace(
+    loaded.extend(ctypes.CDLL(path) for path in {[str(p) for p in mapped]!r})
+cupy = types.SimpleNamespace(cuda=types.SimpleNamespace({runtime}
     device=types.SimpleNamespace(get_cublas_handle=get_cublas_handle)))
 found = cublas.load_library(cupy)
-print(cublas._loaded_path("libcublas.so"))
+print(found._name)
+print(len(cublas._mapped_paths("libcublas.so")))
 print(hasattr(found, "shim_gemm_count"), found.cublasGemmEx.restype is ctypes.c_int)
 """
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=120, env=env)
     assert proc.returncode == 0, proc.stderr
-    path, flags = proc.stdout.split("\n")[:2]
-    assert Path(path) == lib and flags == "True True"
+    path, count, flags = proc.stdout.split("\n")[:3]
+    return Path(path), int(count), flags
+
+
+def test_load_library_finds_the_libcublas_this_process_mapped(tmp_path):
+    """After CuPy's first handle, libcublas is in /proc/self/maps: that file is
+    the one loaded (same version as CuPy's, no second copy)."""
+    lib = _build(tmp_path / "libcublas.so.13")
+    for runtime_version in (13010, None):
+        path, count, flags = _load_library_in_a_fresh_process(tmp_path, [lib], runtime_version)
+        assert (path, count, flags) == (lib, 1, "True True")
+
+
+@pytest.mark.parametrize("runtime_version, expected", [(13010, "13"), (12040, "12")])
+@pytest.mark.parametrize("map_first", ["12", "13"])
+def test_load_library_picks_cupys_cuda_major_when_two_are_mapped(tmp_path, runtime_version,
+                                                                  expected, map_first):
+    """A CUDA 12 torch next to a CUDA 13 CuPy maps two libcublas; maps lines are
+    sorted by address, so which comes first says nothing. The one whose soname
+    is CuPy's CUDA major is loaded, whatever the mapping order."""
+    libs = {}
+    for major in ("12", "13"):
+        folder = tmp_path / f"cuda{major}"
+        folder.mkdir()
+        # A toolkit's file name carries the full version after the soname.
+        libs[major] = _build(folder / f"libcublas.so.{major}.1.0.3")
+    order = [libs[map_first]] + [lib for major, lib in libs.items() if major != map_first]
+    path, count, flags = _load_library_in_a_fresh_process(tmp_path, order, runtime_version)
+    assert (path, count, flags) == (libs[expected], 2, "True True")
 
 
 def test_gemm_arguments_are_the_column_major_call():

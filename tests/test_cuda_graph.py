@@ -446,6 +446,47 @@ def test_a_failed_recording_falls_back_to_the_plain_step(fake_gpu, monkeypatch):
         _fit(backend, monkeypatch, "1")
 
 
+def test_values_meant_to_persist_are_not_first_made_while_recording(fake_gpu):
+    """While a graph records, a fill is recorded rather than run: bias_grad's
+    ones would hold garbage if the recording then failed, and new optimizer
+    state would be zeroed again on every replay. Both refuse (fit then stays
+    per-op); made outside a recording they are kept and reused."""
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(0)
+    dz = on_device(rng.standard_normal((7, 3)).astype(np.float32))
+    with fn.use_backend(backend):
+        model = fn.Sequential(fn.Linear(3, 2))
+        opt = fn.RMSprop(model.parameters(), lr=0.01)
+        model.forward(on_device(rng.standard_normal((4, 3)).astype(np.float32)))
+        model.backward(on_device(np.ones((4, 2), np.float32)))
+        opt.step()
+        opt.momentum = 0.5  # the next step needs a momentum buffer
+        backend._capture = object()  # what GraphedStep._record sets
+        try:
+            assert backend.capturing
+            with pytest.raises(fn.errors.CaptureUnsupported, match="bias_grad over 7 rows"):
+                backend.bias_grad(dz)
+            with pytest.raises(fn.errors.CaptureUnsupported, match="'momentum_buffer'"):
+                opt.step()
+            assert (7, np.dtype(np.float32)) not in backend._ones
+            assert "momentum_buffer" not in opt.groups[0].state
+        finally:
+            backend._capture = None
+        assert not backend.capturing and not NumpyBackend().capturing
+        np.testing.assert_allclose(backend.bias_grad(dz), dz.get().sum(0), rtol=1e-6)
+        ones = backend._ones[(7, np.dtype(np.float32))]
+        opt.step()
+        buffer = opt.groups[0].state["momentum_buffer"]
+        backend._capture = object()
+        try:  # made once, reused while recording
+            backend.bias_grad(dz)
+            opt.step()
+        finally:
+            backend._capture = None
+        assert backend._ones[(7, np.dtype(np.float32))] is ones
+        assert opt.groups[0].state["momentum_buffer"] is buffer
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # NumPy standing in for the GPU: inf/nan
 @pytest.mark.parametrize("out_act, error", [
     ("sigmoid", None),

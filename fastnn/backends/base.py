@@ -31,6 +31,12 @@ class Backend:
     def device(self) -> str:
         return "cpu"
 
+    @property
+    def capturing(self) -> bool:
+        """True while a CUDA graph records (the CuPy backend): work queued now
+        is recorded, not run, so a value meant to persist cannot be made now."""
+        return False
+
     def __repr__(self) -> str:
         return f"<fastnn backend {self.name!r} on {self.device}>"
 

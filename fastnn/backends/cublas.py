@@ -11,7 +11,7 @@ backend keeps one handle with a fixed workspace and binds it to a stream
 only when the stream changes.
 
 The library is the libcublas CuPy already loaded (same version, no second
-copy); the eight C functions used here have had the same signatures since
+copy); the six C functions used here have had the same signatures since
 CUDA 11. ``gemm_arguments`` turns a row-major product into the column-major
 call and is tested on the CPU; everything else needs a GPU.
 """
@@ -58,28 +58,52 @@ def gemm_arguments(a_shape, b_shape, trans_a: bool, trans_b: bool):
             n, m, k, b_shape[1], a_shape[1], n)
 
 
-def _loaded_path(fragment: str):
-    """Path of a shared library this process has mapped whose name holds ``fragment``."""
+def _mapped_paths(fragment: str) -> list[str]:
+    """Paths of the shared libraries this process has mapped whose name starts
+    with ``fragment``, in /proc/self/maps order (by address, so no preference)."""
+    paths: list[str] = []
     try:
         with open("/proc/self/maps") as maps:
             for line in maps:  # address perms offset dev inode [path]
                 fields = line.split(maxsplit=5)
                 path = fields[5].strip() if len(fields) == 6 else ""
                 name = path.rsplit("/", 1)[-1]
-                if name.startswith(fragment) and ".so" in name:
-                    return path
+                if name.startswith(fragment) and ".so" in name and path not in paths:
+                    paths.append(path)
     except OSError:
         pass
-    return None
+    return paths
+
+
+def _cuda_major(cupy):
+    """CUDA major version of CuPy's runtime (13 for 13010), or None if unknown."""
+    try:
+        return int(cupy.cuda.runtime.runtimeGetVersion()) // 1000
+    except Exception:  # an old or stand-in CuPy: fall back to any mapped libcublas
+        return None
+
+
+def _is_soname(path: str, soname: str) -> bool:
+    name = path.rsplit("/", 1)[-1]  # libcublas.so.13 or, from a toolkit, libcublas.so.13.1.0.3
+    return name == soname or name.startswith(soname + ".")
 
 
 def load_library(cupy):
-    """CDLL of the libcublas CuPy uses (CuPy loads it with its first handle)."""
+    """CDLL of the libcublas CuPy uses (CuPy loads it with its first handle).
+
+    Another package may have mapped a second libcublas (a CUDA 12 torch next to
+    a CUDA 13 CuPy), so the one whose soname matches CuPy's CUDA major comes
+    first; dlopen of a bare soname returns the copy already loaded.
+    """
     cupy.cuda.device.get_cublas_handle()
-    candidates = [_loaded_path("libcublas.so"), ctypes.util.find_library("cublas"),
+    major = _cuda_major(cupy)
+    soname = f"libcublas.so.{major}" if major else None
+    mapped = _mapped_paths("libcublas.so")
+    matching = [path for path in mapped if soname and _is_soname(path, soname)]
+    candidates = [*matching, soname, *mapped, ctypes.util.find_library("cublas"),
                   "libcublas.so.13", "libcublas.so.12"]
     errors = []
-    for path in filter(None, candidates):
+    for path in dict.fromkeys(filter(None, candidates)):
         try:
             lib = ctypes.CDLL(path)
         except OSError as exc:

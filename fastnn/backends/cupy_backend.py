@@ -182,6 +182,10 @@ class CupyBackend(Backend):
     def device(self) -> str:
         return self._device
 
+    @property
+    def capturing(self) -> bool:
+        return self._capture is not None
+
     def asarray(self, x, dtype=None):
         """Device array from NumPy arrays, lists, CuPy arrays or DLPack producers.
 
@@ -228,7 +232,8 @@ class CupyBackend(Backend):
         steps are not captured."""
         cupy = self.xp
         try:
-            self._blas = cublas.Handle(cupy, cublas.load_library(cupy))
+            lib = cublas.load_library(cupy)
+            self._blas = cublas.Handle(cupy, lib)
             rng = np.random.default_rng(0)
             for dtype in (np.float32, np.float64):
                 a_host = rng.standard_normal((5, 3)).astype(dtype)
@@ -247,7 +252,10 @@ class CupyBackend(Backend):
         except Exception as exc:
             self._blas = None
             return f"CuPy's matmul (own cuBLAS handle unusable: {_one_line(exc)})"
-        return "own cuBLAS handle (training steps can be captured in CUDA graphs)"
+        # Which libcublas file: another package may have mapped a second one.
+        name = str(getattr(lib, "_name", "") or "").rsplit("/", 1)[-1]
+        on = f" on {name}" if name else ""
+        return f"own cuBLAS handle{on} (training steps can be captured in CUDA graphs)"
 
     def _blas_operands(self, a, b, out) -> bool:
         nd = self.xp.ndarray
@@ -341,6 +349,9 @@ class CupyBackend(Backend):
         n, f = dz.shape
         ones = self._ones.get((n, dz.dtype))
         if ones is None:
+            if self.capturing:  # the fill would be recorded, not run: garbage if the recording fails
+                raise CaptureUnsupported(f"bias_grad over {n} rows first runs while a CUDA graph "
+                                         "records (run one ordinary step first)")
             ones = self._ones[(n, dz.dtype)] = self.xp.ones((1, n), dtype=dz.dtype)
         if out is None:
             out = self.xp.empty((f,), dtype=dz.dtype)

@@ -191,7 +191,7 @@ class CrossEntropyLoss(Loss):
         if self.check_labels:
             # Inside fit the range was read once from the host copy of y.
             known = known_label_range()
-            if known is None and getattr(backend, "_capture", None) is not None:
+            if known is None and backend.capturing:
                 raise CaptureUnsupported(
                     f"{self.name}: the labels' range is unknown while a CUDA graph records "
                     "(reading it back would stop the recording); pass it to training_step_mode"

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import json
 import sys
 import time
+import types
 
 import numpy as np
 import pytest
 
 import fastnn as fn
-from fake_cupy import FakeCublas, _fake_cupy
+from fake_cupy import FakeCublas, _fake_cupy, on_device
 from fastnn.backends import cublas
 from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.benchmarking import gpu_kernels
@@ -215,6 +217,7 @@ def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu, monkeyp
     assert doc["versions"]["cupy"] == "0.0-fake"
     assert (doc["versions"]["cuda_runtime"], doc["versions"]["cuda_driver"]) == (12040, 12080)
     assert doc["n_elements"] == N and doc["repeats"] == 2
+    assert doc["queued_ahead"] is True and "queued behind a spin" in doc["gpu"]["timing"]
     assert doc["command"].endswith(f"gpu_kernels --elements {N} --repeats 2 --json {path}")
     assert doc["date"].endswith("+00:00")
     assert doc["target"]["fraction_of_copy"] == 0.8
@@ -244,6 +247,34 @@ def test_bias_grad_fusion_times_one_launch_against_two(fake_gpu):
     assert [(r["fused_us"], r["separate_us"], r["speedup"]) for r in rows] == \
         [(pytest.approx(1.0), pytest.approx(2.0), pytest.approx(2.0))] * len(rows)
     print(gpu_kernels.format_fusion_table(rows))
+
+
+def test_default_timer_queues_each_batch_behind_a_spin(fake_gpu, monkeypatch):
+    """Every timed batch is launched after a spin kernel, so its events bracket
+    device work only (no first-launch host delay, no launch-bound gaps); a
+    batch queued slower than the longest spin is counted in ``gaps``."""
+    from fastnn.benchmarking import gpu_profile
+
+    backend, launches, _ = fake_gpu
+    y = on_device(np.ones((4, 8), np.float32))
+    launch = functools.partial(backend.bias_act, y, on_device(np.zeros(8, np.float32)), "relu",
+                               out=y)
+    launch()
+    timer = gpu_kernels._queued_timer(backend)
+    del launches[:]
+    assert timer(launch, 3) >= 0
+    assert launches == ["spin_ns", *[launches[1]] * 3] and launches[1] != "spin_ns"
+    assert timer.gaps == 0
+    monkeypatch.setattr(gpu_profile, "SPIN_MAX_S", gpu_profile.SPIN_FIRST_S)
+    slow = [0.0]
+
+    def clock():  # the host's queueing takes longer than any spin
+        slow[0] += 1.0
+        return slow[0]
+
+    monkeypatch.setattr(gpu_profile, "time", types.SimpleNamespace(perf_counter=clock))
+    timer(launch, 3)
+    assert timer.gaps == 1
 
 
 def test_main_without_a_usable_cupy_returns_2(monkeypatch, tmp_path, capsys):

@@ -349,7 +349,8 @@ class CupyBackend(Backend):
         n, f = dz.shape
         ones = self._ones.get((n, dz.dtype))
         if ones is None:
-            if self.capturing:  # the fill would be recorded, not run: garbage if the recording fails
+            # While recording, the fill is recorded, not run: garbage if the recording fails.
+            if self.capturing:
                 raise CaptureUnsupported(f"bias_grad over {n} rows first runs while a CUDA graph "
                                          "records (run one ordinary step first)")
             ones = self._ones[(n, dz.dtype)] = self.xp.ones((1, n), dtype=dz.dtype)

@@ -15,9 +15,13 @@ Bytes per element count the reads and writes of the big arrays only (the
 (bias_act in place: ``z[i]`` then ``out[i]`` at the same address) counts once,
 as the second store merges in L2 before it reaches DRAM.
 
-Timing: CUDA events recorded on the current stream around ``repeats``
-back-to-back launches, so the device time is measured, not the host's launch
-loop; the median of three such batches is reported.
+Timing: ``repeats`` back-to-back launches are queued behind a spin kernel
+(``gpu_profile.queued_ahead``) with CUDA events around them, so when the spin
+ends the device runs them with no host gap: the time is the device's alone,
+not the host's launch loop (which at the small fusion shapes would be most of
+it, and which a CUDA-graph replay does not pay); the median of three such
+batches is reported. ``queued_ahead: false`` in the JSON means some batch was
+queued slower than the longest spin, so its figure includes host gaps.
 """
 from __future__ import annotations
 
@@ -33,6 +37,8 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+
+from fastnn.benchmarking.workloads import uniform_on_device
 
 TARGET = 0.8  # issue target: fused elementwise kernels >= 80% of the device copy bandwidth
 ROW = 1024  # columns of the 2-D (rows, ROW) activations; n_elements must be a multiple
@@ -51,39 +57,27 @@ class Op:
     build: Callable
 
 
-def _uniform(xp, n: int, lo: float, hi: float, seed: int):
-    """``n`` float32 values spread over ``[lo, hi)``, made on the device.
-
-    An integer hash of the index, not an RNG: identical on CuPy and on the
-    NumPy stand-in used by the tests, and no 256 MiB host upload per array.
-    """
-    i = xp.arange(n, dtype=np.uint32)
-    u = (i ^ np.uint32((seed * 0x5BD1E995) & 0xFFFFFFFF)) * np.uint32(2654435761)
-    frac = (u >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
-    return frac * np.float32(hi - lo) + np.float32(lo)  # array first: CuPy's operators
-
-
 def _copy(backend, n):
     # Same shape, dtype and C order: CuPy turns this into one cudaMemcpyAsync
     # device-to-device on the current stream, the reference bandwidth.
     xp = backend.xp
-    src = _uniform(xp, n, -1, 1, 1)
+    src = uniform_on_device(xp, n, -1, 1, 1)
     dst = xp.empty_like(src)
     return functools.partial(operator.setitem, dst, Ellipsis, src)
 
 
 def _bias_act_relu_in_place(backend, n):
     xp = backend.xp
-    z = _uniform(xp, n, -1, 1, 2).reshape(n // ROW, ROW)
+    z = uniform_on_device(xp, n, -1, 1, 2).reshape(n // ROW, ROW)
     # Small bias: z drifts by it on every timed launch (in place) and must stay ordinary.
-    bias = _uniform(xp, ROW, -1e-3, 1e-3, 3)
+    bias = uniform_on_device(xp, ROW, -1e-3, 1e-3, 3)
     return functools.partial(backend.bias_act, z, bias, "relu", out=z)
 
 
 def _bias_act_gelu_to_out(backend, n):
     xp = backend.xp
-    z = _uniform(xp, n, -3, 3, 4).reshape(n // ROW, ROW)
-    bias = _uniform(xp, ROW, -1e-3, 1e-3, 5)
+    z = uniform_on_device(xp, n, -3, 3, 4).reshape(n // ROW, ROW)
+    bias = uniform_on_device(xp, ROW, -1e-3, 1e-3, 5)
     out = xp.empty_like(z)
     return functools.partial(backend.bias_act, z, bias, "gelu", out=out)
 
@@ -91,8 +85,8 @@ def _bias_act_gelu_to_out(backend, n):
 def _act_backward(act: str, y_range: tuple[float, float]):
     def build(backend, n):
         xp = backend.xp
-        dy = _uniform(xp, n, -1, 1, 6).reshape(n // ROW, ROW)
-        y = _uniform(xp, n, *y_range, 7).reshape(n // ROW, ROW)
+        dy = uniform_on_device(xp, n, -1, 1, 6).reshape(n // ROW, ROW)
+        y = uniform_on_device(xp, n, *y_range, 7).reshape(n // ROW, ROW)
         return functools.partial(backend.act_backward, dy, y, act, out=dy)
 
     return build
@@ -100,16 +94,16 @@ def _act_backward(act: str, y_range: tuple[float, float]):
 
 def _sgd_momentum(backend, n):
     xp = backend.xp
-    param, grad = _uniform(xp, n, -1, 1, 8), _uniform(xp, n, -1, 1, 9)
-    buf = _uniform(xp, n, -0.1, 0.1, 10)
+    param, grad = uniform_on_device(xp, n, -1, 1, 8), uniform_on_device(xp, n, -1, 1, 9)
+    buf = uniform_on_device(xp, n, -0.1, 0.1, 10)
     return functools.partial(backend.sgd_step, param, grad, buf, lr=0.01, momentum=0.9,
                              dampening=0.0, nesterov=False, weight_decay=0.0, first_step=False)
 
 
 def _adam(backend, n):
     xp = backend.xp
-    param, grad = _uniform(xp, n, -1, 1, 11), _uniform(xp, n, -1, 1, 12)
-    exp_avg, exp_avg_sq = _uniform(xp, n, -0.1, 0.1, 13), _uniform(xp, n, 0, 1e-2, 14)
+    param, grad = uniform_on_device(xp, n, -1, 1, 11), uniform_on_device(xp, n, -1, 1, 12)
+    exp_avg, exp_avg_sq = uniform_on_device(xp, n, -0.1, 0.1, 13), uniform_on_device(xp, n, 0, 1e-2, 14)
     return functools.partial(backend.adam_step, param, grad, exp_avg, exp_avg_sq, step=10,
                              lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                              decoupled=False)
@@ -138,21 +132,21 @@ def _under_bf16(op, *args, **kwargs):
 
 def _bias_act_bf16_relu(backend, n):
     xp = backend.xp
-    z = _uniform(xp, n, -1, 1, 16).reshape(n // ROW, ROW)
-    bias = _uniform(xp, ROW, -1e-3, 1e-3, 17)
+    z = uniform_on_device(xp, n, -1, 1, 16).reshape(n // ROW, ROW)
+    bias = uniform_on_device(xp, ROW, -1e-3, 1e-3, 17)
     return _under_bf16(backend.bias_act_operand, z, bias, "relu", out=z)
 
 
 def _act_backward_bf16_relu(backend, n):
     xp = backend.xp
-    dy = _uniform(xp, n, -1, 1, 18).reshape(n // ROW, ROW)
-    y = _uniform(xp, n, -1, 1, 19).reshape(n // ROW, ROW)
+    dy = uniform_on_device(xp, n, -1, 1, 18).reshape(n // ROW, ROW)
+    y = uniform_on_device(xp, n, -1, 1, 19).reshape(n // ROW, ROW)
     return _under_bf16(backend.act_backward_operand, dy, y, "relu", out=dy)
 
 
 def _f32_to_bf16(backend, n):
     # The GEMM-input conversion of fn.set_precision("bf16"); no public op of its own.
-    return functools.partial(backend._to_bf16, _uniform(backend.xp, n, -1, 1, 15), "a")
+    return functools.partial(backend._to_bf16, uniform_on_device(backend.xp, n, -1, 1, 15), "a")
 
 
 OPS: tuple[Op, ...] = (
@@ -180,12 +174,12 @@ def measure_bias_grad_fusion(backend, repeats: int = 20, timer=None) -> list[dic
     """Device time of ``act_backward_bias`` (one launch) against
     ``act_backward`` + ``bias_grad`` (two) on BIAS_GRAD_SHAPES, relu, float32."""
     xp = backend.xp
-    timer = timer or _event_timer(backend)
+    timer = timer or _queued_timer(backend)
     results = []
     for rows, cols in BIAS_GRAD_SHAPES:
         n = rows * cols
-        dy = _uniform(xp, n, -1, 1, 20).reshape(rows, cols)
-        y = _uniform(xp, n, -1, 1, 21).reshape(rows, cols)
+        dy = uniform_on_device(xp, n, -1, 1, 20).reshape(rows, cols)
+        y = uniform_on_device(xp, n, -1, 1, 21).reshape(rows, cols)
         dz, db = xp.empty_like(dy), xp.empty((cols,), dtype=np.float32)
 
         def fused():
@@ -215,28 +209,30 @@ def format_fusion_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _event_timer(backend):
-    """``timer(fn, repeats)`` -> device seconds per launch, from CUDA events."""
-    cuda = backend.xp.cuda
+def _queued_timer(backend):
+    """``timer(fn, repeats)`` -> device seconds per launch, the launches queued
+    behind a spin (module docstring); ``timer.gaps`` counts the batches whose
+    queueing outlasted the longest spin (their time includes host gaps)."""
+    from fastnn.benchmarking.gpu_profile import queued_ahead
 
     def timer(fn, repeats: int) -> float:
-        start, end = cuda.Event(), cuda.Event()
-        stream = cuda.get_current_stream()
-        start.record(stream)
-        for _ in range(repeats):
-            fn()
-        end.record(stream)
-        end.synchronize()
-        return cuda.get_elapsed_time(start, end) / 1e3 / repeats  # ms -> s
+        def enqueue():
+            for _ in range(repeats):
+                fn()
 
+        window = queued_ahead(backend, enqueue)
+        timer.gaps += not window.queued_ahead
+        return window.device_ms / 1e3 / repeats  # ms -> s
+
+    timer.gaps = 0
     return timer
 
 
 def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None) -> list[dict]:
     """Time every op of OPS on ``n_elements`` float32 elements; one dict per op.
 
-    ``timer(fn, repeats)`` returns seconds per launch (default: CUDA events on
-    the current stream). ``fraction_of_copy`` is against the copy of this run.
+    ``timer(fn, repeats)`` returns seconds per launch (default: launches queued
+    behind a spin, CUDA events around them). ``fraction_of_copy`` is against the copy of this run.
     """
     from fastnn.errors import InputError
 
@@ -245,7 +241,7 @@ def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None) -
                          f"got {n_elements}")
     if repeats < 1:
         raise InputError(f"gpu_kernels: repeats must be >= 1, got {repeats}")
-    timer = timer or _event_timer(backend)
+    timer = timer or _queued_timer(backend)
     scratch = getattr(backend, "_bf16", {})  # _to_bf16's buffers, kept for the backend's life
     results = []
     for op in OPS:
@@ -313,14 +309,19 @@ def main(argv=None) -> int:
         return 2
     with fn.use_backend("cupy") as backend:
         gpu = gpu_environment()
-        gpu["timing"] = (f"CUDA events around {args.repeats} launches on the current stream, "
-                         f"median of {BATCHES} batches, after {_WARMUP} warm-up launches")
+        gpu["timing"] = (f"CUDA events around {args.repeats} launches queued behind a spin "
+                         f"kernel (device time, no host gaps), median of {BATCHES} batches, "
+                         f"after {_WARMUP} warm-up launches")
         print(f"fastnn gpu_kernels: {backend.device}, CUDA runtime {gpu.get('cuda_runtime')}, "
               f"driver {gpu.get('cuda_driver')}, cupy {gpu.get('cupy')}; "
               f"{args.elements:,} float32 elements, {args.repeats} launches x {BATCHES}",
               flush=True)
-        results = measure(backend, args.elements, args.repeats)
-        fusion = measure_bias_grad_fusion(backend, args.repeats)
+        timer = _queued_timer(backend)
+        results = measure(backend, args.elements, args.repeats, timer=timer)
+        fusion = measure_bias_grad_fusion(backend, args.repeats, timer=timer)
+    if timer.gaps:
+        print(f"fastnn gpu_kernels: {timer.gaps} batches were queued slower than the spin: "
+              "their figures include host gaps", file=sys.stderr)
     print(format_table(results))
     print(format_fusion_table(fusion))
     if args.json:
@@ -337,6 +338,7 @@ def main(argv=None) -> int:
             "n_elements": args.elements,
             "repeats": args.repeats,
             "batches": BATCHES,
+            "queued_ahead": timer.gaps == 0,
             "bytes": "float32 bytes read + written per element of the big arrays "
                      "(bias row ignored)",
             "command": shlex.join(["python", "-m", "fastnn.benchmarking.gpu_kernels"] + argv),

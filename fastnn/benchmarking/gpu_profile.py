@@ -247,9 +247,13 @@ def peak_tflops(backend, precision: str, size: int = PEAK_SIZE, repeats: int = 3
     (bf16: operands converted once, outside the timing, as a layer does)."""
     from fastnn.precision import using
 
+    from fastnn.benchmarking.workloads import uniform_on_device
+
     xp = backend.xp
-    a = xp.full((size, size), 0.5, dtype=np.float32)
-    b = xp.full((size, size), 0.25, dtype=np.float32)
+    # Varied values, not constants: a GEMM of constant matrices flips fewer bits,
+    # draws less power and can hold a higher clock than a training step's.
+    a = uniform_on_device(xp, size * size, -1, 1, 31).reshape(size, size)
+    b = uniform_on_device(xp, size * size, -1, 1, 32).reshape(size, size)
     out = xp.empty((size, size), dtype=np.float32)
     with using(precision):
         if backend.prepares_gemm_operands:

@@ -354,6 +354,18 @@ def _init_weights(w: Workload, seed: int):
     return Ws, bs
 
 
+def uniform_on_device(xp, n: int, lo: float, hi: float, seed: int):
+    """``n`` float32 values spread over ``[lo, hi)``, made on the device.
+
+    An integer hash of the index, not an RNG: identical on NumPy, CuPy and
+    the tests' stand-in for it, and no 256 MiB host upload per array.
+    """
+    i = xp.arange(n, dtype=np.uint32)
+    u = (i ^ np.uint32((seed * 0x5BD1E995) & 0xFFFFFFFF)) * np.uint32(2654435761)
+    frac = (u >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return frac * np.float32(hi - lo) + np.float32(lo)  # array first: CuPy's operators
+
+
 def _gemm_floor(w: Workload, seed: int, xp, synchronize=None):
     """``run(k)``: the GEMMs of k steps alone, in float32 with preallocated
     outputs (forward one per layer, backward dW per layer and dx for all but
@@ -362,7 +374,9 @@ def _gemm_floor(w: Workload, seed: int, xp, synchronize=None):
     X, _ = make_batch(w, seed)
     n = w.batch
     hs = [xp.asarray(X)] + [xp.full((n, o), 0.01, xp.float32) for o in w.sizes[1:]]
-    dzs = [xp.full((n, o), 0.01, xp.float32) for o in w.sizes[1:]]
+    # Varied gradients (a constant GEMM draws less power, so may clock higher on a GPU).
+    dzs = [uniform_on_device(xp, n * o, -0.01, 0.01, 40 + i).reshape(n, o)
+           for i, o in enumerate(w.sizes[1:])]
     dWs = [xp.empty_like(W) for W in Ws]
     L = len(Ws)
 

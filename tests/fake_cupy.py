@@ -4,7 +4,10 @@
 ``RawModule`` parses the kernel signatures from the source it is given, and
 each launch is checked against the C types of its parameters, then emulated
 by name in NumPy (``_emulate``), so a swapped argument or a wrong host
-constant changes the numbers. ``FakeCublas`` does the same for fastnn's cuBLAS
+constant changes the numbers. An emulated kernel refuses what NumPy would
+quietly forgive and the device would not: an element count past an array's
+end (NumPy truncates the slice), a label outside the logits (NumPy wraps a
+negative one), a batch row outside the data. ``FakeCublas`` does the same for fastnn's cuBLAS
 calls: a column-major GEMM on the raw memory the pointers name.
 
 Streams can record: while a fake stream captures, kernel launches and GEMMs
@@ -73,6 +76,15 @@ def bias_grad_in_kernel_order(dz):
     return total
 
 
+def _head(flat: dict, name: str, n) -> np.ndarray:
+    """``flat[name][:n]``, refusing a range past the array's end: NumPy would
+    silently give fewer elements where the kernel reads or writes out of bounds."""
+    array, n = flat[name], int(n)
+    if not 0 <= n <= array.size:
+        raise AssertionError(f"kernel touches {name}[0:{n}) but {name} has {array.size} elements")
+    return array[:n]
+
+
 def _act_by_code(code):
     return next(a for a in ACTIVATIONS.values() if a.code == code)
 
@@ -89,25 +101,31 @@ def _emulate(kernel: str, a: dict) -> None:
         spec = _act_by_code(int(a["act"]))
         a["out"].reshape(z.shape)[...] = spec.forward(np, z, a["alpha"])
         if stem == "bias_act_bf16":
-            flat["bits"][:z.size] = _bf16_bits(flat["out"][:z.size])
+            _head(flat, "bits", z.size)[...] = _bf16_bits(_head(flat, "out", z.size))
     elif stem in ("act_backward", "act_backward_bf16"):
         n, spec = int(a["n"]), _act_by_code(int(a["act"]))
-        pre = flat["pre"][:n] if a["use_pre"] else None
-        y = None if spec.name == "gelu" else flat["y"][:n]
-        flat["out"][:n] = spec.backward(np, flat["dy"][:n], y, pre, a["alpha"])
+        pre = _head(flat, "pre", n) if a["use_pre"] else None
+        y = None if spec.name == "gelu" else _head(flat, "y", n)
+        _head(flat, "out", n)[...] = spec.backward(np, _head(flat, "dy", n), y, pre, a["alpha"])
         if stem == "act_backward_bf16":
-            flat["bits"][:n] = _bf16_bits(flat["out"][:n])
+            _head(flat, "bits", n)[...] = _bf16_bits(_head(flat, "out", n))
     elif stem == "act_backward_bias":
         shape = (int(a["n_rows"]), int(a["n_cols"]))
         size, spec = shape[0] * shape[1], _act_by_code(int(a["act"]))
-        pre = flat["pre"][:size].reshape(shape) if a["use_pre"] else None
-        y = None if spec.name == "gelu" else flat["y"][:size].reshape(shape)
-        g = spec.backward(np, flat["dy"][:size].reshape(shape), y, pre, a["alpha"])
-        flat["out"][:size] = g.reshape(-1)
-        flat["db"][:shape[1]] = bias_grad_in_kernel_order(g)
+        pre = _head(flat, "pre", size).reshape(shape) if a["use_pre"] else None
+        y = None if spec.name == "gelu" else _head(flat, "y", size).reshape(shape)
+        g = spec.backward(np, _head(flat, "dy", size).reshape(shape), y, pre, a["alpha"])
+        _head(flat, "out", size)[...] = g.reshape(-1)
+        _head(flat, "db", shape[1])[...] = bias_grad_in_kernel_order(g)
     elif stem in ("softmax_xent", "softmax_xent_small"):
         x = a["logits"].reshape(int(a["n_rows"]), int(a["n_cols"]))
         rows = np.arange(x.shape[0])
+        labels = np.asarray(a["labels"])
+        if labels.shape != rows.shape or labels.size and not (
+                0 <= labels.min() and labels.max() < x.shape[1]):
+            # NumPy would wrap a negative label; the kernel reads out of bounds
+            raise AssertionError(f"softmax_xent: labels {labels.shape} outside [0, "
+                                 f"{x.shape[1]}) or not one per row of {x.shape}")
         m = x.max(axis=1, keepdims=True)
         e = np.exp(x - m)
         s = e.sum(axis=1, keepdims=True)
@@ -130,7 +148,7 @@ def _emulate(kernel: str, a: dict) -> None:
     elif stem in ("adam", "adam_captured"):
         p, g, m, v = flat["param"], flat["grad"], flat["exp_avg"], flat["exp_avg_sq"]
         # adam_captured reads the two step-dependent scalars from memory
-        step_size, bc2_sqrt = flat["step_scalars"][:2] if stem == "adam_captured" \
+        step_size, bc2_sqrt = _head(flat, "step_scalars", 2) if stem == "adam_captured" \
             else (a["step_size"], a["bc2_sqrt"])
         if a["decoupled"]:
             p *= a["decay_factor"]
@@ -157,13 +175,13 @@ def _emulate(kernel: str, a: dict) -> None:
             p -= a["lr"] * (g / avg)
     elif stem == "sum_scaled":
         n = int(a["n"])
-        flat["out"][0] = flat["x"][:n].sum(dtype=flat["x"].dtype) * a["scale"]
+        flat["out"][0] = _head(flat, "x", n).sum(dtype=flat["x"].dtype) * a["scale"]
     elif stem == "bce":
         n = int(a["n"])
-        p, t = flat["pred"][:n], flat["target"][:n]
+        p, t = _head(flat, "pred", n), _head(flat, "target", n)
         with np.errstate(divide="ignore", invalid="ignore"):
             terms = t * np.maximum(np.log(p), -100) + (1 - t) * np.maximum(np.log1p(-p), -100)
-            flat["grad"][:n] = (p - t) / np.maximum((1 - p) * p, a["eps"]) * a["inv_n"]
+            _head(flat, "grad", n)[...] = (p - t) / np.maximum((1 - p) * p, a["eps"]) * a["inv_n"]
         lo, hi = p.min(), p.max()  # NaN-propagating, as the kernel's reductions
         in_range = lo >= 0 and hi <= 1
         flat["loss"][0] = -(terms.sum(dtype=p.dtype) * a["inv_n"]) if in_range else np.nan
@@ -173,32 +191,35 @@ def _emulate(kernel: str, a: dict) -> None:
             seen[2] += np.isnan(lo)
     elif stem == "bce_logits":
         n = int(a["n"])
-        x, t = flat["logits"][:n], flat["target"][:n]
+        x, t = _head(flat, "logits", n), _head(flat, "target", n)
         terms = np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))
-        flat["grad"][:n] = (ACTIVATIONS["sigmoid"].forward(np, x, 0) - t) * a["inv_n"]
+        _head(flat, "grad", n)[...] = (ACTIVATIONS["sigmoid"].forward(np, x, 0) - t) * a["inv_n"]
         flat["loss"][0] = terms.sum(dtype=x.dtype) * a["inv_n"]
     elif stem == "mse_partial":
         n = int(a["n"])
-        d = flat["pred"][:n] - flat["target"][:n]
-        flat["grad"][:n] = d * a["grad_scale"]
+        d = _head(flat, "pred", n) - _head(flat, "target", n)
+        _head(flat, "grad", n)[...] = d * a["grad_scale"]
         flat["partial"][...] = 0
         # the block split is the GPU's business
         flat["partial"][0] = (d * d).sum(dtype=d.dtype) * a["partial_scale"]
     elif stem == "step_begin":
         step, batch = int(flat["counter"][0]), int(a["batch"])
         rows = flat["order"][step * batch:(step + 1) * batch]
+        n_all = flat["x_all"].size // int(a["x_row_words"])
+        if rows.size != batch or rows.size and not (0 <= rows.min() and rows.max() < n_all):
+            raise AssertionError(f"step_begin: batch {step} reads order rows outside [0, {n_all})")
         for name, width in (("x", int(a["x_row_words"])), ("y", int(a["y_row_words"]))):
             src = flat[f"{name}_all"].reshape(-1, width)
             flat[f"{name}_batch"][:batch * width] = src[rows].reshape(-1)
         k = int(a["scalar_words"])
-        flat["scalars"][:k] = flat["table"][step * k:(step + 1) * k]
+        _head(flat, "scalars", k)[...] = flat["table"][step * k:(step + 1) * k]
     elif stem == "step_end":
         step = int(flat["counter"][0])
         flat["losses"][step] = flat["loss"][0]
         flat["counter"][0] = step + 1
     elif stem == "f32_to_bf16":
         n = int(a["n"])
-        flat["out"][:n] = _bf16_bits(flat["x"][:n])
+        _head(flat, "out", n)[...] = _bf16_bits(_head(flat, "x", n))
     elif stem == "spin_ns":
         pass  # holds the stream for a while: the fake's clock counts launches only
     else:

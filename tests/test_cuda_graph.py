@@ -173,8 +173,9 @@ def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
 def test_the_stand_in_refuses_what_a_real_capture_or_device_refuses(fake_gpu):
     """tests/fake_cupy.py is only as good as its refusals: CuPy's cuBLAS, module
     loads, host -> device copies and events inside a recording; an event's time
-    before it completed; GEMM leading dimensions cuBLAS would reject; and fresh
-    memory is not zeros."""
+    before it completed; GEMM leading dimensions cuBLAS would reject; a kernel
+    reaching past an array's end or a label outside the logits (NumPy would
+    truncate or wrap); and fresh memory is not zeros."""
     cupy = sys.modules["cupy"]
     backend, _, lib = fake_gpu
     a = backend.asarray(np.ones((2, 2), np.float32))
@@ -197,6 +198,17 @@ def test_the_stand_in_refuses_what_a_real_capture_or_device_refuses(fake_gpu):
     assert np.isnan(cupy.empty((3,), np.float32).view(np.ndarray)).all()
     with pytest.raises(AssertionError, match="lda"):
         lib.cublasGemmEx(None, 0, 0, 4, 4, 4, 0, 0, 0, 2, 0, 0, 4, 0, 0, 0, 4, 68, -1)
+    short = backend.asarray(np.ones(3, np.float32))
+    relu = backend._kernel("act_backward.cu", "act_backward_f32")
+    with pytest.raises(AssertionError, match=r"dy\[0:4\) but dy has 3 elements"):
+        relu((1,), (32,), (short, a, a, short, np.int64(4), np.int32(1), np.float32(0),
+                           np.int32(0)))
+    xent = backend._kernel("softmax_xent.cu", "softmax_xent_f32_i64")
+    for bad in ([0, -1], [0, 2], [0]):
+        labels = backend.asarray(np.array(bad, np.int64))
+        with pytest.raises(AssertionError, match="softmax_xent: labels"):
+            xent((2,), (32,), (a, labels, a, backend.asarray(np.zeros(2, np.float32)),
+                               np.int64(2), np.int64(2), np.float32(0.5)))
 
 def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
     from fastnn.backends import cupy_backend

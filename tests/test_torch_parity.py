@@ -129,6 +129,7 @@ OPTIMIZERS = [
     ("Adam", dict()),
     ("Adam", dict(lr=0.01, weight_decay=0.1)),
     ("Adam", dict(lr=0.02, betas=(0.8, 0.99), eps=1e-6)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.6))),  # torch lerp_ weight >= 0.5: its other formula
     ("AdamW", dict(lr=0.01)),
     ("AdamW", dict(lr=0.01, weight_decay=0.1)),
     ("AdamW", dict(lr=0.01, weight_decay=0.0)),

@@ -26,6 +26,7 @@ from hypothesis import given, strategies as st
 import fastnn
 from fastnn.backends.activations import ACTIVATIONS, GELU_C, GELU_K
 from fastnn.backends.base import Backend
+from fastnn.backends.constants import BCE_EPSILON
 
 REF = Backend()  # the generic implementation on NumPy: the reference
 ACTS = sorted(ACTIVATIONS)
@@ -465,6 +466,123 @@ def test_softmax_xent_matches_torch(backend, dtype):
     assert_close(np.asarray(fastnn.to_numpy(loss)), lt_loss.detach().numpy(),
                  np.asarray(loss_scale), k=40, what="loss vs torch")
     assert_close(grad, lt.grad.numpy(), g_scale, k=40, what="dlogits vs torch")
+
+
+# ------------------------------------------------------------------ binary losses and MSE
+def _binary_truth(kind, x, t):
+    """float64 (per-element loss terms, their condition scale, grad, grad scale)."""
+    x64, t64 = x.astype(np.float64), t.astype(np.float64)
+    inv = 1.0 / x.size
+    if kind == "mse":
+        d = x64 - t64
+        return d * d, (np.abs(x64) + np.abs(t64)) ** 2, 2 * d * inv, 2 * (np.abs(x64) + np.abs(t64)) * inv
+    if kind == "bce":
+        with np.errstate(divide="ignore"):
+            log_p, log_1mp = np.maximum(np.log(x64), -100), np.maximum(np.log1p(-x64), -100)
+        terms = -(t64 * log_p + (1 - t64) * log_1mp)
+        denom = np.maximum((1 - x64) * x64, BCE_EPSILON)  # torch's float32(1e-12)
+        return (terms, np.abs(t64 * log_p) + np.abs((1 - t64) * log_1mp),
+                (x64 - t64) / denom * inv, (np.abs(x64) + np.abs(t64)) / denom * inv)
+    with np.errstate(over="ignore"):
+        sig = 1 / (1 + np.exp(-x64))
+    soft = np.log1p(np.exp(-np.abs(x64)))
+    terms = np.maximum(x64, 0) - x64 * t64 + soft
+    return (terms, np.abs(x64) * (1 + np.abs(t64)) + soft,
+            (sig - t64) * inv, (sig + np.abs(t64)) * inv)
+
+
+def _binary_inputs(rng, kind, shape, dtype):
+    if kind == "bce":
+        x = rng.uniform(0, 1, shape)
+        x[rng.random(shape) < 0.1] = 0.0
+        x[rng.random(shape) < 0.1] = 1.0
+    else:
+        x = rng.standard_normal(shape) * (8 if kind == "bce_logits" else 2)
+    t = rng.uniform(0, 1, shape)
+    exact = rng.random(shape) < 0.5  # half the targets exactly 0 or 1
+    t[exact] = np.round(t[exact])
+    return x.astype(dtype), t.astype(dtype)
+
+
+def check_binary_loss(backend, kind, x, t, layout="c"):
+    """The backend's mse / bce / bce_with_logits against the float64 truth and
+    the generic reference: a 0-d loss of x's dtype, grad written to grad_out."""
+    dtype = x.dtype
+    op = {"mse": "mse", "bce": "bce", "bce_logits": "bce_with_logits"}[kind]
+    terms, term_scale, g_truth, g_scale = _binary_truth(kind, x, t)
+    ref_loss, ref_grad = getattr(REF, op)(x.copy(), t.copy(), np.empty_like(x))
+    out = to_backend(backend, np.zeros(x.shape, dtype), layout)
+    loss, grad = getattr(backend, op)(to_backend(backend, x, layout), to_backend(backend, t, layout),
+                                      out)
+    assert grad is out
+    loss_h = np.asarray(fastnn.to_numpy(loss))
+    assert loss_h.shape == () and loss_h.dtype == dtype
+    k = 8 * (2 + int(np.log2(x.size)))  # a sum of x.size terms
+    scale = np.asarray(term_scale.mean())
+    assert_close(loss_h, np.asarray(terms.mean(), dtype), scale, k=k, what="loss")
+    assert_close(loss_h, ref_loss, scale, k=2 * k, what="loss/ref")
+    assert_close(grad, g_truth.astype(dtype), g_scale, k=8, what="grad")
+    assert_close(grad, ref_grad, g_scale, k=16, what="grad/ref")
+
+
+BINARY = ["mse", "bce", "bce_logits"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", BINARY)
+@given(shape=st.one_of(shapes_2d, st.tuples(st.integers(1, 1100), st.just(1))), seed=seeds,
+       layout=layouts)
+def test_binary_losses(backend, kind, dtype, shape, seed, layout):
+    rng = np.random.default_rng(seed)
+    x, t = _binary_inputs(rng, kind, shape, dtype)
+    check_binary_loss(backend, kind, x, t, layout)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", BINARY)
+def test_binary_losses_either_side_of_the_numba_fused_size(backend, kind, dtype):
+    """The Numba backend fuses these losses up to FUSED_BINARY_LOSS_MAX elements
+    and uses the NumPy chain above it: both sides agree with the truth."""
+    from fastnn.backends.numba_backend import FUSED_BINARY_LOSS_MAX as edge
+
+    rng = np.random.default_rng(7)
+    for shape in ((edge, 1), (edge + 1, 1), (edge // 4, 4), (3, edge // 2)):
+        x, t = _binary_inputs(rng, kind, shape, dtype)
+        check_binary_loss(backend, kind, x, t)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_bce_edge_values(backend, dtype):
+    """p = 0 and 1 (the logs clamped at -100), huge logits, exact targets."""
+    p = np.array([[0.0, 1.0, 0.0, 1.0, 0.5, 1e-20, 1 - 1e-7]], dtype)
+    t = np.array([[0.0, 1.0, 1.0, 0.0, 1.0, 1.0, 0.0]], dtype)
+    check_binary_loss(backend, "bce", p, t)
+    x = np.array([[1e4, -1e4, 1e4, -1e4, 88.0, -88.0, 700.0 if dtype == np.float64 else 80.0, 0.0]],
+                 dtype)
+    t = np.array([[1.0, 0.0, 0.0, 1.0, 0.3, 0.7, 1.0, 0.5]], dtype)
+    check_binary_loss(backend, "bce_logits", x, t)
+
+
+def test_numba_fuses_small_binary_losses_only():
+    from fastnn.backends import numba_backend, numba_kernels
+
+    if fastnn.available_backends()["numba"] is not None:
+        pytest.skip("numba is not usable here")
+    backend = fastnn.use_backend("numba")
+    fastnn.use_backend("auto")
+    calls = []
+    real = {name: getattr(numba_kernels, name) for name in ("bce_1d", "bce_logits_1d")}
+    try:
+        for name, fn_ in real.items():
+            setattr(numba_kernels, name, lambda *a, _f=fn_, _n=name: calls.append(_n) or _f(*a))
+        for n in (numba_backend.FUSED_BINARY_LOSS_MAX, numba_backend.FUSED_BINARY_LOSS_MAX + 1):
+            x = np.full((n, 1), 0.25, np.float32)
+            backend.bce(x, x, np.empty_like(x))
+            backend.bce_with_logits(x, x, np.empty_like(x))
+    finally:
+        for name, fn_ in real.items():
+            setattr(numba_kernels, name, fn_)
+    assert calls == ["bce_1d", "bce_logits_1d"]
 
 
 # ------------------------------------------------------------------ optimizers

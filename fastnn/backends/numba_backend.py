@@ -10,6 +10,7 @@ import numpy as np
 
 from .activations import get_activation
 from .base import adam_bias_correction
+from .constants import BCE_EPSILON
 from .numpy_backend import NumpyBackend
 
 _FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
@@ -17,6 +18,11 @@ _FUSED_FORWARD = {"identity", "relu", "leaky_relu"}
 # it NumPy's SIMD tanh/exp win (Numba here has no SVML: 30x slower per element).
 SMALL_ARRAY = 2048
 _SMALL_FORWARD = {"sigmoid", "tanh", "gelu"}
+# BCE losses as one JIT pass up to this many elements: two scalar log/exp per
+# element against NumPy's ~10 vectorised calls. Measured on the 2-core Xeon
+# (us, numba vs NumPy): bce 3.0 vs 13 at 64, 7.9 vs 14.8 at 512, even near
+# 1200; with logits 10.1 vs 13.2 at 512, even near 700.
+FUSED_BINARY_LOSS_MAX = 512
 _FUSED_BACKWARD = {"identity", "relu", "leaky_relu", "sigmoid", "tanh"}
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _NO_BIAS = {dt: np.empty(0, dt) for dt in _FLOATS}  # typed placeholder when bias is None
@@ -96,6 +102,28 @@ class NumbaBackend(NumpyBackend):
         return get_activation(act).code
 
     # ------------------------------------------------------------ losses
+    def _fused_binary(self, x, target, grad_out):
+        """Whether a binary loss runs as one JIT pass: small batches, where the
+        NumPy chain's ~10 calls cost more than the math."""
+        return (x.size <= FUSED_BINARY_LOSS_MAX and x.dtype in _FLOATS
+                and _same_layout(x, target) and _same_layout(x, grad_out))
+
+    def bce(self, pred, target, grad_out, seen=None):
+        if seen is not None or not self._fused_binary(pred, target, grad_out):
+            return super().bce(pred, target, grad_out, seen)
+        t = pred.dtype.type
+        total = self.k.bce_1d(pred.reshape(-1), target.reshape(-1), grad_out.reshape(-1),
+                              t(1.0 / pred.size), t(BCE_EPSILON))
+        return t(-total / pred.size), grad_out
+
+    def bce_with_logits(self, logits, target, grad_out):
+        if not self._fused_binary(logits, target, grad_out):
+            return super().bce_with_logits(logits, target, grad_out)
+        t = logits.dtype.type
+        total = self.k.bce_logits_1d(logits.reshape(-1), target.reshape(-1),
+                                     grad_out.reshape(-1), t(1.0 / logits.size))
+        return t(total / logits.size), grad_out
+
     def softmax_xent(self, logits, labels, grad_out=None):
         if logits.ndim != 2 or logits.dtype not in _FLOATS or not logits.flags.c_contiguous:
             return super().softmax_xent(logits, labels, grad_out)

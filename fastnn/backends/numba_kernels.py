@@ -209,6 +209,39 @@ def softmax_xent_2d(logits, labels, grad, inv_n):
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
+def bce_1d(pred, target, grad, inv_n, eps):
+    """torch's BCELoss terms (logs clamped at -100) and grad = (p - t) /
+    max(p (1 - p), eps) * inv_n, in one pass over flat arrays.
+
+    Returns the summed terms (float64 accumulator) for the caller to average.
+    """
+    one = inv_n - inv_n + 1
+    clamp = inv_n - inv_n - 100
+    total = 0.0
+    for i in range(pred.shape[0]):
+        p = pred[i]
+        t = target[i]
+        total += t * max(math.log(p), clamp) + (one - t) * max(math.log1p(-p), clamp)
+        grad[i] = (p - t) / max((one - p) * p, eps) * inv_n
+    return total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
+def bce_logits_1d(logits, target, grad, inv_n):
+    """BCEWithLogitsLoss terms max(x, 0) - x t + log1p(exp(-|x|)) and grad =
+    (sigmoid(x) - t) * inv_n, in one pass; returns the summed terms (float64)."""
+    zero = inv_n - inv_n
+    one = zero + 1
+    total = 0.0
+    for i in range(logits.shape[0]):
+        x = logits[i]
+        t = target[i]
+        total += max(x, zero) - x * t + math.log1p(math.exp(-abs(x)))
+        grad[i] = (one / (one + math.exp(-x)) - t) * inv_n
+    return total
+
+
+@njit(cache=True, nogil=True, error_model="numpy")
 def sgd_1d(param, grad, buf, lr, momentum, dampening_c, weight_decay,
            nesterov, first_step, use_momentum, use_wd):
     for i in range(param.shape[0]):

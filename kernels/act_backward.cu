@@ -53,6 +53,8 @@ extern "C" __global__ void act_backward_bf16(const float* dy, const float* y,
 // FN_BIAS_ROWS partial sums in a fixed order: deterministic, unlike atomics.
 // Each column is one block's, so a large batch is slow here: the caller keeps
 // it to small ones. out may alias dy (same-thread read-then-write).
+// Launch with block (32, FN_BIAS_ROWS) exactly: the column map and the final
+// row-0 sum assume it (tests/fake_cupy.py refuses any other block).
 template <typename T>
 __device__ void act_backward_bias_impl(const T* dy, const T* y, const T* pre, T* out, T* db,
                                        long long n_rows, long long n_cols, int act, T alpha,

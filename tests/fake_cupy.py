@@ -521,12 +521,20 @@ class _FakeFunction:
             else:
                 assert type(value) is dtype, f"{self.name}.{pname}: {type(value)} for C {ctype}"
             named[pname] = value
+        if re.sub(r"_f(32|64)(_i(32|64))?$", "", self.name) in _BLOCK_REDUCE_KERNELS:
+            # block_reduce's warp shuffles use full masks (kernels/fastnn_common.cuh)
+            assert len(block) == 1 and block[0] % 32 == 0, (self.name, block)
         if self.name.startswith("act_backward_bias"):  # one block of (32, 32) per 32 columns
             assert tuple(block) == (32, 32), (self.name, block)
             assert tuple(grid) == (-(-int(named["n_cols"]) // 32),), (self.name, grid)
         self.launches.append(self.name)
         launch_shapes.append((self.name, tuple(grid), tuple(block)))
         _run_or_record(lambda: _emulate(self.name, named))
+
+
+# Kernels that call block_reduce: their blockDim.x must be whole warps.
+_BLOCK_REDUCE_KERNELS = {"softmax_xent", "softmax_xent_small", "sum_scaled", "mse_partial",
+                         "bce", "bce_logits"}
 
 
 def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):

@@ -828,3 +828,18 @@ def test_gpu_out_of_memory_names_op_and_size(gpu):
         pool.set_limit(size=old_limit)
     assert isinstance(info.value, GPUOutOfMemory)
     assert "softmax_xent" in str(info.value) and "bytes" in str(info.value)
+
+
+def test_the_fake_knows_every_kernel_that_calls_block_reduce():
+    """tests/fake_cupy.py refuses a block of part-warps for the kernels in
+    _BLOCK_REDUCE_KERNELS: every kernel of a file that calls block_reduce."""
+    from fake_cupy import _BLOCK_REDUCE_KERNELS
+
+    found = set()
+    for path in sorted((REPO / "kernels").glob("*.cu")):
+        text = path.read_text()
+        if "block_reduce<" in text:
+            names = re.findall(r'extern "C" __global__ void (?:__launch_bounds__\([^)]*\) )?(\w+)\(',
+                               text)
+            found |= {re.sub(r"_f(32|64)(_i(32|64))?$", "", name) for name in names}
+    assert found == _BLOCK_REDUCE_KERNELS

@@ -24,10 +24,24 @@ class History:
     epochs_run: int = 0
     samples_per_second: float = 0.0
     seconds: float = 0.0
+    # Training seconds of each epoch (validation not counted); epochs run in
+    # one compiled call share its time evenly.
+    epoch_seconds: list = field(default_factory=list)
+    samples_per_epoch: int = 0
     # How the steps ran: "per-op", "compiled" (CPU, whole epochs per call),
     # "cuda-kernel" (tiny nets, one launch) or "cuda-graph"; "per-op (...)"
     # says why no faster path applied.
     step_path: str = ""
+
+    @property
+    def steady_samples_per_second(self) -> float:
+        """Throughput after the first epoch: without the one-time costs it
+        carries (loading or compiling JIT kernels, a GPU's warm-up and graph
+        recording). With one epoch, ``samples_per_second``."""
+        later = sum(self.epoch_seconds[1:])
+        if len(self.epoch_seconds) < 2 or later <= 0:
+            return self.samples_per_second
+        return self.samples_per_epoch * (len(self.epoch_seconds) - 1) / later
 
     def plot(self, path) -> None:
         """Write the loss curve(s) as a PNG (needs matplotlib: ``pip install 'fastnn[plot]'``)."""
@@ -166,7 +180,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     on_cpu = backend.device.startswith("cpu")
     xp = backend.xp
 
-    history = History()
+    history = History(samples_per_epoch=n)
     bar = _Progress(progress, n * epochs, initial_epoch + epochs)
     # Epoch e's batch order is the e-th permutation drawn from (seed): a
     # resumed run (initial_epoch > 0) skips the ones already used.
@@ -278,7 +292,9 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
                 epoch_losses = run_compiled(epoch, count)
                 if bar.bar is not None:
                     bar.update(epoch, n * count, lambda: epoch_losses[-1])
-            train_seconds += time.perf_counter() - start  # validation is not counted
+            seconds = time.perf_counter() - start  # validation is not counted
+            train_seconds += seconds
+            history.epoch_seconds.extend([seconds / len(epoch_losses)] * len(epoch_losses))
             epoch += len(epoch_losses)
             history.loss.extend(epoch_losses)
             history.epochs_run += len(epoch_losses)

@@ -89,8 +89,24 @@ def test_epochs_run_and_history_fields(backend):
     assert all(isinstance(v, float) and np.isfinite(v) for v in h.loss)
     assert h.loss[-1] < h.loss[0]
     assert h.samples_per_second > 0
+    assert len(h.epoch_seconds) == 5 and all(t > 0 for t in h.epoch_seconds)
+    assert sum(h.epoch_seconds) == pytest.approx(h.seconds)
+    assert h.samples_per_epoch == len(X)
+    assert h.steady_samples_per_second == pytest.approx(len(X) * 4 / sum(h.epoch_seconds[1:]))
     h0 = fn.fit(model, fn.MSELoss(), opt, X, y, epochs=0, progress=False)
-    assert h0.epochs_run == 0 and h0.loss == []
+    assert h0.epochs_run == 0 and h0.loss == [] and h0.epoch_seconds == []
+    assert h0.steady_samples_per_second == 0.0
+
+
+def test_steady_throughput_leaves_out_the_first_epoch():
+    """The first epoch carries one-time start-up (JIT kernels loading, a GPU's
+    graph recording): steady_samples_per_second is the later epochs' rate."""
+    h = fn.History(epochs_run=3, samples_per_epoch=100, epoch_seconds=[1.0, 0.1, 0.1],
+                   seconds=1.2, samples_per_second=300 / 1.2)
+    assert h.steady_samples_per_second == pytest.approx(1000.0)
+    one = fn.History(epochs_run=1, samples_per_epoch=100, epoch_seconds=[0.5], seconds=0.5,
+                     samples_per_second=200.0)
+    assert one.steady_samples_per_second == 200.0
 
 
 # --------------------------------------------------------------------------- stop_when

@@ -71,7 +71,8 @@ def plan_fast_path(model, loss_fn, optimizer, backend_name: str = "numba") -> Fa
         return None
     if type(model) is not Sequential or type(loss_fn) not in LOSS_KINDS:
         return None
-    if type(optimizer) not in (SGD, Adam, AdamW) or len(optimizer.groups) != 1:
+    if type(optimizer) not in (SGD, Adam, AdamW) or len(optimizer.groups) != 1 \
+            or not optimizer.uniform_steps:  # one step count for every parameter
         return None
     group = optimizer.groups[0]
     group.sync()
@@ -145,7 +146,8 @@ def kernel_inputs(plan, X, y, xp):
         yi = xp.zeros(1, dtype=np.int64)
     else:
         yf = xp.zeros((1, 1), dtype=X.dtype)
-        yi = y.astype(np.int64, copy=False)
+        # contiguous: a strided view would compile the kernel a second time (layout "A")
+        yi = xp.ascontiguousarray(y.astype(np.int64, copy=False))
     return s1, s2, yf, yi
 
 

@@ -78,6 +78,8 @@ def ineligible_reason(backend, model, loss_fn, optimizer, Xd, yd, full_steps: in
             return f"{type(obj).__name__} is not one of fastnn's own (its host logic would be frozen)"
     if len(optimizer.groups) != 1:
         return "parameters of several dtypes"
+    if not optimizer.uniform_steps:
+        return "some parameters missed steps (no gradient): their updates differ"
     dtype = optimizer.groups[0].dtype
     for name, arr in (("X", Xd), ("y", yd)):
         row_bytes = arr.dtype.itemsize * int(np.prod(arr.shape[1:], dtype=np.int64))

@@ -47,6 +47,9 @@ class _FlatGroup:
             self.data_views.append(dv)
             self.grad_views.append(gv)
         self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
+        # Steps each parameter sat out (no gradient), as torch skips a parameter
+        # whose grad is None: its own step count is step_count - skipped.
+        self.skipped = [0] * len(params)  # a list: checked every step, any() is cheapest
 
     def buffer(self, name: str):
         """The flat state buffer ``name``, created (zeros) on first use."""
@@ -58,8 +61,19 @@ class _FlatGroup:
             buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
         return buf
 
-    def sync(self) -> None:
-        """Copy back any data/grad array a user rebound since the last step."""
+    def arrays(self, span, *state_names):
+        """data, grad and the named state buffers (None for a None name), all
+        cut to ``span`` (a slice; None: the whole flat buffers)."""
+        arrays = [self.data, self.grad] + [None if name is None else self.buffer(name)
+                                           for name in state_names]
+        if span is None:
+            return arrays
+        return [None if a is None else a[span] for a in arrays]
+
+    def sync(self) -> list:
+        """Copy back any data/grad array a user rebound since the last step;
+        returns which parameters have a gradient (torch skips the others)."""
+        active = []
         for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
             if p.data is not dv:
                 if not self.backend.is_array(p.data):
@@ -70,14 +84,28 @@ class _FlatGroup:
                 _check_slot("data", p, p.data, dv)
                 dv[...] = p.data
                 p.data = dv
-            if p.grad is not gv:
-                if p.grad is None:  # no backward wrote it: a zero gradient
-                    gv.fill(0)
-                else:
-                    _check_slot("grad", p, p.grad, gv)
-                    gv[...] = p.grad
+            active.append(p.grad is not None)
+            if p.grad is not gv and p.grad is not None:
+                _check_slot("grad", p, p.grad, gv)
+                gv[...] = p.grad
                 p.grad = gv
             p._grad_view = gv
+        return active
+
+    def spans(self, active: list):
+        """``(lo, hi, i)``: flat ranges of consecutive parameters that have a
+        gradient and the same step count (parameter i's), padding included."""
+        ends = self.offsets[1:] + [self.size]
+        i, n = 0, len(self.params)
+        while i < n:
+            if not active[i]:
+                i += 1
+                continue
+            j = i + 1
+            while j < n and active[j] and self.skipped[j] == self.skipped[i]:
+                j += 1
+            yield self.offsets[i], ends[j - 1], i
+            i = j
 
     def zero_grad(self) -> None:
         """Clear the gradients (``grad = None``, as torch's default). The next
@@ -161,10 +189,28 @@ class Optimizer:
     def step(self) -> None:
         self.step_count += 1
         for g in self.groups:
-            g.sync()
-            self._update(g)
+            active = g.sync()
+            if all(active) and not any(g.skipped):  # the usual step: one update over the buffer
+                self._update(g, None, self.step_count)
+                continue
+            # As torch: a parameter without a gradient is not updated (no decay,
+            # no momentum), and Adam's bias correction counts its own steps.
+            if g.backend.capturing:
+                raise CaptureUnsupported("optimizer: some parameters have no gradient or "
+                                         "missed steps; the recorded step updates all at once")
+            g.skipped = [k + (not a) for k, a in zip(g.skipped, active)]
+            for lo, hi, i in g.spans(active):
+                self._update(g, slice(lo, hi), self.step_count - g.skipped[i])
 
-    def _update(self, group: _FlatGroup) -> None:
+    @property
+    def uniform_steps(self) -> bool:
+        """Every parameter has taken every step (the compiled and CUDA-graph
+        paths update all of them with one step count)."""
+        return not any(any(g.skipped) for g in self.groups)
+
+    def _update(self, group: _FlatGroup, span, step: int) -> None:
+        """Update ``group``'s flat range ``span`` (a slice; None: all of it) at
+        the parameters' own step number ``step`` (1 on their first)."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state
@@ -175,6 +221,8 @@ class Optimizer:
             state[name] = np.array(getattr(self, name))
         for gi, g in enumerate(self.groups):
             state[f"shapes.{gi}"] = np.array(_shapes(g.params))
+            if any(g.skipped):
+                state[f"skipped.{gi}"] = np.array(g.skipped, dtype=np.int64)
             for name, buf in g.state.items():
                 state[f"{name}.{gi}"] = np.array(host_array(buf), copy=True)
         return state
@@ -192,6 +240,12 @@ class Optimizer:
                     f"{type(self).__name__}.load_state_dict: the state is for parameters "
                     f"{str(host_array(saved))}, this optimizer has {_shapes(g.params)} (different model?)"
                 )
+            skipped = state.get(f"skipped.{gi}")
+            if skipped is not None and host_array(skipped).shape != (len(g.params),):
+                raise InputError(
+                    f"{type(self).__name__}.load_state_dict: skipped.{gi} has shape "
+                    f"{host_array(skipped).shape}, expected {(len(g.params),)} (different model?)"
+                )
             for name in self._loaded_names(state, g, gi):
                 value = host_array(state[f"{name}.{gi}"])
                 if value.shape != (g.size,):
@@ -205,6 +259,9 @@ class Optimizer:
                 value = host_array(state[name])
                 setattr(self, name, value.item() if value.ndim == 0 else tuple(value.tolist()))
         for gi, g in enumerate(self.groups):
+            skipped = state.get(f"skipped.{gi}")
+            g.skipped = [0] * len(g.params) if skipped is None else \
+                [int(k) for k in host_array(skipped)]
             for name in self._loaded_names(state, g, gi):
                 buf = g.buffer(name)
                 buf[...] = g.backend.asarray(host_array(state[f"{name}.{gi}"]), dtype=buf.dtype)
@@ -244,12 +301,12 @@ class SGD(Optimizer):
         self.nesterov, self.weight_decay = bool(nesterov), weight_decay
         super().__init__(params)
 
-    def _update(self, g):
+    def _update(self, g, span, step):
         g.backend.sgd_step(
-            g.data, g.grad, g.buffer("momentum_buffer") if self.momentum else None,
+            *g.arrays(span, "momentum_buffer" if self.momentum else None),
             lr=self.lr, momentum=self.momentum,
             dampening=self.dampening, nesterov=self.nesterov, weight_decay=self.weight_decay,
-            first_step=self.step_count == 1,
+            first_step=step == 1,
         )
 
 
@@ -276,10 +333,10 @@ class Adam(Optimizer):
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         super().__init__(params)
 
-    def _update(self, g):
+    def _update(self, g, span, step):
         beta1, beta2 = self.betas
         g.backend.adam_step(
-            g.data, g.grad, g.state["exp_avg"], g.state["exp_avg_sq"], step=self.step_count,
+            *g.arrays(span, "exp_avg", "exp_avg_sq"), step=step,
             lr=self.lr, beta1=beta1, beta2=beta2, eps=self.eps,
             weight_decay=self.weight_decay, decoupled=self.decoupled,
         )
@@ -323,10 +380,12 @@ class RMSprop(Optimizer):
         self.weight_decay, self.momentum, self.centered = weight_decay, momentum, bool(centered)
         super().__init__(params)
 
-    def _update(self, g):
+    def _update(self, g, span, step):
+        data, grad, square_avg, buf, grad_avg = g.arrays(
+            span, "square_avg", "momentum_buffer" if self.momentum > 0 else None,
+            "grad_avg" if self.centered else None)
         g.backend.rmsprop_step(
-            g.data, g.grad, g.buffer("square_avg"), lr=self.lr, alpha=self.alpha, eps=self.eps,
-            weight_decay=self.weight_decay, momentum=self.momentum,
-            buf=g.buffer("momentum_buffer") if self.momentum > 0 else None,
-            centered=self.centered, grad_avg=g.buffer("grad_avg") if self.centered else None,
+            data, grad, square_avg, lr=self.lr, alpha=self.alpha, eps=self.eps,
+            weight_decay=self.weight_decay, momentum=self.momentum, buf=buf,
+            centered=self.centered, grad_avg=grad_avg,
         )

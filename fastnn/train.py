@@ -269,7 +269,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             rows = backend.asarray(orders[k // n_batches, b * batch_size:(b + 1) * batch_size])
             loss_fn.forward(model.forward(xp.take(Xd, rows, axis=0)), xp.take(yd, rows, axis=0))
             raise diverged(losses[k], epoch + k // n_batches, b)
-        return list(losses.reshape(count, n_batches) @ sizes / n)
+        return [float(v) for v in losses.reshape(count, n_batches) @ sizes / n]
 
     plan, runner = _compiled_plan(model, loss_fn, optimizer, Xd, yd, epochs * n_batches, batch_size,
                                   label_range)
@@ -329,6 +329,7 @@ class _EpochStart:
         self.copies: dict = {}  # id(buffer) -> (buffer, its copy), made once per fit
         self.taken: list = []  # the (buffer, copy) pairs of this epoch's start
         self.step_count = 0
+        self.skipped: list = []  # each group's skipped steps at the epoch start
 
     def _buffers(self):
         for group in self.optimizer.groups:
@@ -337,6 +338,7 @@ class _EpochStart:
 
     def take(self) -> None:
         self.step_count = self.optimizer.step_count
+        self.skipped = [list(g.skipped) for g in self.optimizer.groups]
         self.taken = []
         for buf in self._buffers():
             kept = self.copies.get(id(buf))
@@ -354,6 +356,8 @@ class _EpochStart:
             if id(buf) not in taken:  # a state buffer the epoch made: as new again
                 buf.fill(0)
         self.optimizer.step_count = self.step_count
+        for g, skipped in zip(self.optimizer.groups, self.skipped):
+            g.skipped = list(skipped)
 
 
 def _step_path(plan, model, loss_fn, optimizer, Xd, yd, xb, yb, batch_losses, full_steps):

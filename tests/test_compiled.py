@@ -69,6 +69,7 @@ def test_same_numbers_as_ordinary_path_float64(monkeypatch, kind, act, opt):
     h_slow, w_slow, o_slow = _train(False, monkeypatch, kind, act, opt, np.float64)
     h_fast, w_fast, o_fast = _train(True, monkeypatch, kind, act, opt, np.float64)
     np.testing.assert_allclose(h_fast.loss, h_slow.loss, rtol=1e-11)
+    assert {type(v) for v in h_fast.loss + h_slow.loss} == {float}  # plain floats on both paths
     for name in w_slow:
         np.testing.assert_allclose(w_fast[name], w_slow[name], rtol=1e-9, atol=1e-12, err_msg=name)
     assert o_fast.step_count == o_slow.step_count
@@ -150,6 +151,11 @@ def test_not_used_where_it_does_not_apply(monkeypatch):
     assert plan_fast_path(small, fn.MSELoss(), fn.RMSprop(small.parameters())) is None
     extra = fn.Parameter(np.zeros(3, np.float32))
     assert plan_fast_path(small, fn.MSELoss(), fn.Adam(small.parameters() + [extra])) is None
+    # a parameter that sat out a step (no gradient) has its own Adam step count
+    opt = fn.Adam(small.parameters())
+    small[0].weight.grad = np.ones((2, 4), np.float32)
+    opt.step()
+    assert not opt.uniform_steps and plan_fast_path(small, fn.MSELoss(), opt) is None
     with fn.use_backend("numpy"):
         m = fn.Sequential(fn.Linear(2, 4), fn.ReLU(), fn.Linear(4, 1))
         assert plan_fast_path(m, fn.MSELoss(), fn.Adam(m.parameters())) is None

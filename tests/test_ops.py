@@ -563,6 +563,18 @@ def test_bce_edge_values(backend, dtype):
     check_binary_loss(backend, "bce_logits", x, t)
 
 
+@pytest.mark.parametrize("op", ["mse", "bce", "bce_with_logits"])
+def test_binary_losses_propagate_nan(backend, op):
+    """A NaN prediction gives a NaN loss and a NaN gradient there (fit then
+    stops with TrainingDiverged), never a clamp that hides it."""
+    x = np.array([[0.2], [np.nan], [0.7]], np.float32)
+    loss, grad = getattr(backend, op)(to_backend(backend, x), backend.asarray(np.ones_like(x)),
+                                      to_backend(backend, np.zeros_like(x)))
+    g = fastnn.to_numpy(grad)
+    assert np.isnan(fastnn.to_numpy(loss)) and np.isnan(g[1]).all()
+    assert np.isfinite(g[[0, 2]]).all()
+
+
 def test_numba_fuses_small_binary_losses_only():
     from fastnn.backends import numba_backend, numba_kernels
 

@@ -28,9 +28,11 @@ gpu_compiled), so importing fastnn never touches CUDA.
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from numba import cuda, int32
+from numba.core.errors import NumbaPerformanceWarning
 
 from . import activations, constants, numba_kernels
 from .activations import ACTIVATIONS
@@ -320,11 +322,15 @@ def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout,
     one block stops paying off, a policy for the caller."""
     if threads is None:
         threads = pick_threads(layout, batch_size)
-    train_mlp_cuda[1, threads, stream](
-        X, Yf, Yi, orders, int(batch_size), params, grads, state1, state2, layout, acts,
-        alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
-        work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
-    )
+    with warnings.catch_warnings():
+        # One block on purpose (the whole net in one block's barriers); numba's
+        # dispatcher warns about any grid under 128 blocks, on every launch.
+        warnings.simplefilter("ignore", NumbaPerformanceWarning)
+        train_mlp_cuda[1, threads, stream](
+            X, Yf, Yi, orders, int(batch_size), params, grads, state1, state2, layout, acts,
+            alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
+            work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
+        )
 
 
 # Built from numba_kernels' element functions and the constants of activations.py and constants.py.

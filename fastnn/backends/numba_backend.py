@@ -114,7 +114,7 @@ class NumbaBackend(NumpyBackend):
         t = pred.dtype.type
         total = self.k.bce_1d(pred.reshape(-1), target.reshape(-1), grad_out.reshape(-1),
                               t(1.0 / pred.size), t(BCE_EPSILON))
-        return t(-total / pred.size), grad_out
+        return t(total / pred.size), grad_out
 
     def bce_with_logits(self, logits, target, grad_out):
         if not self._fused_binary(logits, target, grad_out):

@@ -210,34 +210,27 @@ def softmax_xent_2d(logits, labels, grad, inv_n):
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def bce_1d(pred, target, grad, inv_n, eps):
-    """torch's BCELoss terms (logs clamped at -100) and grad = (p - t) /
-    max(p (1 - p), eps) * inv_n, in one pass over flat arrays.
-
-    Returns the summed terms (float64 accumulator) for the caller to average.
-    """
+    """BCELoss over flat arrays in one pass: grad = bce_grad per element;
+    returns the sum of bce_term (float64 accumulator) for the caller to average."""
     one = inv_n - inv_n + 1
-    clamp = inv_n - inv_n - 100
+    floor = one - 101
     total = 0.0
     for i in range(pred.shape[0]):
-        p = pred[i]
-        t = target[i]
-        total += t * max(math.log(p), clamp) + (one - t) * max(math.log1p(-p), clamp)
-        grad[i] = (p - t) / max((one - p) * p, eps) * inv_n
+        total += bce_term(pred[i], target[i], one, floor)
+        grad[i] = bce_grad(pred[i], target[i], one, eps, inv_n)
     return total
 
 
 @njit(cache=True, nogil=True, error_model="numpy")
 def bce_logits_1d(logits, target, grad, inv_n):
-    """BCEWithLogitsLoss terms max(x, 0) - x t + log1p(exp(-|x|)) and grad =
-    (sigmoid(x) - t) * inv_n, in one pass; returns the summed terms (float64)."""
+    """BCEWithLogitsLoss over flat arrays in one pass: grad = (sigmoid(x) - t)
+    * inv_n; returns the sum of bce_logits_term (float64 accumulator)."""
     zero = inv_n - inv_n
-    one = zero + 1
     total = 0.0
     for i in range(logits.shape[0]):
         x = logits[i]
-        t = target[i]
-        total += max(x, zero) - x * t + math.log1p(math.exp(-abs(x)))
-        grad[i] = (one / (one + math.exp(-x)) - t) * inv_n
+        total += bce_logits_term(x, target[i], zero)
+        grad[i] = (act_value(x, SIGMOID, zero) - target[i]) * inv_n
     return total
 
 

@@ -23,6 +23,7 @@ from .errors import (
     InputError,
     OutOfMemory,
     ShapeError,
+    StateKeyError,
     TrainingDiverged,
 )
 from .threads import get_num_threads, set_num_threads

@@ -17,6 +17,12 @@ class InputError(FastnnError, ValueError):
     """An input has a wrong value (range, non-finite data, unknown option)."""
 
 
+class StateKeyError(InputError, KeyError):
+    """A state dict lacks keys the model needs or has ones it does not know."""
+
+    __str__ = Exception.__str__  # the message as written, not KeyError's repr of it
+
+
 class DTypeError(FastnnError, TypeError):
     """An input has the wrong dtype (e.g. float labels for CrossEntropyLoss)."""
 

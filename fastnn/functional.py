@@ -1,13 +1,12 @@
 """Functional forms of the activations (forward only, new arrays)."""
 from __future__ import annotations
 
-from .backends import asarray, get_backend
+from .backends import float_array, get_backend
 
 
 def _apply(name: str, x, alpha: float = 0.0):
     backend = get_backend()
-    if not backend.is_array(x):
-        x = asarray(x)
+    x = float_array(x, name)  # ints in the default dtype, as the modules take them
     out = backend.empty(x.shape, x.dtype)
     return backend.bias_act(x, None, name, alpha, out=out)
 
@@ -35,8 +34,7 @@ def gelu(x):
 
 def softmax(x, axis: int = -1):
     xp = get_backend().xp
-    if not get_backend().is_array(x):
-        x = asarray(x)
+    x = float_array(x, "softmax")
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     e /= e.sum(axis=axis, keepdims=True)
     return e
@@ -44,8 +42,7 @@ def softmax(x, axis: int = -1):
 
 def log_softmax(x, axis: int = -1):
     xp = get_backend().xp
-    if not get_backend().is_array(x):
-        x = asarray(x)
+    x = float_array(x, "log_softmax")
     shifted = x - x.max(axis=axis, keepdims=True)
     return shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
 

@@ -52,6 +52,8 @@ def save(model_or_state, path) -> None:
     arrays[_META] = np.array(json.dumps({"version": 1, "scalars": scalars}))
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # else the error would name the temporary file
+        raise FileNotFoundError(f"save: the folder of {path!r} does not exist ({folder})")
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:

@@ -59,7 +59,34 @@ def test_activation_backward_with_a_wrong_dy_shape(backend):
         act.backward(backend.asarray(f32(3, 2)))
 
 
-@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True, None])
+@pytest.mark.parametrize("dy_shape", [(4, 1), (3,), (3, 4)])
+def test_softmax_backward_with_a_wrong_dy_shape(backend, dy_shape):
+    """No broadcasting a (4, 1) or (3,) dy against the saved (4, 3) output."""
+    s = fn.Softmax()
+    s(backend.asarray(f32(4, 3)))
+    with pytest.raises(fn.ShapeError, match=re.escape(f"Softmax: backward expected dy (4, 3), got {dy_shape}")):
+        s.backward(backend.asarray(np.ones(dy_shape, np.float32)))
+
+
+@pytest.mark.parametrize("make", [fn.ReLU, fn.Sigmoid, fn.Softmax])
+def test_activation_of_non_numbers_is_a_dtype_error(backend, make):
+    with pytest.raises(fn.DTypeError, match=r"expected real numbers, got an array of"):
+        make()(np.array([["a", "b"]]))
+
+
+def test_linear_takes_numpy_integer_sizes(backend):
+    layer = fn.Linear(np.int64(3), np.int32(4))  # e.g. y.max() + 1 classes
+    assert (layer.in_features, layer.out_features) == (3, 4)
+    assert type(layer.in_features) is int and layer.weight.shape == (3, 4)
+
+
+def test_save_into_a_missing_folder_names_the_users_path(tmp_path):
+    path = tmp_path / "nodir" / "model.npz"
+    with pytest.raises(FileNotFoundError, match=re.escape(repr(str(path)))):
+        fn.save(fn.Linear(2, 2), path)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, "3", True, None, np.bool_(True), np.float64(3)])
 def test_linear_bad_sizes(bad, backend):
     with pytest.raises(ValueError, match=r"Linear: in_features must be a positive int"):
         fn.Linear(bad, 3)
@@ -322,8 +349,11 @@ def test_load_state_dict_wrong_shapes_and_keys(backend):
     assert isinstance(info.value, fn.ShapeError)
     with pytest.raises(ValueError, match=re.escape("'2.bias' expects shape (2,), got (2, 1)")):
         model.load_state_dict(dict(state, **{"2.bias": np.zeros((2, 1), np.float32)}))
-    with pytest.raises(KeyError, match=re.escape("missing keys ['2.bias']")):
+    with pytest.raises(KeyError, match=re.escape("missing keys ['2.bias']")) as info:
         model.load_state_dict({k: v for k, v in state.items() if k != "2.bias"})
+    # a ValueError and a FastnnError too, with the message as written (no repr quotes)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, fn.FastnnError)
+    assert str(info.value).startswith("Sequential.load_state_dict: missing keys")
     with pytest.raises(KeyError, match=re.escape("unexpected keys ['2.gamma']")):
         model.load_state_dict(dict(state, **{"2.gamma": np.zeros(2, np.float32)}))
     # nothing was half-loaded by the failed calls
@@ -357,6 +387,15 @@ class DoubledInputGrad(_Scaled):
     wrong = "input"
 
 
+class TwoWrongGrads(_Scaled):
+    """Input gradient 2% off, parameter gradient 3x: the parameter is the worst."""
+
+    def backward(self, dy):
+        g = 3 * (dy * self.x).reshape(-1, 3).sum(axis=0)
+        self.w.grad = g if self.w.grad is None else self.w.grad + g
+        return 1.02 * dy * self.w.data
+
+
 class DoubledParamGrad(_Scaled):
     wrong = "param"
 
@@ -388,6 +427,15 @@ def test_gradcheck_names_a_wrong_parameter_gradient(backend):
         fn.gradcheck(model, x, raise_on_fail=True)
     report = fn.gradcheck(model, x)
     assert {e.name for e in report.entries if not e.passed} == {"2.w"}
+
+
+def test_gradcheck_raises_with_the_worst_offender(backend):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    report = fn.gradcheck(TwoWrongGrads(), x)
+    assert {e.name for e in report.entries if not e.passed} == {"input", "w"}
+    assert report.worst.name == "w"
+    with pytest.raises(AssertionError, match=r"gradcheck failed for TwoWrongGrads w \(3,\)"):
+        fn.gradcheck(TwoWrongGrads(), x, raise_on_fail=True)
 
 
 def test_gradcheck_wrong_dy_shape(backend):

@@ -565,3 +565,31 @@ def test_work_buffers_do_not_grow_with_every_batch_size(backend):
     fn.predict(model, np.concatenate([X, X]))  # a larger batch replaces each buffer
     grown = allocations()
     assert len(grown) == len(owners) and grown.keys().isdisjoint(owners.keys())
+
+
+ACTIVATION_MODULES = [fn.ReLU, lambda: fn.LeakyReLU(0.5), fn.Sigmoid, fn.Tanh, fn.GELU, fn.Softmax]
+
+
+@pytest.mark.parametrize("make", ACTIVATION_MODULES, ids=["relu", "leaky", "sigmoid", "tanh",
+                                                          "gelu", "softmax"])
+def test_activations_take_integer_input_in_the_default_dtype(backend, make):
+    """Integer (or bool) data becomes the default float dtype, as Linear takes it:
+    leaky ReLU of -3 is -1.5, not a truncated -1; exp of ints does not fail."""
+    ints = np.array([[1, -3, 0], [2, 5, -1]])
+    want = make()(backend.asarray(ints.astype(np.float32)))
+    got = make()(ints)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(fn.to_numpy(got), fn.to_numpy(want))
+    module = make()
+    module(ints)
+    dx = module.backward(np.ones((2, 3), np.int64).tolist())  # a plain list for dy
+    assert dx.dtype == np.float32 and dx.shape == (2, 3)
+
+
+def test_functional_activations_take_integer_input():
+    np.testing.assert_allclose(fn.to_numpy(fn.functional.leaky_relu([1, -3], 0.5)), [1, -1.5])
+    for f in (fn.functional.sigmoid, fn.functional.tanh, fn.functional.gelu, fn.functional.softmax,
+              fn.functional.log_softmax, fn.functional.relu):
+        out = f([[1, 2]])
+        assert out.dtype == np.float32
+        np.testing.assert_allclose(fn.to_numpy(out), fn.to_numpy(f(np.array([[1.0, 2.0]], np.float32))))

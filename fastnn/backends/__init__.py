@@ -171,6 +171,23 @@ def asarray(x, dtype=None):
     return arr
 
 
+def float_array(x, who: str = "input"):
+    """``x`` as a float array of the current backend (``asarray``), integer or
+    bool data in the default dtype: an activation of ints would round its
+    result (leaky ReLU) or fail inside NumPy (exp). ``who`` names the caller
+    in the error for anything else (complex, strings, objects). A float array
+    of the backend is kept as it is (float64 stays float64)."""
+    arr = x if get_backend().is_array(x) else asarray(x)
+    kind = arr.dtype.kind
+    if kind in "iub":
+        return arr.astype(_default_dtype)
+    if kind != "f":
+        from ..errors import DTypeError
+
+        raise DTypeError(f"{who}: expected real numbers, got an array of {arr.dtype}")
+    return arr
+
+
 def to_numpy(x) -> np.ndarray:
     return host_array(x)
 
@@ -182,6 +199,7 @@ __all__ = [
     "use_backend",
     "get_backend",
     "asarray",
+    "float_array",
     "to_numpy",
     "set_default_dtype",
     "get_default_dtype",

@@ -3,7 +3,7 @@
 the same numbers."""
 from __future__ import annotations
 
-from ..backends import asarray, get_backend
+from ..backends import float_array, get_backend
 from ..backends.activations import get_activation
 from .module import Module
 
@@ -22,8 +22,8 @@ class ElementwiseActivation(Module):
 
     def forward(self, x):
         backend = get_backend()
-        if not backend.is_array(x):
-            x = asarray(x)
+        if not backend.is_array(x) or x.dtype.kind != "f":
+            x = float_array(x, type(self).__name__)
         y = self._buffer("y", x.shape, x.dtype, backend)
         backend.bias_act(x, None, self.act_name, self.alpha, out=y)
         keep_pre = get_activation(self.act_name).needs_pre(self.alpha)
@@ -35,6 +35,8 @@ class ElementwiseActivation(Module):
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}: backward() called before forward()")
         y, pre = saved
+        if not get_backend().is_array(dy):
+            dy = float_array(dy, type(self).__name__)
         if tuple(dy.shape) != tuple(y.shape):
             from ..errors import ShapeError
 
@@ -85,8 +87,6 @@ class Softmax(Module):
     def forward(self, x):
         from ..functional import softmax
 
-        if not get_backend().is_array(x):
-            x = asarray(x)
         y = softmax(x, self.axis)
         self._saved = y
         return y
@@ -95,5 +95,11 @@ class Softmax(Module):
         y = self.__dict__.get("_saved")
         if y is None:
             raise RuntimeError("Softmax: backward() called before forward()")
+        if not get_backend().is_array(dy):
+            dy = float_array(dy, "Softmax")
+        if tuple(dy.shape) != tuple(y.shape):
+            from ..errors import ShapeError
+
+            raise ShapeError(f"Softmax: backward expected dy {tuple(y.shape)}, got {tuple(dy.shape)}")
         dot = (dy * y).sum(axis=self.axis, keepdims=True)
         return y * (dy - dot)

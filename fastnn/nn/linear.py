@@ -1,6 +1,8 @@
 """Linear: ``y = x @ weight + bias`` with weight (in_features, out_features)."""
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 
 from ..backends import asarray, get_backend, get_default_dtype
@@ -25,9 +27,13 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True,
                  init="he", seed=None):
+        sizes = []
         for label, v in (("in_features", in_features), ("out_features", out_features)):
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            # any integer (np.int64 from y.max() + 1 too), but not a bool or a float
+            if isinstance(v, (bool, np.bool_)) or not isinstance(v, numbers.Integral) or v < 1:
                 raise ValueError(f"Linear: {label} must be a positive int, got {v!r}")
+            sizes.append(int(v))
+        in_features, out_features = sizes
         self.in_features = in_features
         self.out_features = out_features
         rng = generator() if seed is None else get_backend().rng(seed)

@@ -50,6 +50,7 @@ class _FlatGroup:
         # Steps each parameter sat out (no gradient), as torch skips a parameter
         # whose grad is None: its own step count is step_count - skipped.
         self.skipped = [0] * len(params)  # a list: checked every step, any() is cheapest
+        self._whole: dict = {}  # state names -> (data, grad, *state buffers), see arrays()
 
     def buffer(self, name: str):
         """The flat state buffer ``name``, created (zeros) on first use."""
@@ -64,11 +65,15 @@ class _FlatGroup:
     def arrays(self, span, *state_names):
         """data, grad and the named state buffers (None for a None name), all
         cut to ``span`` (a slice; None: the whole flat buffers)."""
-        arrays = [self.data, self.grad] + [None if name is None else self.buffer(name)
-                                           for name in state_names]
-        if span is None:
-            return arrays
-        return [None if a is None else a[span] for a in arrays]
+        if span is None:  # every step: the tuple is kept (buffers are only written in place)
+            whole = self._whole.get(state_names)
+            if whole is None:
+                whole = self._whole[state_names] = (
+                    self.data, self.grad,
+                    *[None if name is None else self.buffer(name) for name in state_names])
+            return whole
+        return [self.data[span], self.grad[span]] + [
+            None if name is None else self.buffer(name)[span] for name in state_names]
 
     def sync(self) -> list:
         """Copy back any data/grad array a user rebound since the last step;

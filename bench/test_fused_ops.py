@@ -11,6 +11,11 @@ Groups (compare the contenders inside one group; ratios are what matter):
   ``gemm`` alone as the floor. The Numba kernels are serial, so BLAS keeps the
   cores and the two thread pools never spin against each other.
 
+* ``bce[...]`` / ``bce_logits[...]``: the binary losses with their gradient on a
+  small batch of outputs, where the Numba backend fuses them into one pass (up
+  to ``FUSED_BINARY_LOSS_MAX`` elements) and the NumPy backend runs ~10 ufunc
+  calls: the per-call overhead is what is measured.
+
 ``bias_act`` overwrites ``z``, so every round starts from a fresh copy of it
 (the copy is not timed; the NumPy expression gets the same setup). With
 ``--benchmark-disable`` each body runs once and is checked against NumPy.
@@ -108,3 +113,21 @@ def test_gemm_then_bias_act(benchmark, arrays, backend_or_skip, impl):
         expected = np.maximum(expected + b, 0)
     assert result.dtype == np.float32
     np.testing.assert_allclose(result, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("impl", ["numpy-backend", "numba-backend"])
+@pytest.mark.parametrize("n", [64, 512])
+@pytest.mark.parametrize("op", ["bce", "bce_with_logits"])
+def test_binary_loss(benchmark, backend_or_skip, op, n, impl):
+    benchmark.group = f"{op} ({n}, 1) f32"
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.01, 0.99, (n, 1)).astype(np.float32)
+    t = (rng.random((n, 1)) < 0.5).astype(np.float32)
+    grad = np.empty_like(x)
+    fn = getattr(backend_or_skip(impl.split("-")[0]), op)
+    loss, _ = benchmark.pedantic(lambda: fn(x, t, grad), rounds=ROUNDS, warmup_rounds=5,
+                                 iterations=20)
+    ref_loss, ref_grad = getattr(backend_or_skip("numpy"), op)(x, t, np.empty_like(x))
+    assert grad.dtype == np.float32
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)

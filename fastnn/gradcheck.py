@@ -21,6 +21,11 @@ class GradcheckEntry:
     passed: bool
 
 
+def _badness(entry: GradcheckEntry):
+    """Sort key of the worst entry: a NaN error first (it compares as nothing)."""
+    return (bool(np.isnan(entry.max_rel_error)), entry.max_rel_error)
+
+
 @dataclass
 class GradcheckReport:
     entries: list = field(default_factory=list)
@@ -31,7 +36,7 @@ class GradcheckReport:
 
     @property
     def worst(self) -> GradcheckEntry | None:
-        return max(self.entries, key=lambda e: e.max_rel_error, default=None)
+        return max(self.entries, key=_badness, default=None)
 
     def __bool__(self) -> bool:
         return self.passed
@@ -91,7 +96,7 @@ def gradcheck(module: Module, x, dy=None, eps: float = 1e-6, rtol: float = 1e-5,
             p.grad = grad
     if raise_on_fail and not report.passed:
         # the worst failing tensor, as API.md promises (the full report follows)
-        w = max((e for e in report.entries if not e.passed), key=lambda e: e.max_rel_error)
+        w = max((e for e in report.entries if not e.passed), key=_badness)
         raise AssertionError(
             f"gradcheck failed for {type(module).__name__} {w.name} {w.shape} at {w.worst_index}: "
             f"analytic {w.analytic:.6e} vs numeric {w.numeric:.6e} "

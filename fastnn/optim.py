@@ -193,11 +193,13 @@ class Optimizer:
 
     def step(self) -> None:
         self.step_count += 1
+        uneven = False
         for g in self.groups:
             active = g.sync()
             if all(active) and not any(g.skipped):  # the usual step: one update over the buffer
                 self._update(g, None, self.step_count)
                 continue
+            uneven = True
             # As torch: a parameter without a gradient is not updated (no decay,
             # no momentum), and Adam's bias correction counts its own steps.
             if g.backend.capturing:
@@ -206,6 +208,18 @@ class Optimizer:
             g.skipped = [k + (not a) for k, a in zip(g.skipped, active)]
             for lo, hi, i in g.spans(active):
                 self._update(g, slice(lo, hi), self.step_count - g.skipped[i])
+        if uneven:
+            self._settle()
+
+    def _settle(self) -> None:
+        """After a step some parameters sat out: steps that all of them sat out
+        count for none (torch: no step at all), so equal counts stay uniform
+        for the compiled and graph paths."""
+        common = min(min(g.skipped) for g in self.groups)
+        if common:
+            self.step_count -= common
+            for g in self.groups:
+                g.skipped = [k - common for k in g.skipped]
 
     @property
     def uniform_steps(self) -> bool:
@@ -246,11 +260,16 @@ class Optimizer:
                     f"{str(host_array(saved))}, this optimizer has {_shapes(g.params)} (different model?)"
                 )
             skipped = state.get(f"skipped.{gi}")
-            if skipped is not None and host_array(skipped).shape != (len(g.params),):
-                raise InputError(
-                    f"{type(self).__name__}.load_state_dict: skipped.{gi} has shape "
-                    f"{host_array(skipped).shape}, expected {(len(g.params),)} (different model?)"
-                )
+            if skipped is not None:
+                skipped, step = host_array(skipped), int(host_array(state["step"]))
+                if skipped.shape != (len(g.params),):
+                    raise InputError(
+                        f"{type(self).__name__}.load_state_dict: skipped.{gi} has shape "
+                        f"{skipped.shape}, expected {(len(g.params),)} (different model?)")
+                if skipped.size and not (skipped.min() >= 0 and skipped.max() <= step):
+                    raise InputError(
+                        f"{type(self).__name__}.load_state_dict: skipped.{gi} must count steps "
+                        f"in [0, {step}], got {skipped.tolist()}")
             for name in self._loaded_names(state, g, gi):
                 value = host_array(state[f"{name}.{gi}"])
                 if value.shape != (g.size,):
@@ -305,6 +324,15 @@ class SGD(Optimizer):
         self.lr, self.momentum, self.dampening = lr, momentum, dampening
         self.nesterov, self.weight_decay = bool(nesterov), weight_decay
         super().__init__(params)
+
+    def _settle(self) -> None:
+        # Only momentum's first step (buf = g) depends on a parameter's own
+        # count: once every parameter has had it, the history no longer matters.
+        if not self.momentum or all(self.step_count - k >= 1 for g in self.groups for k in g.skipped):
+            for g in self.groups:
+                g.skipped = [0] * len(g.params)
+        else:
+            super()._settle()
 
     def _update(self, g, span, step):
         g.backend.sgd_step(

@@ -288,7 +288,10 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
             if plan is None:
                 epoch_losses = [run_epoch(epoch)]
             else:
-                count = 1 if per_epoch else max(1, min(end - epoch, 1_000_000 // n))
+                # The first call alone: its one-time start-up (kernel load) stays
+                # out of the later epochs' seconds (steady_samples_per_second).
+                count = 1 if per_epoch or epoch == initial_epoch \
+                    else max(1, min(end - epoch, 1_000_000 // n))
                 epoch_losses = run_compiled(epoch, count)
                 if bar.bar is not None:
                     bar.update(epoch, n * count, lambda: epoch_losses[-1])

@@ -247,3 +247,18 @@ def test_bce_on_saturated_sigmoid_is_clamped_like_the_ordinary_path(monkeypatch,
     np.testing.assert_allclose(quick, slow, rtol=1e-6)
     for name in w_slow:
         np.testing.assert_allclose(w_quick[name], w_slow[name], rtol=1e-6, atol=1e-6, err_msg=name)
+
+
+def test_first_epoch_is_its_own_compiled_call(monkeypatch):
+    """Without a progress bar or validation the compiled path runs many epochs
+    per call; the first runs alone, so its one-time start-up (loading the
+    kernel) stays out of History.steady_samples_per_second."""
+    monkeypatch.setenv("FASTNN_FAST_PATH", "1")
+    X, y = xor(n_repeats=8)
+    model = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))
+    h = fn.fit(model, fn.MSELoss(), fn.Adam(model.parameters()), X, y, epochs=6, batch_size=8,
+               progress=False)
+    assert h.step_path.startswith("compiled") and len(h.epoch_seconds) == 6
+    later = h.epoch_seconds[1:]
+    assert len(set(later)) == 1 and h.epoch_seconds[0] != later[0]  # one call, then the rest
+    assert h.steady_samples_per_second == pytest.approx(len(X) * 5 / sum(later))

@@ -468,3 +468,26 @@ def test_gpu_fused_kernel_speed(capsys):
 
 if __name__ == "__main__" and len(sys.argv) == 4 and sys.argv[1] == "--simulate":
     _simulate(sys.argv[2], int(sys.argv[3]))
+
+
+def test_numbas_grid_of_one_warning_is_silenced_and_others_are_not():
+    """The one-block launch would warn on every fit (numba's dispatcher flags
+    grids under 128 blocks). numba-cuda and numba's built-in CUDA have separate
+    NumbaPerformanceWarning classes, so the filter goes by the message text."""
+    import warnings
+
+    import numba.core.errors as core_errors
+    from fastnn.backends import cuda_mlp  # noqa: F401 (installs the filter)
+
+    classes = [core_errors.NumbaPerformanceWarning]
+    try:
+        from numba.cuda.core import errors as cuda_errors  # numba-cuda
+        classes.append(cuda_errors.NumbaPerformanceWarning)
+    except ImportError:
+        pass
+    text = "Grid size {} will likely result in GPU under-utilization due to low occupancy."
+    with warnings.catch_warnings(record=True) as caught:  # fastnn's filter still in place
+        for cls in classes:
+            warnings.warn(cls(text.format(1)))
+            warnings.warn(cls(text.format(2)))
+    assert [str(w.message) for w in caught] == [text.format(2)] * len(classes)

@@ -438,6 +438,21 @@ def test_gradcheck_raises_with_the_worst_offender(backend):
         fn.gradcheck(TwoWrongGrads(), x, raise_on_fail=True)
 
 
+class NaNParamGrad(_Scaled):
+    """Parameter gradient NaN, input gradient 2% off: the NaN is the worst."""
+
+    def backward(self, dy):
+        self.w.grad = self.w.data * np.nan
+        return 1.02 * dy * self.w.data
+
+
+def test_gradcheck_counts_a_nan_gradient_as_the_worst(backend):
+    x = backend.asarray(np.random.default_rng(0).standard_normal((4, 3)))
+    assert fn.gradcheck(NaNParamGrad(), x).worst.name == "w"
+    with pytest.raises(AssertionError, match=r"gradcheck failed for NaNParamGrad w \(3,\)"):
+        fn.gradcheck(NaNParamGrad(), x, raise_on_fail=True)
+
+
 def test_gradcheck_wrong_dy_shape(backend):
     x = backend.asarray(np.ones((4, 3)))
     with pytest.raises(ValueError, match=r"gradcheck: dy has shape \(3, 4\), output is \(4, 3\)"):

@@ -580,8 +580,8 @@ def test_numba_fuses_small_binary_losses_only():
 
     if fastnn.available_backends()["numba"] is not None:
         pytest.skip("numba is not usable here")
-    backend = fastnn.use_backend("numba")
-    fastnn.use_backend("auto")
+    with fastnn.use_backend("numba") as backend:  # restores the previous backend
+        pass
     calls = []
     real = {name: getattr(numba_kernels, name) for name in ("bce_1d", "bce_logits_1d")}
     try:

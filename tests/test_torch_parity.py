@@ -231,7 +231,10 @@ def test_parameters_without_a_gradient_are_skipped_as_torch_does(name, kw, dtype
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol * scale,
                                        err_msg=f"{name}{kw}: tensor {i} after step {t + 1}")
     np.testing.assert_array_equal(ours[2][1], q.start[1].astype(dtype))  # untouched while skipped
-    assert not fresh.uniform_steps and list(fresh.groups[0].skipped) == [0, 3, 3, 14]
+    if name == "SGD":  # past every first momentum step the history no longer matters
+        assert fresh.uniform_steps and fresh.groups[0].skipped == [0, 0, 0, 0]
+    else:  # Adam's bias correction and RMSprop keep each parameter's own count
+        assert not fresh.uniform_steps and fresh.groups[0].skipped == [0, 3, 3, 14]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -409,3 +412,26 @@ def test_fit_trajectory_matches_torch_over_50_steps(kind, opt_name, kw, backend,
             np.testing.assert_allclose(ours[name], w, rtol=1e-9, atol=1e-12,
                                        err_msg=f"{name} after epoch {epoch + 1}")
     assert steps == 50
+
+
+def test_a_step_without_any_gradient_changes_nothing(backend, tmp_path):
+    """torch.optim.step() with every grad None updates nothing and counts no
+    step; the skipped counts survive fn.save / fn.load and are checked."""
+    params = [fn.Parameter(backend.asarray(np.ones(s, np.float32))) for s in SHAPES]
+    opt = fn.Adam(params, lr=0.1, weight_decay=0.1)
+    before = [fn.to_numpy(p.data).copy() for p in params]
+    opt.zero_grad()
+    opt.step()
+    assert opt.step_count == 0 and opt.uniform_steps
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(fn.to_numpy(p.data), b)
+    params[1].grad = backend.asarray(np.ones(SHAPES[1], np.float32))
+    opt.step()
+    assert opt.step_count == 1 and opt.groups[0].skipped == [1, 0, 1, 1]
+    fn.save(opt.state_dict(), tmp_path / "opt.npz")
+    loaded = fn.Adam(params, lr=0.1, weight_decay=0.1)
+    loaded.load_state_dict(fn.load(tmp_path / "opt.npz"))
+    assert loaded.groups[0].skipped == [1, 0, 1, 1] and not loaded.uniform_steps
+    bad = dict(opt.state_dict(), **{"skipped.0": np.array([1, 0, 5, 1])})
+    with pytest.raises(fn.InputError, match=r"skipped\.0 must count steps in \[0, 1\]"):
+        loaded.load_state_dict(bad)

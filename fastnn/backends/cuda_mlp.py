@@ -32,7 +32,6 @@ import warnings
 
 import numpy as np
 from numba import cuda, int32
-from numba.core.errors import NumbaPerformanceWarning
 
 from . import activations, constants, numba_kernels
 from .activations import ACTIVATIONS
@@ -307,6 +306,13 @@ def scratch(layout, batch_size: int, dtype, xp=np) -> dict:
     }
 
 
+# One block on purpose (the whole net between one block's barriers), but numba's
+# dispatcher warns about any grid under 128 blocks, on every launch. Matched by
+# its text: numba-cuda's NumbaPerformanceWarning is not numba.core.errors' class.
+GRID_OF_ONE_WARNING = r"Grid size 1 will likely result in GPU under-utilization"
+warnings.filterwarnings("ignore", message=GRID_OF_ONE_WARNING)
+
+
 def pick_threads(layout, batch_size: int) -> int:
     """Enough threads for the widest phase, a multiple of 32, at most MAX_THREADS."""
     work = batch_size * width_of(layout)
@@ -322,15 +328,11 @@ def launch(X, Yf, Yi, orders, batch_size, params, grads, state1, state2, layout,
     one block stops paying off, a policy for the caller."""
     if threads is None:
         threads = pick_threads(layout, batch_size)
-    with warnings.catch_warnings():
-        # One block on purpose (the whole net in one block's barriers); numba's
-        # dispatcher warns about any grid under 128 blocks, on every launch.
-        warnings.simplefilter("ignore", NumbaPerformanceWarning)
-        train_mlp_cuda[1, threads, stream](
-            X, Yf, Yi, orders, int(batch_size), params, grads, state1, state2, layout, acts,
-            alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
-            work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
-        )
+    train_mlp_cuda[1, threads, stream](
+        X, Yf, Yi, orders, int(batch_size), params, grads, state1, state2, layout, acts,
+        alphas, int(loss_kind), int(opt_kind), hyper, int(step0), losses, done_out,
+        work["A"], work["Z"], work["dA"], work["dZ"], work["rowloss"], work["cst"],
+    )
 
 
 # Built from numba_kernels' element functions and the constants of activations.py and constants.py.

@@ -75,10 +75,11 @@ class _FlatGroup:
         return [self.data[span], self.grad[span]] + [
             None if name is None else self.buffer(name)[span] for name in state_names]
 
-    def sync(self) -> list:
+    def sync(self):
         """Copy back any data/grad array a user rebound since the last step;
-        returns which parameters have a gradient (torch skips the others)."""
-        active = []
+        returns None when every parameter has a gradient, else which ones do
+        (torch skips the others)."""
+        missing = False
         for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
             if p.data is not dv:
                 if not self.backend.is_array(p.data):
@@ -89,13 +90,16 @@ class _FlatGroup:
                 _check_slot("data", p, p.data, dv)
                 dv[...] = p.data
                 p.data = dv
-            active.append(p.grad is not None)
-            if p.grad is not gv and p.grad is not None:
-                _check_slot("grad", p, p.grad, gv)
-                gv[...] = p.grad
-                p.grad = gv
+            grad = p.grad
+            if grad is not gv:  # the usual case is one identity check: backward wrote the slot
+                if grad is None:
+                    missing = True
+                else:
+                    _check_slot("grad", p, grad, gv)
+                    gv[...] = grad
+                    p.grad = gv
             p._grad_view = gv
-        return active
+        return [p.grad is not None for p in self.params] if missing else None
 
     def spans(self, active: list):
         """``(lo, hi, i)``: flat ranges of consecutive parameters that have a
@@ -196,10 +200,11 @@ class Optimizer:
         uneven = False
         for g in self.groups:
             active = g.sync()
-            if all(active) and not any(g.skipped):  # the usual step: one update over the buffer
+            if active is None and not any(g.skipped):  # the usual step: one update over the buffer
                 self._update(g, None, self.step_count)
                 continue
             uneven = True
+            active = active or [True] * len(g.params)
             # As torch: a parameter without a gradient is not updated (no decay,
             # no momentum), and Adam's bias correction counts its own steps.
             if g.backend.capturing:

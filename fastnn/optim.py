@@ -216,10 +216,20 @@ class Optimizer:
         if uneven:
             self._settle()
 
+    def _own_counts_matter(self) -> bool:
+        """Whether the update still depends on each parameter's own step count
+        (Adam's bias correction always does)."""
+        return True
+
     def _settle(self) -> None:
-        """After a step some parameters sat out: steps that all of them sat out
+        """After a step some parameters sat out. A history that no longer
+        changes any update is forgotten, and steps that all of them sat out
         count for none (torch: no step at all), so equal counts stay uniform
         for the compiled and graph paths."""
+        if not self._own_counts_matter():
+            for g in self.groups:
+                g.skipped = [0] * len(g.params)
+            return
         common = min(min(g.skipped) for g in self.groups)
         if common:
             self.step_count -= common
@@ -330,14 +340,10 @@ class SGD(Optimizer):
         self.nesterov, self.weight_decay = bool(nesterov), weight_decay
         super().__init__(params)
 
-    def _settle(self) -> None:
-        # Only momentum's first step (buf = g) depends on a parameter's own
-        # count: once every parameter has had it, the history no longer matters.
-        if not self.momentum or all(self.step_count - k >= 1 for g in self.groups for k in g.skipped):
-            for g in self.groups:
-                g.skipped = [0] * len(g.params)
-        else:
-            super()._settle()
+    def _own_counts_matter(self) -> bool:
+        # Only momentum's first step (buf = g) depends on a parameter's own count.
+        return bool(self.momentum) and any(self.step_count - k < 1
+                                           for g in self.groups for k in g.skipped)
 
     def _update(self, g, span, step):
         g.backend.sgd_step(
@@ -417,6 +423,9 @@ class RMSprop(Optimizer):
         self.lr, self.alpha, self.eps = lr, alpha, eps
         self.weight_decay, self.momentum, self.centered = weight_decay, momentum, bool(centered)
         super().__init__(params)
+
+    def _own_counts_matter(self) -> bool:
+        return False  # torch's RMSprop update never reads its step count
 
     def _update(self, g, span, step):
         data, grad, square_avg, buf, grad_avg = g.arrays(

@@ -111,8 +111,8 @@ def _train(args) -> int:
     accuracy = float((fn.predict(model, Xt).argmax(axis=1) == yt).mean())
     print(f"final training loss {history.loss[-1]:.4f}, test loss {history.val_loss[-1]:.4f}")
     print(f"test accuracy: {accuracy:.4f} ({len(Xt)} samples)")
-    first = history.epoch_seconds[0] if history.epoch_seconds else 0.0
     if history.epochs_run > 1:
+        first = history.epoch_seconds[0]
         # The first epoch loads (or compiles) the JIT kernels, or warms up the
         # GPU and records its graph: in a short run that hides the later speed.
         print(f"throughput: {history.steady_samples_per_second:,.0f} samples/s after the first "

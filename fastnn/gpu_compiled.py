@@ -46,6 +46,7 @@ class GpuPlan:
     acts: object = None
     alphas: object = None
     work: dict = field(default_factory=dict)  # batch_size -> scratch arrays
+    shared_memory: bool = True  # False: every array in global memory (the benchmark's A/B)
 
     @property
     def group(self):
@@ -197,12 +198,16 @@ def _probe_kernel(dtype) -> str | None:
 
         from .backends import cuda_mlp
 
-        args, losses = probe_problem(dtype, cupy.asarray)
-        cuda_mlp.launch(*args, threads=32, stream=_stream())
-        got, params = losses.get(), args[5].get()
+        for shared in (None, (cuda_mlp.TIER_GLOBAL, 0)):  # all in shared memory, none
+            args, losses = probe_problem(dtype, cupy.asarray)
+            cuda_mlp.launch(*args, threads=32, stream=_stream(), shared=shared)
+            verdict = probe_verdict(losses.get(), args[5].get())
+            if verdict is not None:
+                where = "shared" if shared is None else "global"
+                return f"{verdict}, arrays in {where} memory"
     except Exception as exc:  # NVVM missing, driver/toolkit mismatch, launch failure
         return f"numba.cuda kernel unusable ({type(exc).__name__}: {exc})".splitlines()[0]
-    return probe_verdict(got, params)
+    return None
 
 
 def _stream():
@@ -240,6 +245,10 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
     if work is None:
         work = plan.work[batch_size] = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
     orders_d = cupy.asarray(np.ascontiguousarray(orders, dtype=np.int64))
+    shared = (cuda_mlp.TIER_GLOBAL, 0)
+    if plan.shared_memory:
+        shared = cuda_mlp.shared_plan(plan.base.layout, batch_size, g.data.size, g.dtype,
+                                      plan.opt_kind)
     args = [cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi, orders_d]
     cuda_mlp.launch(
         *map(_dev, args), batch_size, _dev(g.data), _dev(g.grad), _dev(s1), _dev(s2),
@@ -248,6 +257,7 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
         _dev(out[:expected]), _dev(out[expected:]),
         {k: _dev(v) for k, v in work.items()},
         threads=cuda_mlp.pick_threads(plan.base.layout, batch_size), stream=_stream(),
+        shared=shared,
     )
     host = out.get()  # the one sync
     done = int(host[expected])

@@ -92,7 +92,7 @@ def test_contenders_per_device():
     assert bm.contenders(c, False, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[:3]
     x = bm.WORKLOADS["x"]  # narrow: fit's one-launch kernel joins
     assert bm.contenders(x, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == \
-        GPU_SET[:3] + ["fastnn-cupy-kernel"] + GPU_SET[3:]
+        GPU_SET[:3] + ["fastnn-cupy-kernel", "fastnn-cupy-kernel-global"] + GPU_SET[3:]
     # bf16 has no GEMM-only floor: CuPy has no bf16 GEMM to build one with
     e_bf16 = bm.ALL_WORKLOADS["e-bf16"]
     assert bm.contenders(e_bf16, True, "gpu", torch_cuda_ok=True, cupy_ok=True) == GPU_SET[1:]

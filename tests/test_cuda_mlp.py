@@ -145,8 +145,22 @@ def _copy(args: dict) -> dict:
     return out
 
 
+TIERS = (0, 1, 2, 3)  # cuda_mlp.TIER_GLOBAL .. TIER_ALL: what lives in shared memory
+# Every case runs with all of it in shared memory (what fit gives these nets); the
+# lower tiers on cases that cover both optimizers, both dtypes, each loss family
+# and the non-finite stop (the simulator is slow: ~1 s a run).
+FEWER_TIERS = {"xor_mse_adam", "xent_sgd_nesterov_wd", "xent_adam_float32", "bce_sgd_two_outputs",
+               "nonfinite_stop_xent"}
+
+
+def _tiers(case: dict) -> tuple[int, ...]:
+    return TIERS if case["name"] in FEWER_TIERS else TIERS[-1:]
+
+
 def _simulate(out_dir: str, threads: int) -> None:
-    """Child process: run every case on both kernels, save the results."""
+    """Child process: run every case on the CPU kernel and, once per shared-memory
+    tier, on the CUDA one given exactly that tier's bytes (a short carve-up
+    fails in the simulator); save the results."""
     assert os.environ.get("NUMBA_ENABLE_CUDASIM") == "1"
     from numba import cuda
 
@@ -158,23 +172,28 @@ def _simulate(out_dir: str, threads: int) -> None:
         base = _build(case)
         cpu = _copy(base)
         done_cpu = numba_mlp.train_mlp(*(cpu[k] for k in order))
-        # Fake device arrays, made once per buffer: SGD passes state1 twice, and
-        # the simulator would copy two host arguments back one over the other.
-        dev = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
-        if base["state2"] is base["state1"]:
-            dev["state2"] = dev["state1"]
-        done_out = cuda.to_device(np.zeros(1, np.float64))
-        work = {k: cuda.to_device(v) for k, v in
-                cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype).items()}
-        cuda_mlp.launch(*(dev[k] for k in order), done_out, work, threads=threads)
-        sim = {k: (v.copy_to_host() if hasattr(v, "copy_to_host") else v) for k, v in dev.items()}
-        done_out = done_out.copy_to_host()
-        np.savez(
-            Path(out_dir) / f"{case['name']}.npz",
-            done_cpu=done_cpu, done_sim=done_out[0],
-            **{f"{k}_cpu": cpu[k] for k in ("losses", "params", "grads", "state1", "state2")},
-            **{f"{k}_sim": sim[k] for k in ("losses", "params", "grads", "state1", "state2")},
-        )
+        need = cuda_mlp.tier_bytes(base["layout"], base["batch_size"], len(base["params"]),
+                                   base["params"].dtype, base["opt_kind"])
+        for tier in _tiers(case):
+            # Fake device arrays, made once per buffer: SGD passes state1 twice, and
+            # the simulator would copy two host arguments back one over the other.
+            dev = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v)
+                   for k, v in base.items()}
+            if base["state2"] is base["state1"]:
+                dev["state2"] = dev["state1"]
+            done_out = cuda.to_device(np.zeros(1, np.float64))
+            work = {k: cuda.to_device(v) for k, v in
+                    cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype).items()}
+            cuda_mlp.launch(*(dev[k] for k in order), done_out, work, threads=threads,
+                            shared=(tier, need[tier]))
+            sim = {k: (v.copy_to_host() if hasattr(v, "copy_to_host") else v) for k, v in dev.items()}
+            done_out = done_out.copy_to_host()
+            np.savez(
+                Path(out_dir) / f"{case['name']}-tier{tier}.npz",
+                done_cpu=done_cpu, done_sim=done_out[0],
+                **{f"{k}_cpu": cpu[k] for k in ("losses", "params", "grads", "state1", "state2")},
+                **{f"{k}_sim": sim[k] for k in ("losses", "params", "grads", "state1", "state2")},
+            )
 
 
 @pytest.fixture(scope="module")
@@ -189,9 +208,10 @@ def simulated(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_simulated_kernel_matches_cpu_kernel(simulated, case):
-    r = np.load(simulated / f"{case['name']}.npz")
+@pytest.mark.parametrize("case, tier", [(c, t) for c in CASES for t in _tiers(c)],
+                         ids=[f"{c['name']}-tier{t}" for c in CASES for t in _tiers(c)])
+def test_simulated_kernel_matches_cpu_kernel(simulated, case, tier):
+    r = np.load(simulated / f"{case['name']}-tier{tier}.npz")
     done = int(r["done_cpu"])
     assert int(r["done_sim"]) == done
     n_steps = case["epochs"] * -(-case["n"] // case["batch"])
@@ -271,8 +291,8 @@ for name, ft in (("f32", T.float32), ("f64", T.float64)):
     sig = (arr(ft, 2), arr(ft, 2), arr(T.int64, 1), arr(T.int64, 2), T.int64,
            arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(T.int64, 2), arr(T.int64, 1),
            arr(ft, 1), T.int64, T.int64, arr(T.float64, 1), T.int64, arr(T.float64, 1),
-           arr(T.float64, 1), arr(ft, 3), arr(ft, 3), arr(ft, 2), arr(ft, 2), arr(T.float64, 1),
-           arr(ft, 1))
+           arr(T.float64, 1), arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(ft, 1), arr(T.float64, 1),
+           arr(ft, 1), T.int64)
     ptx, _ = cuda.compile_ptx(cuda_mlp.train_mlp_cuda.py_func, sig, cc=(9, 0))
     path = f"{out}/train_mlp_{name}.ptx"
     open(path, "w").write(ptx)
@@ -314,6 +334,30 @@ def test_kernel_compiles_for_sm90_without_a_gpu(tmp_path):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
     for name in ("f32", "f64"):
         assert ".entry" in (tmp_path / f"train_mlp_{name}.ptx").read_text()
+
+
+def test_shared_memory_tiers_fill_the_limit_in_order():
+    """shared_plan: the most reused arrays first, never past the limit; the
+    bytes are tier_bytes', which the simulated tiers above run with exactly."""
+    code = (
+        "import numpy as np\n"
+        "from fastnn.backends import cuda_mlp as c\n"
+        "xor = np.array([[2, 8, 0, 16], [8, 1, 24, 32]])\n"
+        "need = c.tier_bytes(xor, 4, 36, np.float32, c.OPT_ADAM)\n"
+        "assert need == (0, 4 * (36 + 16), 4 * (36 + 16 + 2 * 3 * 4 * 8 + 2 * 4 * 8),\n"
+        "                4 * (36 + 16 + 2 * 3 * 4 * 8 + 2 * 4 * 8 + 3 * 36)), need\n"
+        "assert c.shared_plan(xor, 4, 36, np.float32, c.OPT_ADAM) == (c.TIER_ALL, need[3])\n"
+        "assert c.tier_bytes(xor, 4, 36, np.float32, c.OPT_SGD)[3] == need[2] + 4 * 2 * 36\n"
+        "assert c.tier_bytes(xor, 4, 36, np.float64, c.OPT_ADAM)[3] == 2 * need[3]\n"
+        "for limit in range(0, need[3] + 8, 4):\n"
+        "    tier, used = c.shared_plan(xor, 4, 36, np.float32, c.OPT_ADAM, limit=limit)\n"
+        "    assert used == need[tier] <= limit and (tier == 3 or need[tier + 1] > limit)\n"
+        "wide = np.array([[64, 64, 0, 4096], [64, 64, 4160, 8256]])  # 8320 weights\n"
+        "assert c.shared_plan(wide, 256, 8320, np.float32, c.OPT_ADAM)[0] == c.TIER_PARAMS\n"
+        "assert c.shared_plan(wide, 256, 8320, np.float64, c.OPT_ADAM) == (c.TIER_GLOBAL, 0)\n"
+        "print('ok')\n"
+    )
+    _run_child(code)
 
 
 def test_simulator_is_reported_unusable_for_fit():
@@ -392,6 +436,17 @@ def test_gpu_kernel_matches_cpu_kernel(case):
     np.testing.assert_allclose(dev["losses"].get()[:upto], cpu["losses"][:upto], rtol=1e-9)
     for key in ("params", "state1", "state2"):
         np.testing.assert_allclose(dev[key].get(), cpu[key], rtol=1e-9, atol=1e-12, err_msg=key)
+    # Every array in global memory instead (the layout the benchmark's A/B runs):
+    # the same instructions on other addresses, so the same bits.
+    shared = {k: v.get() for k, v in dev.items() if hasattr(v, "get")}
+    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
+    if case["opt"] == 0:
+        dev["state2"] = dev["state1"]
+    work = cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype, cupy)
+    cuda_mlp.launch(*(dev[k] for k in order), done_out, work,
+                    shared=(cuda_mlp.TIER_GLOBAL, 0))
+    for key in ("losses", "params", "grads", "state1", "state2"):
+        np.testing.assert_array_equal(dev[key].get(), shared[key], err_msg=key)
 
 
 @pytest.mark.gpu

@@ -96,7 +96,7 @@ def fastnn_backends() -> list[str]:
 # Contenders that run on the CUDA device; their ratios are taken against the
 # GPU floor (floor-cupy) and PyTorch eager on the GPU (torch-cuda).
 GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy-kernel",
-                  "torch-cuda", "torch-cuda-graph")
+                  "fastnn-cupy-kernel-global", "torch-cuda", "torch-cuda-graph")
 TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")  # child-process ones
 
 
@@ -136,13 +136,15 @@ def gpu_contenders(w: Workload, torch_cuda_ok: bool = True) -> list[str]:
     """The GPU set (the caller checks that CuPy is usable): floor-cupy, fastnn-cupy,
     fastnn-cupy-graph, torch-cuda, torch-cuda-graph; for fits fastnn-cupy and
     torch-cuda. bf16 has no GEMM-only floor (CuPy has no bf16 GEMM); narrow nets
-    add fastnn-cupy-kernel (fit's one-launch numba.cuda kernel)."""
+    add fastnn-cupy-kernel (fit's one-launch numba.cuda kernel) and
+    fastnn-cupy-kernel-global (the same kernel with every array in global memory:
+    what shared memory is worth)."""
     if w.kind == "fit":
         return ["fastnn-cupy"] + (["torch-cuda"] if torch_cuda_ok else [])
     names = [] if w.precision == "bf16" else ["floor-cupy"]
     names += ["fastnn-cupy", "fastnn-cupy-graph"]
     if narrow(w):
-        names.append("fastnn-cupy-kernel")
+        names += ["fastnn-cupy-kernel", "fastnn-cupy-kernel-global"]
     if torch_cuda_ok:
         names += ["torch-cuda", "torch-cuda-graph"]
     return names
@@ -309,11 +311,12 @@ def fastnn_graph_step(w: Workload, seed: int = 0, batches: int | None = None):
     return run
 
 
-def fastnn_kernel_step(w: Workload, seed: int = 0):
+def fastnn_kernel_step(w: Workload, seed: int = 0, shared_memory: bool = True):
     """``run(k) -> last loss``: k steps of fit's one-launch kernel for narrow
     nets on CuPy (fastnn-cupy-kernel): ``gpu_compiled.run_epochs`` over k
     one-batch epochs of the workload's batch, one launch and one host read of
-    the losses per call, as fit makes them."""
+    the losses per call, as fit makes them. ``shared_memory=False``: every
+    array in global memory (fastnn-cupy-kernel-global)."""
     import fastnn as fn
     from fastnn import gpu_compiled
     from fastnn.nn.module import label_range_of
@@ -328,6 +331,7 @@ def fastnn_kernel_step(w: Workload, seed: int = 0):
             why = ("FASTNN_FAST_PATH=0" if os.environ.get("FASTNN_FAST_PATH") == "0"
                    else gpu_compiled.unavailable_reason() or "not a narrow MLP")
             raise RuntimeError(f"fastnn-cupy-kernel: the one-launch kernel does not apply here: {why}")
+        plan.shared_memory = shared_memory
 
     def run(k: int) -> float:
         with fn.use_backend(B):
@@ -500,8 +504,8 @@ def make_step(w: Workload, contender: str, threads: int | None = None, seed: int
         return numpy_step(w, seed)
     if contender == "fastnn-cupy-graph":
         return fastnn_graph_step(w, seed)
-    if contender == "fastnn-cupy-kernel":
-        return fastnn_kernel_step(w, seed)
+    if contender in ("fastnn-cupy-kernel", "fastnn-cupy-kernel-global"):
+        return fastnn_kernel_step(w, seed, shared_memory=contender == "fastnn-cupy-kernel")
     if contender.startswith("fastnn-"):
         return fastnn_step(w, contender.split("-", 1)[1], seed)
     if contender == "torch":

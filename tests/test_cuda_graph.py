@@ -19,6 +19,7 @@ import fastnn as fn
 from fake_cupy import FakeCublas, FakeGraph, _fake_cupy, on_device
 from fastnn import cuda_graph
 from fastnn.backends import cublas
+from fastnn.backends.base import Backend
 from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.precision import bf16_round
 
@@ -130,7 +131,7 @@ def test_bf16_hidden_layers_write_their_bf16_copies_in_the_activation_pass(fake_
     fused, step = _bf16_mlp_steps(backend, launches)
     assert step.count("bias_act_bf16") == 3 and step.count("act_backward_bf16") == 3
     assert step.count("f32_to_bf16") == 1 + 4 + 1  # x, the 4 weights, the last dz
-    base = type(backend).__mro__[1]
+    base = Backend  # the generic path (CupyBackend's MRO also holds its mixins)
     monkeypatch.setattr(backend, "bias_act_operand", base.bias_act_operand.__get__(backend))
     monkeypatch.setattr(backend, "act_backward_operand", base.act_backward_operand.__get__(backend))
     separate, step = _bf16_mlp_steps(backend, launches)
@@ -576,7 +577,7 @@ def test_bench_graph_contender_is_fits_replay_path(fake_gpu, precision):
 
     backend = fake_gpu[0]
     w = bm.Workload("t", (6, 16, 4), 8, optimizer="adam", lr=1e-2, precision=precision)
-    batches = bm.workloads.graph_batches(w)
+    batches = bm.steps.graph_batches(w)
     run = bm.make_step(w, "fastnn-cupy-graph")
     last = run(batches + 4)
     assert FakeGraph.made[-1].launches == batches + 4 and len(FakeGraph.made) == 1
@@ -798,7 +799,7 @@ def test_gpu_bf16_fused_operand_bits_train_like_separate_conversions(gpu, monkey
     """bias_act_bf16 / act_backward_bf16 round exactly as f32_to_bf16: the fused
     hand-over trains to the same bits as converting each operand on its own."""
     fused, _ = _bf16_mlp_steps(gpu)
-    base = type(gpu).__mro__[1]
+    base = Backend  # the generic path (CupyBackend's MRO also holds its mixins)
     monkeypatch.setattr(gpu, "bias_act_operand", base.bias_act_operand.__get__(gpu))
     monkeypatch.setattr(gpu, "act_backward_operand", base.act_backward_operand.__get__(gpu))
     separate, _ = _bf16_mlp_steps(gpu)

@@ -20,6 +20,8 @@ CuPy is unusable):
 ``--device gpu`` (the default where fastnn's CuPy backend is usable): ``fastnn-cupy``
 (loss left on the device, as in ``fit``), ``fastnn-cupy-graph`` (fit's CUDA-graph
 path: the recorded step replayed, a new batch gathered every step),
+``fastnn-cupy-kernel`` for narrow nets (fit's one-launch numba.cuda kernel; with
+``-global``: the same kernel with every array in global memory instead of shared),
 ``floor-cupy`` (the same GEMMs with ``cupy.matmul`` into preallocated outputs),
 ``torch-cuda`` (PyTorch eager on the GPU) and ``torch-cuda-graph`` (the whole step
 captured once in a CUDA graph and replayed). GEMM precision is the workload's:
@@ -37,6 +39,10 @@ median), and ratios taken round by round from adjacent blocks, then the median.
 ``x torch`` = torch time / step time (speed-up over PyTorch, higher is better);
 GPU rows take them against floor-cupy and torch-cuda, and add ``x graph`` =
 torch-cuda-graph time / step time.
+
+Modules: workloads.py (the workloads and contender sets), steps.py (the
+in-process steps), torch_steps.py (PyTorch, in a child), fit_runs.py (the digits
+fits), runner.py (the alternating measurement), report.py (table, JSON, plot).
 """
 from __future__ import annotations
 
@@ -51,12 +57,13 @@ from fastnn.benchmarking.report import (command_line, environment, format_table,
                                         plot, probe_torch_cuda)
 from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker,
                                         measure, shutdown_workers, worker_main)
+from fastnn.benchmarking.fit_runs import fit_run
+from fastnn.benchmarking.steps import (build_fastnn_model, fastnn_step, floor_cupy_step, floor_step,
+                                       make_step, numpy_step)
 from fastnn.benchmarking.workloads import (ALL_WORKLOADS, DEFAULT_WORKLOADS, GPU_CONTENDERS,
-                                           GPU_WORKLOADS, WORKLOADS, Workload,
-                                           build_fastnn_model, contenders, cpu_contenders,
-                                           fastnn_backends, fastnn_step, fit_run, floor_cupy_step,
-                                           floor_step, gpu_contenders, make_batch, make_step,
-                                           numpy_step)
+                                           GPU_WORKLOADS, WORKLOADS, Workload, contenders,
+                                           cpu_contenders, fastnn_backends, gpu_contenders,
+                                           make_batch)
 from fastnn.benchmarking.torch_steps import torch_cuda_step, torch_gpu_settings, torch_step
 
 __all__ = [

@@ -38,7 +38,7 @@ from typing import Callable
 
 import numpy as np
 
-from fastnn.benchmarking.workloads import uniform_on_device
+from fastnn.benchmarking.steps import uniform_on_device
 
 TARGET = 0.8  # issue target: fused elementwise kernels >= 80% of the device copy bandwidth
 ROW = 1024  # columns of the 2-D (rows, ROW) activations; n_elements must be a multiple

@@ -247,7 +247,7 @@ def peak_tflops(backend, precision: str, size: int = PEAK_SIZE, repeats: int = 3
     (bf16: operands converted once, outside the timing, as a layer does)."""
     from fastnn.precision import using
 
-    from fastnn.benchmarking.workloads import uniform_on_device
+    from fastnn.benchmarking.steps import uniform_on_device
 
     xp = backend.xp
     # Varied values, not constants: a GEMM of constant matrices flips fewer bits,
@@ -274,8 +274,8 @@ def profile_workload(w, backend, seed: int = 0, peaks: dict | None = None,
                      peak_size: int = PEAK_SIZE) -> dict:
     """The measurements of the module docstring for workload ``w`` (on CuPy)."""
     import fastnn as fn
-    from fastnn.benchmarking.workloads import (build_fastnn_model, fastnn_graph_step,
-                                               make_batch, use_precision)
+    from fastnn.benchmarking.steps import build_fastnn_model, fastnn_graph_step, use_precision
+    from fastnn.benchmarking.workloads import make_batch
     from fastnn.nn.module import label_range_of, training_step_mode
 
     peaks = {} if peaks is None else peaks

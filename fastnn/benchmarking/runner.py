@@ -19,8 +19,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, fit_run, floor_of,
-                                           is_gpu_contender, make_step, torch_of)
+from fastnn.benchmarking.fit_runs import fit_run
+from fastnn.benchmarking.steps import make_step
+from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, floor_of, is_gpu_contender,
+                                           torch_of)
 
 MIN_SAMPLE_S = 0.002
 

@@ -36,7 +36,8 @@ ORDINARY_STEP_S = 200e-6
 COLD_COMPILE_S = 3.0
 
 _lock = threading.Lock()
-_status: dict = {}  # "cuda" -> reason or None; dtype str -> reason or None (probe)
+_status: dict = {}  # "cuda" -> reason or None; dtype str -> reason or None (probe);
+# "shared <dtype>" -> why the shared-memory layout failed its probe (then plans use global)
 
 
 @dataclass
@@ -73,6 +74,13 @@ def unavailable_reason(dtype=None) -> str | None:
     if reason is None and dtype is not None:
         reason = _status.get(np.dtype(dtype).name)
     return reason
+
+
+def shared_memory_reason(dtype) -> str | None:
+    """Why fit runs the kernel for ``dtype`` from global memory, not shared
+    (None: shared, or not probed yet)."""
+    with _lock:
+        return _status.get(f"shared {np.dtype(dtype).name}")
 
 
 def _probe_cuda() -> str | None:
@@ -116,6 +124,8 @@ def ready(plan: GpuPlan) -> bool:
         if key not in _status:
             _status[key] = _probe_kernel(np.dtype(key))
         ok = _status[key] is None
+        if _status.get(f"shared {key}") is not None:
+            plan.shared_memory = False
     if ok and plan.layout is None:
         import cupy
 
@@ -198,16 +208,30 @@ def _probe_kernel(dtype) -> str | None:
 
         from .backends import cuda_mlp
 
-        for shared in (None, (cuda_mlp.TIER_GLOBAL, 0)):  # all in shared memory, none
-            args, losses = probe_problem(dtype, cupy.asarray)
-            cuda_mlp.launch(*args, threads=32, stream=_stream(), shared=shared)
-            verdict = probe_verdict(losses.get(), args[5].get())
-            if verdict is not None:
-                where = "shared" if shared is None else "global"
-                return f"{verdict}, arrays in {where} memory"
+        args, losses = probe_problem(dtype, cupy.asarray)
+        cuda_mlp.launch(*args, threads=32, stream=_stream(), shared=(cuda_mlp.TIER_GLOBAL, 0))
+        verdict = probe_verdict(losses.get(), args[5].get())
     except Exception as exc:  # NVVM missing, driver/toolkit mismatch, launch failure
         return f"numba.cuda kernel unusable ({type(exc).__name__}: {exc})".splitlines()[0]
-    return None
+    if verdict is None:  # the same kernel with all of it in shared memory (fit's layout)
+        _status[f"shared {dtype.name}"] = _probe_shared(dtype)
+    return verdict
+
+
+def _probe_shared(dtype) -> str | None:
+    """The probe again with every array in shared memory; a failure only turns
+    that layout off (fit then runs the kernel from global memory)."""
+    try:
+        import cupy
+
+        from .backends import cuda_mlp
+
+        args, losses = probe_problem(dtype, cupy.asarray)
+        cuda_mlp.launch(*args, threads=32, stream=_stream())
+        verdict = probe_verdict(losses.get(), args[5].get())
+    except Exception as exc:
+        verdict = f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return None if verdict is None else f"shared-memory layout off: {verdict}"
 
 
 def _stream():

@@ -360,6 +360,45 @@ def test_shared_memory_tiers_fill_the_limit_in_order():
     _run_child(code)
 
 
+@pytest.mark.parametrize("shared_fails", [False, True])
+def test_a_failed_shared_memory_probe_leaves_the_kernel_on_global_memory(fake_gpu, monkeypatch,
+                                                                          shared_fails):
+    """The probe runs the kernel from global memory, then all in shared memory:
+    only the first decides whether fit may use the kernel; a wrong answer from
+    the second keeps fit's plans on global memory, with the reason kept."""
+    import types
+
+    import fastnn as fn
+    from fastnn import backends, gpu_compiled
+
+    layouts = []
+
+    def launch(*args, threads, stream, shared=None):  # the probe's step, done by hand
+        layouts.append("global" if shared == (0, 0) else "shared")
+        if shared_fails and shared is None:
+            return  # the shared layout "computes" nothing
+        losses, done, params = args[16], args[17], args[5]
+        losses[0], done[0], params[0], params[1] = 0.125, 1, 0.55, 0.05
+
+    fake = types.SimpleNamespace(TIER_GLOBAL=0, launch=launch,
+                                 scratch=lambda layout, batch, dtype: {"A": np.zeros(4, dtype)})
+    monkeypatch.setitem(sys.modules, "fastnn.backends.cuda_mlp", fake)
+    monkeypatch.setattr(backends, "cuda_mlp", fake, raising=False)
+    monkeypatch.setattr(gpu_compiled, "_status", {"cuda": None})
+    monkeypatch.setattr(gpu_compiled, "_stream", lambda: 0)
+    monkeypatch.delenv("FASTNN_FAST_PATH")
+    with fn.use_backend("cupy"):
+        m = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))
+        plan = gpu_compiled.plan_fast_path(m, fn.MSELoss(), fn.Adam(m.parameters(), lr=0.01))
+        assert plan is not None and plan.shared_memory
+        assert gpu_compiled.ready(plan)  # the kernel is usable either way
+    assert layouts == ["global", "shared"]
+    assert plan.shared_memory is not shared_fails
+    reason = gpu_compiled.shared_memory_reason(np.float32)
+    assert (reason is not None and "shared-memory layout off: numba.cuda kernel probe gave loss 0"
+            in reason) if shared_fails else reason is None
+
+
 def test_simulator_is_reported_unusable_for_fit():
     """Under the simulator numba.cuda 'works' but must never be used by fit."""
     code = (
@@ -447,6 +486,18 @@ def test_gpu_kernel_matches_cpu_kernel(case):
                     shared=(cuda_mlp.TIER_GLOBAL, 0))
     for key in ("losses", "params", "grads", "state1", "state2"):
         np.testing.assert_array_equal(dev[key].get(), shared[key], err_msg=key)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gpu_shared_memory_layout_passes_its_probe(dtype):
+    """fit's layout (every array in shared memory) gives the probe's hand-computed
+    step on the device; else fit quietly runs the kernel from global memory."""
+    _cupy_or_skip()
+    from fastnn import gpu_compiled
+
+    assert gpu_compiled._probe_kernel(np.dtype(dtype)) is None
+    assert gpu_compiled.shared_memory_reason(dtype) is None
 
 
 @pytest.mark.gpu

@@ -178,6 +178,8 @@ def fastnn_kernel_step(w: Workload, seed: int = 0, shared_memory: bool = True):
             why = ("FASTNN_FAST_PATH=0" if os.environ.get("FASTNN_FAST_PATH") == "0"
                    else gpu_compiled.unavailable_reason() or "not a narrow MLP")
             raise RuntimeError(f"fastnn-cupy-kernel: the one-launch kernel does not apply here: {why}")
+        if shared_memory and not plan.shared_memory:
+            raise RuntimeError(f"fastnn-cupy-kernel: {gpu_compiled.shared_memory_reason(plan.group.dtype)}")
         plan.shared_memory = shared_memory
 
     def run(k: int) -> float:

@@ -48,6 +48,7 @@ class GpuPlan:
     alphas: object = None
     work: dict = field(default_factory=dict)  # batch_size -> scratch arrays
     shared_memory: bool = True  # False: every array in global memory (the benchmark's A/B)
+    fixed: dict = field(default_factory=dict)  # _fixed_args' views, for the data they were made of
 
     @property
     def group(self):
@@ -250,6 +251,45 @@ def _dev(a):
     return cuda.as_cuda_array(a, sync=False)
 
 
+def _fixed_args(plan: GpuPlan, X, y, batch_size: int) -> dict:
+    """What every launch of one fit passes unchanged, as Numba views made once:
+    the data, the flat parameter/gradient/state buffers, the layout and the work
+    arrays (``as_cuda_array`` costs host time per array and call, which a fit
+    that returns to Python after every epoch, for ``stop_when`` or a progress
+    bar, would pay every epoch). Made again if any of them is not the same. A
+    plan lives for one fit (plan_for_fit makes a new one), so the views never
+    outlive a fit whose caller then changes X or y in place."""
+    import cupy
+
+    from .backends import cuda_mlp
+
+    g = plan.group
+    arrays = (X, y, g.data, g.grad, *g.state.values())
+    key = (batch_size, plan.shared_memory, *map(id, arrays))
+    if plan.fixed.get("key") == key:
+        return plan.fixed
+    s1, s2, yf, yi = compiled.kernel_inputs(plan, X, y, cupy)
+    work = plan.work.get(batch_size)
+    if work is None:
+        work = plan.work[batch_size] = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
+    shared = (cuda_mlp.TIER_GLOBAL, 0)
+    if plan.shared_memory:
+        shared = cuda_mlp.shared_plan(plan.base.layout, batch_size, g.data.size, g.dtype,
+                                      plan.opt_kind)
+    data = (cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi)
+    plan.fixed = {
+        "key": key,
+        "keep": (arrays, data),  # alive while the views point into them (and the ids stay theirs)
+        "data": tuple(map(_dev, data)),
+        "buffers": tuple(map(_dev, (g.data, g.grad, s1, s2))),
+        "layout": tuple(map(_dev, (plan.layout, plan.acts, plan.alphas))),
+        "work": {k: _dev(v) for k, v in work.items()},
+        "threads": cuda_mlp.pick_threads(plan.base.layout, batch_size),
+        "shared": shared,
+    }
+    return plan.fixed
+
+
 def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: int) -> np.ndarray:
     """Train len(orders) epochs in one launch; returns the per-batch losses run
     (host float64; shorter when a loss turned non-finite: that batch is last).
@@ -261,27 +301,16 @@ def run_epochs(plan: GpuPlan, optimizer, X, y, orders: np.ndarray, batch_size: i
     if plan.layout is None and not ready(plan):
         raise RuntimeError(f"gpu_compiled: {unavailable_reason(plan.group.dtype)}")
     g = plan.group
-    s1, s2, yf, yi = compiled.kernel_inputs(plan, X, y, cupy)
+    fixed = _fixed_args(plan, X, y, batch_size)
     n_batches = -(-len(X) // batch_size)
     expected = len(orders) * n_batches
     out = cupy.zeros(expected + 1, dtype=np.float64)  # the losses, then the step count
-    work = plan.work.get(batch_size)
-    if work is None:
-        work = plan.work[batch_size] = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
     orders_d = cupy.asarray(np.ascontiguousarray(orders, dtype=np.int64))
-    shared = (cuda_mlp.TIER_GLOBAL, 0)
-    if plan.shared_memory:
-        shared = cuda_mlp.shared_plan(plan.base.layout, batch_size, g.data.size, g.dtype,
-                                      plan.opt_kind)
-    args = [cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi, orders_d]
     cuda_mlp.launch(
-        *map(_dev, args), batch_size, _dev(g.data), _dev(g.grad), _dev(s1), _dev(s2),
-        _dev(plan.layout), _dev(plan.acts), _dev(plan.alphas), plan.loss_kind, plan.opt_kind,
-        _dev(cupy.asarray(compiled._hyper(optimizer))), optimizer.step_count,
-        _dev(out[:expected]), _dev(out[expected:]),
-        {k: _dev(v) for k, v in work.items()},
-        threads=cuda_mlp.pick_threads(plan.base.layout, batch_size), stream=_stream(),
-        shared=shared,
+        *fixed["data"], _dev(orders_d), batch_size, *fixed["buffers"], *fixed["layout"],
+        plan.loss_kind, plan.opt_kind, _dev(cupy.asarray(compiled._hyper(optimizer))),
+        optimizer.step_count, _dev(out[:expected]), _dev(out[expected:]), fixed["work"],
+        threads=fixed["threads"], stream=_stream(), shared=fixed["shared"],
     )
     host = out.get()  # the one sync
     done = int(host[expected])

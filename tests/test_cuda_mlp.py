@@ -399,6 +399,56 @@ def test_a_failed_shared_memory_probe_leaves_the_kernel_on_global_memory(fake_gp
             in reason) if shared_fails else reason is None
 
 
+def test_run_epochs_makes_the_data_and_buffer_views_once_per_fit(fake_gpu, monkeypatch):
+    """A fit that launches once per epoch (stop_when, a progress bar) makes the
+    Numba views of its data, buffers and layout once; new data remakes them,
+    and the next fit (a new plan) starts afresh, since its caller may have
+    changed X or y in place."""
+    import types
+
+    import fastnn as fn
+    from fastnn import backends, gpu_compiled
+
+    def launch(*args, threads, stream, shared=None):
+        losses, done = args[16], args[17]
+        losses[:] = 0.5
+        done[0] = len(losses)
+
+    fake = types.SimpleNamespace(
+        TIER_GLOBAL=0, launch=launch, pick_threads=lambda layout, batch: 32,
+        shared_plan=lambda layout, batch, n_params, dtype, opt_kind: (3, 1024),
+        scratch=lambda layout, batch, dtype, xp=np: {"A": xp.zeros(4, dtype)})
+    monkeypatch.setitem(sys.modules, "fastnn.backends.cuda_mlp", fake)
+    monkeypatch.setattr(backends, "cuda_mlp", fake, raising=False)
+    monkeypatch.setattr(gpu_compiled, "_status", {"cuda": None, "float32": None})
+    monkeypatch.setattr(gpu_compiled, "_stream", lambda: 0)
+    views = []
+    monkeypatch.setattr(gpu_compiled, "_dev", lambda a: views.append(a) or a)
+    monkeypatch.delenv("FASTNN_FAST_PATH")
+    with fn.use_backend("cupy"):
+        m = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))
+        opt = fn.Adam(m.parameters(), lr=0.01)
+        X = fn.asarray(np.zeros((8, 2), np.float32))
+        y = fn.asarray(np.zeros((8, 1), np.float32))
+        order = np.arange(8)[None]
+
+        def views_made(X, y):
+            views.clear()
+            losses = gpu_compiled.run_epochs(plan, opt, X, y, order, 4)
+            assert losses.tolist() == [0.5, 0.5]
+            return len(views)
+
+        plan = gpu_compiled.plan_for_fit(m, fn.MSELoss(), opt, X, y, 10**6, 4)
+        assert plan is not None
+        first = views_made(X, y)
+        per_call = 4  # the epoch orders, the hyper-parameters, the losses, the step count
+        assert first > per_call and views_made(X, y) == per_call
+        assert views_made(fn.asarray(np.ones((8, 2), np.float32)), y) == first
+        plan = gpu_compiled.plan_for_fit(m, fn.MSELoss(), opt, X, y, 10**6, 4)
+        assert views_made(X, y) == first
+        assert opt.step_count == 8
+
+
 def test_simulator_is_reported_unusable_for_fit():
     """Under the simulator numba.cuda 'works' but must never be used by fit."""
     code = (

@@ -46,7 +46,6 @@ class GpuPlan:
     layout: object = None  # device copies, made by ready()
     acts: object = None
     alphas: object = None
-    work: dict = field(default_factory=dict)  # batch_size -> scratch arrays
     shared_memory: bool = True  # False: every array in global memory (the benchmark's A/B)
     fixed: dict = field(default_factory=dict)  # _fixed_args' views, for the data they were made of
 
@@ -269,9 +268,7 @@ def _fixed_args(plan: GpuPlan, X, y, batch_size: int) -> dict:
     if plan.fixed.get("key") == key:
         return plan.fixed
     s1, s2, yf, yi = compiled.kernel_inputs(plan, X, y, cupy)
-    work = plan.work.get(batch_size)
-    if work is None:
-        work = plan.work[batch_size] = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
+    work = cuda_mlp.scratch(plan.base.layout, batch_size, g.dtype, cupy)
     shared = (cuda_mlp.TIER_GLOBAL, 0)
     if plan.shared_memory:
         shared = cuda_mlp.shared_plan(plan.base.layout, batch_size, g.data.size, g.dtype,
@@ -279,7 +276,7 @@ def _fixed_args(plan: GpuPlan, X, y, batch_size: int) -> dict:
     data = (cupy.ascontiguousarray(X.reshape(len(X), -1)), cupy.ascontiguousarray(yf), yi)
     plan.fixed = {
         "key": key,
-        "keep": (arrays, data),  # alive while the views point into them (and the ids stay theirs)
+        "keep": (arrays, data, work),  # alive while the views point into them (and the ids stay theirs)
         "data": tuple(map(_dev, data)),
         "buffers": tuple(map(_dev, (g.data, g.grad, s1, s2))),
         "layout": tuple(map(_dev, (plan.layout, plan.acts, plan.alphas))),

@@ -60,9 +60,12 @@ __device__ __forceinline__ T fn_act_forward(T x, int act, T alpha) {
         return (x > zero || x != x) ? x : zero;
     case FASTNN_ACT_LEAKY_RELU:
         return x > zero ? x : x * alpha;
-    case FASTNN_ACT_SIGMOID:
-        // exp(-x) overflows to inf for x << 0 and 1/(1+inf) = 0: the right limit.
-        return one / (one + fn_exp(-x));
+    case FASTNN_ACT_SIGMOID: {
+        // As the NumPy reference (activations.py): never exp of a large positive
+        // number, and e/(1+e) keeps the tiny values of x << 0 (1/(1+exp(-x)) is 0).
+        const T e = fn_exp(-fn_abs(x));
+        return x >= zero ? one / (one + e) : e / (one + e);
+    }
     case FASTNN_ACT_TANH:
         return fn_tanh(x);
     case FASTNN_ACT_GELU: {

@@ -156,13 +156,14 @@ def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int,
 
 
 PROBE_WANT = (0.125, 0.55, 0.05)  # the probe's loss, w and b after its one step
+PROBE_GRADS = (-0.5, -0.5)  # dw, db of that step, left in the gradient buffer
 
 
 def probe_problem(dtype, to_device):
     """``(launch args, losses)`` of the probe: one SGD step (lr 0.1, MSE) of
     y = w*x + b from w = 0.5, b = 0 on the samples x = 1 and x = 2, both with
     target 1. By hand: predictions 0.5, 1.0, loss (0.25 + 0) / 2 = 0.125,
-    dw = db = -0.5, so w = 0.55 and b = 0.05 (PROBE_WANT). ``losses`` (2
+    dw = db = -0.5 (PROBE_GRADS), so w = 0.55 and b = 0.05 (PROBE_WANT). ``losses`` (2
     float64) gets the loss, then the step count (1). ``to_device`` makes a
     device array of a NumPy one (cupy.asarray; cuda.to_device in the simulator
     test, tests/test_cuda_mlp.py)."""
@@ -170,7 +171,7 @@ def probe_problem(dtype, to_device):
 
     dtype = np.dtype(dtype)
     layout = np.array([[1, 1, 0, 1]], dtype=np.int64)  # in 1, out 1, weight at 0, bias at 1
-    state = to_device(np.zeros(2, dtype))
+    grads = to_device(np.zeros(2, dtype))
     losses = to_device(np.zeros(2, np.float64))
     work = {k: to_device(v) for k, v in cuda_mlp.scratch(layout, 2, dtype).items()}
     args = (
@@ -180,8 +181,8 @@ def probe_problem(dtype, to_device):
         to_device(np.array([[0, 1]], np.int64)),  # one epoch: sample 0, then sample 1
         2,  # batch size
         to_device(np.array([0.5, 0.0], dtype)),  # params: w, b
-        to_device(np.zeros(2, dtype)),  # grads
-        state, state,  # SGD's one buffer, passed twice as run_epochs does
+        grads,
+        grads, grads,  # plain SGD's state: the gradient buffer, as kernel_inputs passes it
         to_device(layout), to_device(np.zeros(1, np.int64)),  # identity activation
         to_device(np.zeros(1, dtype)),  # alphas
         0, 0,  # MSE, SGD
@@ -192,12 +193,17 @@ def probe_problem(dtype, to_device):
     return args, losses
 
 
-def probe_verdict(losses, params) -> str | None:
-    """None when the probe's host results are PROBE_WANT, else what it gave."""
+def probe_verdict(losses, params, grads) -> str | None:
+    """None when the probe's host results are PROBE_WANT and PROBE_GRADS, else
+    what it gave."""
     loss, w, b = float(losses[0]), float(params[0]), float(params[1])
+    dw, db = float(grads[0]), float(grads[1])
     if losses[1] != 1 or not np.allclose([loss, w, b], PROBE_WANT, rtol=1e-5):
         want = ", ".join(f"{v:g}" for v in PROBE_WANT)
         return f"numba.cuda kernel probe gave loss {loss:g}, w {w:g}, b {b:g} (want {want})"
+    if not np.allclose([dw, db], PROBE_GRADS, rtol=1e-5):
+        want = ", ".join(f"{v:g}" for v in PROBE_GRADS)
+        return f"numba.cuda kernel probe left the gradients dw {dw:g}, db {db:g} (want {want})"
     return None
 
 
@@ -210,7 +216,7 @@ def _probe_kernel(dtype) -> str | None:
 
         args, losses = probe_problem(dtype, cupy.asarray)
         cuda_mlp.launch(*args, threads=32, stream=_stream(), shared=(cuda_mlp.TIER_GLOBAL, 0))
-        verdict = probe_verdict(losses.get(), args[5].get())
+        verdict = probe_verdict(losses.get(), args[5].get(), args[6].get())
     except Exception as exc:  # NVVM missing, driver/toolkit mismatch, launch failure
         return f"numba.cuda kernel unusable ({type(exc).__name__}: {exc})".splitlines()[0]
     if verdict is None:  # the same kernel with all of it in shared memory (fit's layout)
@@ -228,7 +234,7 @@ def _probe_shared(dtype) -> str | None:
 
         args, losses = probe_problem(dtype, cupy.asarray)
         cuda_mlp.launch(*args, threads=32, stream=_stream())
-        verdict = probe_verdict(losses.get(), args[5].get())
+        verdict = probe_verdict(losses.get(), args[5].get(), args[6].get())
     except Exception as exc:
         verdict = f"{type(exc).__name__}: {exc}".splitlines()[0]
     return None if verdict is None else f"shared-memory layout off: {verdict}"

@@ -128,9 +128,12 @@ def _build(case: dict, seed: int = 0) -> dict:
         state1[:] = rng.normal(size=size) * 0.01
         state2[:] = rng.uniform(0, 1e-3, size)
     n_batches = -(-n // case["batch"])
+    grads = np.zeros(size, dtype)
+    if case["opt"] == 0 and case["hyper"][1] == 0:
+        state1 = grads  # plain SGD: the gradient buffer as its state, as kernel_inputs passes it
     return dict(
         X=X, Yf=Yf, Yi=Yi, orders=orders, batch_size=case["batch"], params=params,
-        grads=np.zeros(size, dtype), state1=state1,
+        grads=grads, state1=state1,
         state2=state2 if case["opt"] == 1 else state1,
         layout=layout, acts=acts, alphas=alphas, loss_kind=case["loss"], opt_kind=case["opt"],
         hyper=np.array(case["hyper"], np.float64), step0=step0,
@@ -138,11 +141,20 @@ def _build(case: dict, seed: int = 0) -> dict:
     )
 
 
+def _shared_buffers(args: dict, copies: dict) -> dict:
+    """``copies`` with the aliasing of ``args`` kept: SGD passes one buffer as
+    state1 and state2, plain SGD its gradient buffer as both (kernel_inputs)."""
+    for key in ("state1", "state2"):
+        for same in ("grads", "state1"):
+            if key != same and args[key] is args[same]:
+                copies[key] = copies[same]
+                break
+    return copies
+
+
 def _copy(args: dict) -> dict:
-    out = {k: (v.copy() if isinstance(v, np.ndarray) else v) for k, v in args.items()}
-    if args["state2"] is args["state1"]:
-        out["state2"] = out["state1"]  # SGD passes one buffer twice, as run_epochs does
-    return out
+    return _shared_buffers(args, {k: (v.copy() if isinstance(v, np.ndarray) else v)
+                                  for k, v in args.items()})
 
 
 TIERS = (0, 1, 2, 3)  # cuda_mlp.TIER_GLOBAL .. TIER_ALL: what lives in shared memory
@@ -175,12 +187,10 @@ def _simulate(out_dir: str, threads: int) -> None:
         need = cuda_mlp.tier_bytes(base["layout"], base["batch_size"], len(base["params"]),
                                    base["params"].dtype, base["opt_kind"])
         for tier in _tiers(case):
-            # Fake device arrays, made once per buffer: SGD passes state1 twice, and
+            # Fake device arrays, made once per buffer: SGD passes one buffer twice, and
             # the simulator would copy two host arguments back one over the other.
-            dev = {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v)
-                   for k, v in base.items()}
-            if base["state2"] is base["state1"]:
-                dev["state2"] = dev["state1"]
+            dev = _shared_buffers(base, {k: (cuda.to_device(v) if isinstance(v, np.ndarray) else v)
+                                         for k, v in base.items()})
             done_out = cuda.to_device(np.zeros(1, np.float64))
             work = {k: cuda.to_device(v) for k, v in
                     cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype).items()}
@@ -377,8 +387,9 @@ def test_a_failed_shared_memory_probe_leaves_the_kernel_on_global_memory(fake_gp
         layouts.append("global" if shared == (0, 0) else "shared")
         if shared_fails and shared is None:
             return  # the shared layout "computes" nothing
-        losses, done, params = args[16], args[17], args[5]
+        losses, done, params, grads = args[16], args[17], args[5], args[6]
         losses[0], done[0], params[0], params[1] = 0.125, 1, 0.55, 0.05
+        grads[0] = grads[1] = -0.5
 
     fake = types.SimpleNamespace(TIER_GLOBAL=0, launch=launch,
                                  scratch=lambda layout, batch, dtype: {"A": np.zeros(4, dtype)})
@@ -472,12 +483,14 @@ def test_probe_problem_gives_the_hand_computed_step_under_the_simulator():
         "for dtype in ('float32', 'float64'):\n"
         "    args, losses = gpu_compiled.probe_problem(dtype, cuda.to_device)\n"
         "    cuda_mlp.launch(*args, threads=32)\n"
-        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host())\n"
+        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host(),\n"
+        "                                          args[6].copy_to_host())\n"
         "    assert verdict is None, verdict\n"
         "    args, losses = gpu_compiled.probe_problem(dtype, cuda.to_device)\n"
         "    args[3].copy_to_device(np.zeros((1, 2), np.int64))\n"
         "    cuda_mlp.launch(*args, threads=32)\n"
-        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host())\n"
+        "    verdict = gpu_compiled.probe_verdict(losses.copy_to_host(), args[5].copy_to_host(),\n"
+        "                                          args[6].copy_to_host())\n"
         "    assert verdict is not None and 'loss 0.25' in verdict, verdict\n"
         "print('ok')\n"
     )
@@ -513,9 +526,8 @@ def test_gpu_kernel_matches_cpu_kernel(case):
     base = _build(case)
     cpu = _copy(base)
     done_cpu = numba_mlp.train_mlp(*(cpu[k] for k in order))
-    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
-    if case["opt"] == 0:
-        dev["state2"] = dev["state1"]
+    dev = _shared_buffers(base, {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v)
+                                 for k, v in base.items()})
     done_out = cupy.zeros(1, cupy.float64)
     work = cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype, cupy)
     cuda_mlp.launch(*(dev[k] for k in order), done_out, work,
@@ -523,14 +535,13 @@ def test_gpu_kernel_matches_cpu_kernel(case):
     assert int(done_out.get()[0]) == done_cpu
     upto = min(done_cpu + 1, len(base["losses"]))
     np.testing.assert_allclose(dev["losses"].get()[:upto], cpu["losses"][:upto], rtol=1e-9)
-    for key in ("params", "state1", "state2"):
+    for key in ("params", "grads", "state1", "state2"):
         np.testing.assert_allclose(dev[key].get(), cpu[key], rtol=1e-9, atol=1e-12, err_msg=key)
     # Every array in global memory instead (the layout the benchmark's A/B runs):
     # the same instructions on other addresses, so the same bits.
     shared = {k: v.get() for k, v in dev.items() if hasattr(v, "get")}
-    dev = {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v) for k, v in base.items()}
-    if case["opt"] == 0:
-        dev["state2"] = dev["state1"]
+    dev = _shared_buffers(base, {k: (cupy.asarray(v) if isinstance(v, np.ndarray) else v)
+                                 for k, v in base.items()})
     work = cuda_mlp.scratch(base["layout"], base["batch_size"], base["params"].dtype, cupy)
     cuda_mlp.launch(*(dev[k] for k in order), done_out, work,
                     shared=(cuda_mlp.TIER_GLOBAL, 0))

@@ -336,10 +336,12 @@ def train_mlp_cuda(X, Yf, Yi, orders, batch_size, params_g, grads_g, state1_g, s
     cuda.syncthreads()
     for i in range(tid, size, nt):  # back to the optimizer's buffers (no-op when global)
         params_g[i] = params[i]
-        grads_g[i] = grads[i]
         state1_g[i] = state1[i]
         if opt_kind == OPT_ADAM:
             state2_g[i] = state2[i]
+        # Last: plain SGD passes the gradient buffer as its state (kernel_inputs),
+        # whose shared copy still holds the gradients from before the launch.
+        grads_g[i] = grads[i]
     if tid == 0:
         done_out[0] = done
 

@@ -190,3 +190,49 @@ def test_gemm_arguments_are_the_column_major_call():
     # a stored (3, 2) used as a.T; b stored (5, 3) used as b.T
     assert cublas.gemm_arguments((3, 2), (5, 3), True, True) == (
         cublas.OP_T, cublas.OP_T, 5, 2, 3, 3, 2, 5)
+
+
+def _raw_gemm(handle, transa, transb, m, n, k, lda, ldb, ldc, *, ab_type=cublas.R_32F,
+              c_type=cublas.R_32F, compute=cublas.COMPUTE_32F):
+    """cublasGemmEx straight into the shim through ``handle``, column-major
+    arguments as given (buffers big enough for any of them)."""
+    handle.bind(int(handle._cupy.cuda.get_current_stream().ptr))
+    size = max(lda, ldb, ldc, 1) * max(m, n, k, 1)
+    a, b = np.zeros(size, np.float64), np.zeros(size, np.float64)
+    c = np.zeros(size, np.float64)
+    alpha, beta = handle._scalars[cublas.COMPUTE_64F if compute == cublas.COMPUTE_64F
+                                  else cublas.COMPUTE_32F]
+    handle._check("cublasGemmEx", handle._handle, transa, transb, m, n, k,
+                  ctypes.addressof(alpha), cublas.pointer(a), ab_type, lda, cublas.pointer(b),
+                  ab_type, ldb, ctypes.addressof(beta), cublas.pointer(c), c_type, ldc, compute,
+                  cublas.GEMM_DEFAULT)
+
+
+@pytest.mark.parametrize("transa", [cublas.OP_N, cublas.OP_T])
+@pytest.mark.parametrize("transb", [cublas.OP_N, cublas.OP_T])
+@pytest.mark.parametrize("short", ["lda", "ldb", "ldc"])
+def test_shim_rejects_a_too_small_leading_dimension(shim, fake_cupy, transa, transb, short):
+    """As cuBLAS: lda >= max(1, op N ? m : k), ldb >= max(1, op N ? k : n),
+    ldc >= max(1, m), else CUBLAS_STATUS_INVALID_VALUE (7). m, n, k differ, so
+    a leading dimension taken from the wrong extent fails."""
+    handle = cublas.Handle(fake_cupy, shim)
+    m, n, k = 5, 2, 3
+    lds = {"lda": m if transa == cublas.OP_N else k,
+           "ldb": k if transb == cublas.OP_N else n, "ldc": m}
+    _raw_gemm(handle, transa, transb, m, n, k, **lds)  # the smallest valid ones pass
+    lds[short] -= 1
+    with pytest.raises(cublas.CublasError, match=r"cublasGemmEx failed with cublasStatus 7$"):
+        _raw_gemm(handle, transa, transb, m, n, k, **lds)
+
+
+@pytest.mark.parametrize("ab_type, c_type, compute", [
+    (cublas.R_16BF, cublas.R_32F, cublas.COMPUTE_64F),
+    (cublas.R_32F, cublas.R_64F, cublas.COMPUTE_32F),
+    (cublas.R_64F, cublas.R_64F, cublas.COMPUTE_32F),
+    (cublas.R_16BF, cublas.R_16BF, cublas.COMPUTE_32F),
+])
+def test_shim_rejects_an_unsupported_type_combination(shim, fake_cupy, ab_type, c_type, compute):
+    handle = cublas.Handle(fake_cupy, shim)
+    with pytest.raises(cublas.CublasError, match=r"cublasGemmEx failed with cublasStatus 15$"):
+        _raw_gemm(handle, cublas.OP_N, cublas.OP_N, 4, 4, 4, 4, 4, 4, ab_type=ab_type,
+                  c_type=c_type, compute=compute)

@@ -29,9 +29,13 @@ A replay repeats the recorded launches with the recorded arguments, so:
 The numbers are those of the ordinary step: the same kernels on the same
 buffers in the same order (tests/test_cuda_graph.py compares them bit for
 bit on a GPU, and checks the bookkeeping on the CPU with a recording stand-in).
+With ``shuffle=False`` the ordinary step reads each batch in place, at an
+address cuBLAS may find less aligned than the graph's batch buffer and so
+choose another GEMM kernel: the two then agree to rounding, not to the bit.
 """
 from __future__ import annotations
 
+import gc
 import os
 
 import numpy as np
@@ -159,8 +163,8 @@ class GraphedStep:
     def replay(self) -> None:
         if self.graph is None:  # ready() said False, or new_epoch dropped it for new settings
             raise RuntimeError("GraphedStep.replay: no recorded step (call ready(b) first)")
-        self.optimizer.step_count += 1  # what optimizer.step() does on the host
         self.graph.launch()
+        self.optimizer.step_count += 1  # what optimizer.step() does on the host
 
     # ------------------------------------------------------------ recording
     def step_scalars(self, values, dtype):
@@ -177,13 +181,16 @@ class GraphedStep:
         return self.scalars[first:first + count]
 
     def _settings(self):
-        """What the graph fixes: hyper-parameters, precision, parameter buffers."""
+        """What the graph fixes: hyper-parameters, precision, parameter buffers,
+        and the modules' and the loss's plain settings (a LeakyReLU's slope, ...),
+        which their launches pass by value; a stop_when may change any of them."""
         from .precision import get_precision
 
         opt = self.optimizer
         hyper = tuple((name, getattr(opt, name)) for name in opt.hyper_names)
         buffers = tuple(pointer(p.data) for p in opt.groups[0].params)
-        return type(opt), hyper, get_precision(), buffers, self.model.training
+        modules = tuple(_plain_settings(m) for m in [*self.model.modules(), self.loss_fn])
+        return type(opt), hyper, get_precision(), buffers, self.model.training, modules
 
     def _record(self) -> None:
         backend, opt = self.backend, self.optimizer
@@ -202,6 +209,10 @@ class GraphedStep:
         self._slots = []
         loss = None
         backend._capture = self
+        # No garbage collection while recording: a finalizer that synchronizes
+        # (cublasDestroy of another handle, a freed memory pool) would end it.
+        collecting = gc.isenabled()
+        gc.disable()
         try:
             with stream, cupy.cuda.using_allocator(allocator_keeping(pool, cupy)):
                 stream.begin_capture()
@@ -212,6 +223,8 @@ class GraphedStep:
                     raise
                 graph = stream.end_capture()
         finally:
+            if collecting:
+                gc.enable()
             backend._capture = None
             opt.step_count = step_count  # recording ran nothing; each replay counts itself
         graph.upload(cupy.cuda.get_current_stream())
@@ -297,6 +310,12 @@ def _abandon_capture(stream) -> None:
         stream.end_capture()
     except Exception:
         pass
+
+
+def _plain_settings(obj) -> tuple:
+    """An object's attributes that are plain values (numbers, flags, names)."""
+    return type(obj), tuple(sorted((name, value) for name, value in vars(obj).items()
+                                   if type(value) in (bool, int, float, str)))
 
 
 def _arrays_of(obj) -> list:

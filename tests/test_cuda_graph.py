@@ -11,6 +11,7 @@ difference. The ``gpu`` tests do the same on a real device.
 from __future__ import annotations
 
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -231,6 +232,82 @@ def test_unusable_own_cublas_falls_back_to_cupy_matmul(monkeypatch):
 
 
 
+def _backend_on(monkeypatch, lib):
+    from fastnn import precision
+    from fastnn.backends import cupy_backend
+
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy([]))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)
+    monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)
+    return cupy_backend.CupyBackend()
+
+
+class _RefusingCublas(FakeCublas):
+    """The fake cuBLAS answering NOT_SUPPORTED (15) for one compute type, or
+    EXECUTION_FAILED (13) for every GEMM once ``fail_all`` is set."""
+
+    def __init__(self, refused_compute=None):
+        super().__init__()
+        self.refused_compute, self.fail_all = refused_compute, False
+
+    def cublasGemmEx(self, *args):
+        if self.fail_all:
+            return 13
+        if args[17] == self.refused_compute:
+            return 15
+        return super().cublasGemmEx(*args)
+
+
+def test_a_precision_the_own_handle_refuses_at_start_goes_to_cupy(monkeypatch):
+    """A TF32 GEMM cuBLAS will not do (the start-up probe's) leaves TF32 GEMMs
+    to CuPy's matmul, with the reason in the status; float32 stays on the handle."""
+    lib = _RefusingCublas(refused_compute=cublas.COMPUTE_32F_FAST_TF32)
+    backend = _backend_on(monkeypatch, lib)
+    assert backend._blas is not None
+    assert backend._blas_refused == {"tf32"}
+    assert backend.blas_status.endswith(
+        "; tf32 GEMMs on CuPy's matmul (CublasError: cublasGemmEx failed with cublasStatus 15)")
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    before = [c[0] for c in lib.calls].count("gemm")
+    with fn.precision.using("tf32"):
+        np.testing.assert_array_equal(backend.gemm(on_device(a), on_device(a.T)), a @ a.T)
+    assert [c[0] for c in lib.calls].count("gemm") == before  # CuPy's matmul did it
+    backend.gemm(on_device(a), on_device(a.T))
+    assert [c[0] for c in lib.calls].count("gemm") == before + 1  # float32: the own handle
+
+
+def test_a_gemm_failing_mid_training_falls_back_to_cupy_with_a_warning(monkeypatch):
+    """A cuBLAS error outside a recording does not end the fit: the GEMM is
+    redone on CuPy's matmul, once with a warning, and that precision stays there."""
+    lib = _RefusingCublas()
+    backend = _backend_on(monkeypatch, lib)
+    assert backend._blas_refused == set()
+    lib.fail_all = True
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    with pytest.warns(RuntimeWarning, match="cuBLAS GEMM failed .*cublasStatus 13.*float32 GEMMs"):
+        got = backend.gemm(on_device(a), on_device(a.T))
+    np.testing.assert_array_equal(got, a @ a.T)
+    assert backend._blas_refused == {"float32"}
+    assert "float32 GEMMs on CuPy's matmul since: CublasError" in backend.blas_status
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once: later GEMMs go to CuPy without asking cuBLAS
+        np.testing.assert_array_equal(backend.gemm(on_device(a), on_device(a.T)), a @ a.T)
+    x = np.arange(6, dtype=np.float64).reshape(2, 3)
+    with pytest.warns(RuntimeWarning, match="float64 GEMMs"):  # its own entry
+        np.testing.assert_array_equal(backend.gemm(on_device(x), on_device(x.T)), x @ x.T)
+
+
+def test_gemms_on_another_device_than_the_handles_go_to_cupy(fake_gpu, monkeypatch):
+    """A cuBLAS handle serves the device it was made on (the backend's)."""
+    backend, _, lib = fake_gpu
+    monkeypatch.setattr(sys.modules["cupy"].cuda.runtime, "getDevice", lambda: 1)
+    a = np.arange(6, dtype=np.float32).reshape(2, 3)
+    lib.calls.clear()
+    np.testing.assert_array_equal(backend.gemm(on_device(a), on_device(a.T)), a @ a.T)
+    assert lib.calls == []
+
+
 def test_own_cublas_passes_its_check_when_the_backend_starts_under_tf32(monkeypatch):
     """The start-up check compares with the exact product on the host: under
     set_precision("tf32") CuPy's own matmul is TF32 (off by ~1e-3), and checking
@@ -249,7 +326,7 @@ def test_own_cublas_passes_its_check_when_the_backend_starts_under_tf32(monkeypa
         backend = cupy_backend.CupyBackend()
     assert backend._blas is not None, backend.blas_status
     assert backend.blas_status.startswith("own cuBLAS handle")
-    assert [c[0] for c in lib.calls].count("gemm") == 8  # 4 transposes x 2 dtypes
+    assert [c[0] for c in lib.calls].count("gemm") == 10  # 4 transposes x 2 dtypes, tf32, bf16
 
 
 def test_bf16_without_the_own_handle_still_rounds_the_gemm_inputs(monkeypatch):
@@ -360,6 +437,37 @@ def test_changed_hyper_parameters_are_recorded_again(fake_gpu, monkeypatch):
     backend = fake_gpu[0]
     _, want, _ = _fit(backend, monkeypatch, "0", optimizer="sgd", stop_when=halve_lr)
     _, got, _ = _fit(backend, monkeypatch, "1", optimizer="sgd", stop_when=halve_lr)
+    assert len(FakeGraph.made) == 3  # one per epoch
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_changed_layer_settings_are_recorded_again(fake_gpu, monkeypatch):
+    """A graph also fixes what a layer passes by value (a LeakyReLU's slope):
+    an epoch after a stop_when changed it records anew, as the plain step sees it."""
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((48, 6)).astype(np.float32), rng.integers(0, 4, 48)
+
+    def run(graph):
+        monkeypatch.setenv("FASTNN_CUDA_GRAPH", graph)
+        FakeGraph.made.clear()
+        with fn.use_backend(backend):
+            fn.manual_seed(0)
+            model = fn.Sequential(fn.Linear(6, 16), fn.LeakyReLU(0.5), fn.Linear(16, 4))
+            slope = list(model.modules())[2]
+            assert isinstance(slope, fn.LeakyReLU)
+
+            def flatten_slope(history):
+                slope.alpha *= 0.25
+                return False
+
+            fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1), X, y,
+                   epochs=3, batch_size=8, seed=3, stop_when=flatten_slope, progress=False)
+        return model.state_dict()
+
+    want = run("0")
+    got = run("1")
     assert len(FakeGraph.made) == 3  # one per epoch
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
@@ -749,6 +857,20 @@ def test_gpu_replayed_step_gives_the_bits_of_the_plain_step(gpu, monkeypatch, lo
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     assert graphed.loss == plain.loss
+
+
+@pytest.mark.gpu
+def test_gpu_replayed_step_without_shuffle_agrees_to_rounding(gpu, monkeypatch):
+    """shuffle=False: the plain step reads batches of 5 rows of 24 bytes in place
+    (8-byte aligned), the replay from its own buffer: cuBLAS may pick another
+    kernel for each, so the fits agree to rounding (cuda_graph's docstring)."""
+    monkeypatch.setenv("FASTNN_FAST_PATH", "0")
+    plain, want, _ = _fit(gpu, monkeypatch, "0", "xent", "sgd", shuffle=False, batch=5)
+    graphed, got, _ = _fit(gpu, monkeypatch, "1", "xent", "sgd", shuffle=False, batch=5)
+    assert graphed.step_path.startswith("cuda-graph"), graphed.step_path
+    for name in want:
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(graphed.loss, plain.loss, rtol=1e-5)
 
 
 @pytest.mark.gpu

@@ -52,6 +52,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(cublas, "load_library", lambda cupy: FakeCublas())
     backend = cupy_backend.CupyBackend()
+    launches.clear()  # the start-up probes': a test counts its own
     yield backend, launches, fake
     monkeypatch.undo()  # the real apply_to_cupy again, and no fake cupy to apply it to
     fn.set_precision("float32")

@@ -112,6 +112,7 @@ class CupyBackend(CupyGemmOps, CupyStepOps, Backend):
 
         apply_to_cupy()  # exact float32 GEMMs unless fn.set_precision("tf32")
         self._blas = None  # fastnn's own cuBLAS handle, once it has passed its check
+        self._blas_refused: set = set()  # precisions whose GEMMs failed there: left to CuPy
         self.blas_status = self._start_own_cublas()
 
     # ------------------------------------------------------------ arrays

@@ -26,7 +26,8 @@ class CupyGemmOps:
         product computed on the host (not ``cupy.matmul``, which is TF32 when the
         backend starts under ``set_precision("tf32")``); returns the status line
         ``fastnn info`` prints. On any failure GEMMs stay with CuPy and training
-        steps are not captured."""
+        steps are not captured. Then one TF32 and one bf16 GEMM: a precision
+        that fails there (or later, outside a recording) has its GEMMs on CuPy."""
         cupy = self.xp
         try:
             lib = cublas.load_library(cupy)
@@ -40,7 +41,7 @@ class CupyGemmOps:
                 at, bt = cupy.ascontiguousarray(a.T), cupy.ascontiguousarray(b.T)
                 for x, y, ta, tb in ((a, b, False, False), (at, b, True, False),
                                      (a, bt, False, True), (at, bt, True, True)):
-                    got = self._gemm(x, y, None, ta, tb, "float32")
+                    got = self._gemm(x, y, None, ta, tb, "float32", strict=True)
                     # exact float32 is ~1e-7 here; TF32 or a wrong layout is >= 1e-4
                     err = float(np.abs(host_array(got) - want).max())
                     if not err <= 1e-5:
@@ -52,10 +53,55 @@ class CupyGemmOps:
         # Which libcublas file: another package may have mapped a second one.
         name = str(getattr(lib, "_name", "") or "").rsplit("/", 1)[-1]
         on = f" on {name}" if name else ""
-        return f"own cuBLAS handle{on} (training steps can be captured in CUDA graphs)"
+        refused = [self._probe_reduced_precision(p) for p in ("tf32", "bf16")]
+        notes = "".join(f"; {note}" for note in refused if note)
+        return f"own cuBLAS handle{on} (training steps can be captured in CUDA graphs){notes}"
 
-    def _blas_operands(self, a, b, out) -> bool:
+    def _probe_reduced_precision(self, precision: str) -> str | None:
+        """One float32 GEMM at ``precision`` ("tf32" or "bf16") on the own handle,
+        checked against the host: None when right, else a note, and GEMMs at
+        that precision go to CuPy (``_blas_refused``)."""
+        cupy = self.xp
+        rng = np.random.default_rng(1)
+        a_host = rng.standard_normal((5, 3)).astype(np.float32)
+        b_host = rng.standard_normal((3, 4)).astype(np.float32)
+        a, b = cupy.asarray(a_host), cupy.asarray(b_host)
+        try:
+            got = host_array(self._gemm(a, b, None, False, False, precision, strict=True))
+            if precision == "bf16":  # exact products of the bf16 inputs, float32 sums
+                a_host, b_host = (host_array(self._bf16_rounded(x)) for x in (a, b))
+                bound = 1e-5
+            else:
+                bound = 1e-2  # TF32 keeps 10 mantissa bits; a wrong layout is off by ~1
+            want = a_host.astype(np.float64) @ b_host.astype(np.float64)
+            err = float(np.abs(got - want).max())
+            if not err <= bound:
+                raise RuntimeError(f"differs from the host product by {err:.3g}")
+        except Exception as exc:
+            self._blas_refused.add(precision)
+            return f"{precision} GEMMs on CuPy's matmul ({_one_line(exc)})"
+        finally:
+            self._bf16.clear()  # the probe's scratch, of no training run's size
+        return None
+
+    def _blas_failed(self, precision: str, exc) -> None:
+        """A GEMM on the own handle failed outside a recording: say so once, and
+        leave this precision's GEMMs to CuPy from now on (the fit goes on)."""
+        import warnings
+
+        self._blas_refused.add(precision)
+        self.blas_status += f"; {precision} GEMMs on CuPy's matmul since: {_one_line(exc)}"
+        warnings.warn(f"fastnn: cuBLAS GEMM failed ({_one_line(exc)}); {precision} GEMMs "
+                      "now run on CuPy's matmul, and new CUDA-graph recordings of them fail",
+                      RuntimeWarning, stacklevel=3)
+
+    def _blas_operands(self, a, b, out, precision: str) -> bool:
         nd = self.xp.ndarray
+        if precision in self._blas_refused:
+            return False
+        # The handle belongs to the device it was made on (the backend's).
+        if self.xp.cuda.runtime.getDevice() != self._device_id:
+            return False
         if not (isinstance(a, nd) and isinstance(b, nd) and a.ndim == 2 and b.ndim == 2):
             return False
         if a.dtype not in _FLOATS or b.dtype != a.dtype:
@@ -84,34 +130,48 @@ class CupyGemmOps:
             return x
         return GemmOperand(x, self._write_bf16(x, bits_buffer(x.shape)))
 
-    def _gemm(self, a, b, out, trans_a, trans_b, precision: str):
+    def _gemm(self, a, b, out, trans_a, trans_b, precision: str, strict: bool = False):
+        """``strict``: a cuBLAS error is raised, never answered by CuPy (the probes)."""
         a_bits, b_bits = getattr(a, "bits", None), getattr(b, "bits", None)
         a, b = gemm_array(a), gemm_array(b)
         blas = self._blas
-        if blas is None or not self._blas_operands(a, b, out):
-            if precision == "bf16" and a.dtype == b.dtype == np.float32:
-                # CuPy's matmul has no bf16 inputs: give it the bf16 values (their
-                # products are exact in float32, as in a bf16 GEMM's accumulation)
-                a, b = self._bf16_rounded(a), self._bf16_rounded(b)
-            return super().gemm(a, b, out, trans_a, trans_b)
+        # float64 GEMMs are exact whatever the policy (their own entry in _blas_refused)
+        kind = "float64" if a.dtype == np.float64 else precision
+        if blas is None or not self._blas_operands(a, b, out, kind):
+            return self._cupy_gemm(a, b, out, trans_a, trans_b, precision)
         m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
         kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
         if kb != k or 0 in (m, n, k) or (out is not None and out.shape != (m, n)):
             return super().gemm(a, b, out, trans_a, trans_b)  # CuPy's error, or an empty product
         if out is None:
             out = self.xp.empty((m, n), dtype=a.dtype)
-        if a.dtype == np.float64:
-            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_64F,
-                      compute=cublas.COMPUTE_64F)
-        elif precision == "bf16":
-            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_16BF,
-                      compute=cublas.COMPUTE_32F,
-                      a_bits=self._to_bf16(a, "a") if a_bits is None else a_bits,
-                      b_bits=self._to_bf16(b, "b") if b_bits is None else b_bits)
-        else:
-            compute = cublas.COMPUTE_32F_FAST_TF32 if precision == "tf32" else cublas.COMPUTE_32F
-            blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_32F, compute=compute)
+        try:
+            if a.dtype == np.float64:
+                blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_64F,
+                          compute=cublas.COMPUTE_64F)
+            elif precision == "bf16":
+                blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_16BF,
+                          compute=cublas.COMPUTE_32F,
+                          a_bits=self._to_bf16(a, "a") if a_bits is None else a_bits,
+                          b_bits=self._to_bf16(b, "b") if b_bits is None else b_bits)
+            else:
+                compute = (cublas.COMPUTE_32F_FAST_TF32 if precision == "tf32"
+                           else cublas.COMPUTE_32F)
+                blas.gemm(a, b, out, trans_a, trans_b, data_type=cublas.R_32F, compute=compute)
+        except cublas.CublasError as exc:
+            if self.capturing or strict:
+                raise  # a recording fails (fit runs this step op by op); a probe says why
+            self._blas_failed(kind, exc)
+            return self._cupy_gemm(a, b, out, trans_a, trans_b, precision)
         return out
+
+    def _cupy_gemm(self, a, b, out, trans_a, trans_b, precision: str):
+        """The GEMM on CuPy's matmul (Backend's generic path), bf16 inputs rounded."""
+        if precision == "bf16" and a.dtype == b.dtype == np.float32:
+            # CuPy's matmul has no bf16 inputs: give it the bf16 values (their
+            # products are exact in float32, as in a bf16 GEMM's accumulation)
+            a, b = self._bf16_rounded(a), self._bf16_rounded(b)
+        return super().gemm(a, b, out, trans_a, trans_b)
 
     def _to_bf16(self, x, operand: str):
         """bf16 bits of float32 ``x`` (round to nearest even) in a reused scratch buffer."""

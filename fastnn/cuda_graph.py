@@ -203,7 +203,7 @@ class GraphedStep:
         backend._kernel("optim.cu", f"adam_captured_{self.suffix}")
         stream = cupy.cuda.Stream(non_blocking=True)
         pool = cupy.cuda.MemoryPool()  # the graph's own memory: never lent to other work
-        backend._blas.bind(int(stream.ptr))  # before the capture: cuBLAS cannot be re-bound in it
+        backend._blas.bind(stream)  # before the capture: cuBLAS cannot be re-bound in it
         signature = self._settings()
         step_count = opt.step_count
         self._slots = []

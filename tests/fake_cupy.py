@@ -328,6 +328,7 @@ class FakeStream:
         self.ptr = 0 if null else FakeStream._next_ptr
         FakeStream._next_ptr += 0 if null else 1
         self.recorded = None  # a list while capturing
+        self.waited: list = []  # events wait_event was given
 
     def __enter__(self):
         _streams.append(self)
@@ -349,6 +350,10 @@ class FakeStream:
 
     def is_capturing(self):
         return self.recorded is not None
+
+    def wait_event(self, event):
+        assert event.time is not None, "a stream waits on an event never recorded"
+        self.waited.append(event)
 
 
 class FakeMemoryPool:
@@ -390,6 +395,7 @@ class FakeEvent:
 
     def record(self, stream=None):
         assert not _recording(), "an event recorded while a CUDA graph records"
+        self.stream = stream if stream is not None else _streams[-1]
         self.time = _clock[0]
         self.done = False
         _recorded_events.append(self)

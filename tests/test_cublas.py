@@ -196,7 +196,7 @@ def _raw_gemm(handle, transa, transb, m, n, k, lda, ldb, ldc, *, ab_type=cublas.
               c_type=cublas.R_32F, compute=cublas.COMPUTE_32F):
     """cublasGemmEx straight into the shim through ``handle``, column-major
     arguments as given (buffers big enough for any of them)."""
-    handle.bind(int(handle._cupy.cuda.get_current_stream().ptr))
+    handle.bind(handle._cupy.cuda.get_current_stream())
     size = max(lda, ldb, ldc, 1) * max(m, n, k, 1)
     a, b = np.zeros(size, np.float64), np.zeros(size, np.float64)
     c = np.zeros(size, np.float64)

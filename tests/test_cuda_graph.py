@@ -165,10 +165,17 @@ def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
     backend.gemm(a, a)
     backend.gemm(a, a)
     assert [c[0] for c in lib.calls] == ["gemm", "gemm"]  # bound at start-up, not per call
-    stream = sys.modules["cupy"].cuda.Stream(non_blocking=True)
+    cuda = sys.modules["cupy"].cuda
+    null = cuda.get_current_stream()
+    stream = cuda.Stream(non_blocking=True)
     with stream:
         backend.gemm(a, a)
     assert [c[0] for c in lib.calls[2:]] == ["stream", "workspace", "gemm"]
+    # One workspace: each newly bound stream first waits for the one before it.
+    assert [e.stream for e in stream.waited] == [null]
+    backend.gemm(a, a)
+    assert [c[0] for c in lib.calls[5:]] == ["stream", "workspace", "gemm"]
+    assert [e.stream for e in null.waited][-1:] == [stream]
 
 
 

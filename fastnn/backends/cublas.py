@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import threading
 
 OP_N, OP_T = 0, 1
 R_32F, R_64F, R_16BF = 0, 1, 14  # cudaDataType
@@ -128,18 +129,23 @@ def pointer(array) -> int:
 
 
 class Handle:
-    """One cuBLAS handle with a fixed workspace, bound to one stream at a time."""
+    """One cuBLAS handle with a fixed workspace, bound to one stream at a time.
+
+    The workspace serves every stream in turn: on a change of stream the new
+    one first waits for what is queued on the old, so two never use it at
+    once; a lock keeps a thread's bind and GEMM together."""
 
     def __init__(self, cupy, lib):
         self._cupy = cupy
         self._lib = lib
+        self._lock = threading.Lock()
         handle = ctypes.c_void_p()
         self._check("cublasCreate_v2", ctypes.addressof(handle))
         self._handle = handle.value
         self._check("cublasSetMathMode", self._handle, DEFAULT_MATH)
         # Owned here for the handle's whole life: captured graphs point into it.
         self.workspace = cupy.empty((WORKSPACE_BYTES,), dtype=cupy.uint8)
-        self._stream = None
+        self._stream = None  # the bound stream (kept alive: the next one waits on it)
         self._scalars = {
             COMPUTE_32F: (ctypes.c_float(1.0), ctypes.c_float(0.0)),
             COMPUTE_64F: (ctypes.c_double(1.0), ctypes.c_double(0.0)),
@@ -150,15 +156,21 @@ class Handle:
         if status != 0:
             raise CublasError(f"{name} failed with cublasStatus {status}")
 
-    def bind(self, stream_ptr: int) -> None:
-        """Run later GEMMs on ``stream_ptr`` (call before a capture begins)."""
-        if stream_ptr == self._stream:
+    def bind(self, stream) -> None:
+        """Run later GEMMs on the CuPy ``stream`` (call before a capture begins)."""
+        previous = self._stream
+        if previous is not None and int(previous.ptr) == int(stream.ptr):
             return
-        self._check("cublasSetStream_v2", self._handle, stream_ptr)
+        if previous is not None and not (previous.is_capturing() or stream.is_capturing()):
+            # GEMMs still queued on the old stream use the one workspace.
+            queued = self._cupy.cuda.Event(disable_timing=True)
+            queued.record(previous)
+            stream.wait_event(queued)
+        self._check("cublasSetStream_v2", self._handle, int(stream.ptr))
         # cublasSetStream drops a user workspace: set it again, after.
         self._check("cublasSetWorkspace_v2", self._handle, pointer(self.workspace),
                     WORKSPACE_BYTES)
-        self._stream = stream_ptr
+        self._stream = stream
 
     def gemm(self, a, b, out, trans_a: bool, trans_b: bool, *, data_type: int,
              compute: int, a_bits=None, b_bits=None) -> None:
@@ -168,7 +180,6 @@ class Handle:
         passes the converted inputs as ``a_bits``/``b_bits`` (uint16 arrays
         of a's and b's shapes) and ``out`` stays float32.
         """
-        self.bind(int(self._cupy.cuda.get_current_stream().ptr))
         # m_cm, n_cm: the column-major call's dimensions (C^T is n x m)
         op_1, op_2, m_cm, n_cm, k, ld_1, ld_2, ldc = gemm_arguments(a.shape, b.shape, trans_a,
                                                                     trans_b)
@@ -178,11 +189,13 @@ class Handle:
         alpha, beta = self._scalars[COMPUTE_64F if compute == COMPUTE_64F else COMPUTE_32F]
         first = b if b_bits is None else b_bits
         second = a if a_bits is None else a_bits
-        self._check(
-            "cublasGemmEx", self._handle, op_1, op_2, m_cm, n_cm, k, ctypes.addressof(alpha),
-            pointer(first), data_type, ld_1, pointer(second), data_type, ld_2,
-            ctypes.addressof(beta), pointer(out), out_type, ldc, compute, GEMM_DEFAULT,
-        )
+        with self._lock:
+            self.bind(self._cupy.cuda.get_current_stream())
+            self._check(
+                "cublasGemmEx", self._handle, op_1, op_2, m_cm, n_cm, k, ctypes.addressof(alpha),
+                pointer(first), data_type, ld_1, pointer(second), data_type, ld_2,
+                ctypes.addressof(beta), pointer(out), out_type, ldc, compute, GEMM_DEFAULT,
+            )
 
     def close(self) -> None:
         if self._handle is not None:

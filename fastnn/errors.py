@@ -1,4 +1,7 @@
 """Exceptions users can catch. Bad input is a ValueError/TypeError as well."""
+from __future__ import annotations
+
+import contextlib
 
 
 class FastnnError(Exception):
@@ -37,3 +40,18 @@ class OutOfMemory(FastnnError, MemoryError):
 
 class CaptureUnsupported(FastnnError, RuntimeError):
     """A training step cannot be recorded in a CUDA graph; fit then runs it op by op."""
+
+
+@contextlib.contextmanager
+def naming_out_of_memory(who: str, what: str, nbytes: int, device: str,
+                         advice: str = "use a smaller batch or model"):
+    """Inside, a MemoryError (CuPy's, or a backend's own) becomes OutOfMemory
+    naming ``who`` (a layer, fit, an optimizer), ``what`` it was allocating and
+    the bytes; an OutOfMemory from deeper down already names its layer."""
+    try:
+        yield
+    except OutOfMemory:
+        raise
+    except MemoryError as exc:
+        raise OutOfMemory(f"{who}: out of memory allocating {what} ({nbytes:,} bytes) "
+                          f"on {device}; {advice}") from exc

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends import get_backend, host_array
-from .errors import CaptureUnsupported, InputError
+from .backends import get_backend, host_array, refuse_foreign
+from .errors import CaptureUnsupported, InputError, naming_out_of_memory
 from .nn.parameter import Parameter
 
 _ALIGN = 16  # elements: keeps every view 64-byte aligned for SIMD
@@ -32,8 +32,13 @@ class _FlatGroup:
             total += -(-p.size // _ALIGN) * _ALIGN
         self.size = total
         self.offsets = offsets
-        self.data = backend.zeros((total,), self.dtype)
-        self.grad = backend.zeros((total,), self.dtype)
+        nbytes = total * self.dtype.itemsize * (2 + len(state_names))
+        with naming_out_of_memory("optimizer", f"flat parameter, gradient and {len(state_names)} "
+                                  f"state buffers of {total:,} {self.dtype}", nbytes,
+                                  backend.device):
+            self.data = backend.zeros((total,), self.dtype)
+            self.grad = backend.zeros((total,), self.dtype)
+            self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
         self.data_views, self.grad_views = [], []
         for p, off in zip(params, offsets):
             dv = self.data[off:off + p.size].reshape(p.shape)
@@ -46,7 +51,6 @@ class _FlatGroup:
             p._grad_view = gv
             self.data_views.append(dv)
             self.grad_views.append(gv)
-        self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
         # Steps each parameter sat out (no gradient), as torch skips a parameter
         # whose grad is None: its own step count is step_count - skipped.
         self.skipped = [0] * len(params)  # a list: checked every step, any() is cheapest
@@ -59,7 +63,10 @@ class _FlatGroup:
             if self.backend.capturing:  # the zero fill would be recorded and rerun every replay
                 raise CaptureUnsupported(f"optimizer state {name!r} first needed while a CUDA "
                                          "graph records (run one ordinary step first)")
-            buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
+            with naming_out_of_memory("optimizer", f"its {name!r} buffer of {self.size:,} "
+                                      f"{self.dtype}", self.size * self.dtype.itemsize,
+                                      self.backend.device):
+                buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
         return buf
 
     def arrays(self, span, *state_names):
@@ -95,6 +102,8 @@ class _FlatGroup:
                 if grad is None:
                     missing = True
                 else:
+                    refuse_foreign(grad, self.backend, "optimizer",
+                                   f"the gradient of parameter {p.name or ''} {p.shape}")
                     _check_slot("grad", p, grad, gv)
                     gv[...] = grad
                     p.grad = gv

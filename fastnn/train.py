@@ -10,7 +10,7 @@ import numpy as np
 
 from .backends import get_backend, host_array
 from .compiled import run_epochs
-from .errors import DTypeError, InputError, ShapeError, TrainingDiverged
+from .errors import DTypeError, InputError, ShapeError, TrainingDiverged, naming_out_of_memory
 from .nn.module import Module, label_range_of, training_step_mode
 from .random import generator
 
@@ -89,9 +89,15 @@ def _prepare(X, y, dtype, what: str):
     if y.dtype.kind == "f" and not np.isfinite(y).all():
         raise InputError(f"{what}: y contains NaN or inf")
     backend = get_backend()
-    Xd = backend.asarray(np.ascontiguousarray(X), dtype=dtype)
-    y_dtype = y.dtype if y.dtype.kind in "iu" else dtype
-    yd = backend.asarray(np.ascontiguousarray(y), dtype=y_dtype)
+    # Labels as int32 or int64 (what the loss kernels take): others are cast once here,
+    # not in every step.
+    y_dtype = np.dtype(dtype) if y.dtype.kind not in "iu" else \
+        y.dtype if y.dtype in (np.int32, np.int64) else np.dtype(np.int64)
+    nbytes = X.size * np.dtype(dtype).itemsize + y.size * y_dtype.itemsize
+    with naming_out_of_memory(what, f"X {X.shape} {np.dtype(dtype)} and y {y.shape} {y_dtype}",
+                              nbytes, backend.device, "pass fewer samples at a time"):
+        Xd = backend.asarray(np.ascontiguousarray(X), dtype=dtype)
+        yd = backend.asarray(np.ascontiguousarray(y), dtype=y_dtype)
     return Xd, yd
 
 
@@ -175,8 +181,10 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     n = len(Xd)
     batch_size = min(int(batch_size), n)
     n_batches = -(-n // batch_size)
-    xb = backend.empty((batch_size,) + tuple(Xd.shape[1:]), Xd.dtype)
-    yb = backend.empty((batch_size,) + tuple(yd.shape[1:]), yd.dtype)
+    with naming_out_of_memory("fit", f"its batch buffers of {batch_size} rows",
+                              batch_size * (Xd[:1].nbytes + yd[:1].nbytes), backend.device):
+        xb = backend.empty((batch_size,) + tuple(Xd.shape[1:]), Xd.dtype)
+        yb = backend.empty((batch_size,) + tuple(yd.shape[1:]), yd.dtype)
     on_cpu = backend.device.startswith("cpu")
     xp = backend.xp
 
@@ -419,7 +427,11 @@ def _evaluate(model: Module, loss_fn, Xd, yd, batch_size: int, label_range) -> f
             for lo in range(0, n, batch_size):
                 hi = min(lo + batch_size, n)
                 loss = loss_fn.forward(model.forward(Xd[lo:hi]), yd[lo:hi])
-                losses.append(float(loss) if on_cpu else loss)  # a GPU's stay on the device
+                if on_cpu:
+                    losses.append(float(loss))
+                else:  # a GPU's stay on the device (a user loss may give a Python float)
+                    losses.append(loss if backend.is_array(loss)
+                                  else backend.asarray(np.asarray(float(loss))))
                 sizes.append(hi - lo)
     finally:
         model.train(was_training)
@@ -458,10 +470,10 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
         with training_step_mode(model):
             for lo in range(0, len(Xd), batch_size):
                 hi = min(lo + batch_size, len(Xd))
-                yb = host_array(model.forward(Xd[lo:hi]))
+                yb = model.forward(Xd[lo:hi])  # in a layer's buffer, reused by the next batch
                 if out is None:
-                    out = np.empty((len(Xd),) + yb.shape[1:], dtype=yb.dtype)
-                out[lo:hi] = yb
+                    out = backend.empty((len(Xd),) + tuple(yb.shape[1:]), yb.dtype)
+                out[lo:hi] = yb  # a copy on the device: one read back at the end
     finally:
         model.train(was_training)
-    return out
+    return host_array(out)

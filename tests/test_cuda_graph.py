@@ -300,6 +300,11 @@ def test_a_gemm_failing_mid_training_falls_back_to_cupy_with_a_warning(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once: later GEMMs go to CuPy without asking cuBLAS
         np.testing.assert_array_equal(backend.gemm(on_device(a), on_device(a.T)), a @ a.T)
+    # The bias gradient then is a plain sum (CuPy's matmul would be TF32 under "tf32").
+    dz = np.arange(6, dtype=np.float32).reshape(3, 2)
+    with monkeypatch.context() as patch, fn.precision.using("tf32"):
+        patch.setattr(sys.modules["cupy"], "matmul", None)
+        np.testing.assert_array_equal(backend.bias_grad(on_device(dz)), dz.sum(0))
     x = np.arange(6, dtype=np.float64).reshape(2, 3)
     with pytest.warns(RuntimeWarning, match="float64 GEMMs"):  # its own entry
         np.testing.assert_array_equal(backend.gemm(on_device(x), on_device(x.T)), x @ x.T)
@@ -820,6 +825,61 @@ def test_evaluate_reads_the_device_once_whatever_the_batch_count(fake_gpu, loss)
         return count
 
     assert reads(2) == reads(9) == 1
+
+
+def test_numpy_arrays_given_to_gpu_layers_are_refused_naming_the_layer(fake_gpu):
+    backend = fake_gpu[0]
+    with fn.use_backend(backend):
+        act = fn.Tanh()
+        act(backend.asarray(np.ones((2, 3), np.float32)))
+        for call, what in ((lambda: act(np.ones((2, 3), np.float32)), "input"),
+                           (lambda: act.backward(np.ones((2, 3), np.float32)), "dy")):
+            with pytest.raises(TypeError, match=f"Tanh: got {what} as a numpy.ndarray but the "
+                                                "current backend is cupy"):
+                call()
+
+
+def test_predict_reads_the_device_once(fake_gpu):
+    """predict copies each batch's output on the device (the layers reuse their
+    buffers batch to batch) and reads the whole result back once."""
+    import fake_cupy
+
+    backend = fake_gpu[0]
+    X = np.random.default_rng(2).standard_normal((50, 6)).astype(np.float32)
+    with fn.use_backend(backend):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(6, 16), fn.ReLU(), fn.Linear(16, 3))
+        before = fake_cupy.host_reads[0]
+        got = fn.predict(model, X, batch_size=8)
+        assert fake_cupy.host_reads[0] - before == 1
+    assert type(got) is np.ndarray and got.shape == (50, 3)
+    with fn.use_backend("numpy"):
+        model.to("numpy")
+        np.testing.assert_allclose(got, fn.predict(model, X, batch_size=8), rtol=1e-6)
+
+
+def test_small_integer_labels_are_cast_once_and_the_step_still_records(fake_gpu, monkeypatch):
+    """uint8 labels (common for images) go to the device as int64 once: no cast
+    per step, and rows of 8 bytes the CUDA graph's batch gather takes."""
+    monkeypatch.setenv("FASTNN_CUDA_GRAPH", "1")
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((48, 6)).astype(np.float32), rng.integers(0, 4, 48).astype(np.uint8)
+    casts = []
+    plain_astype = backend.xp.ndarray.astype
+
+    def astype(self, dtype, *args, **kwargs):
+        casts.append(np.dtype(dtype))
+        return plain_astype(self, dtype, *args, **kwargs)
+
+    with fn.use_backend(backend):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(6, 8), fn.Tanh(), fn.Linear(8, 4))
+        monkeypatch.setattr(backend.xp.ndarray, "astype", astype)
+        history = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1), X, y,
+                         epochs=2, batch_size=8, progress=False)
+    assert history.step_path.startswith("cuda-graph"), history.step_path
+    assert np.dtype(np.int64) not in casts, casts
 
 
 @pytest.mark.parametrize("fast_path, why", [

@@ -497,6 +497,82 @@ def test_out_of_memory_names_the_layer_and_the_size(backend, monkeypatch):
         model(x)
 
 
+def test_out_of_memory_outside_layers_names_what_was_allocated(backend, monkeypatch):
+    """fit's data and batch buffers, the optimizer's flat buffers and a loss's
+    gradient: each out-of-memory names who allocated what, and the bytes."""
+    model = fn.Sequential(fn.Linear(3, 2))
+    X, y = np.ones((10, 3), np.float32), np.zeros(10, np.int64)
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated: the device is full")
+
+    def fit():
+        fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1), X, y,
+               epochs=1, batch_size=4, progress=False)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "asarray", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "fit: out of memory allocating X (10, 3) float32 and y (10,) int64 (200 bytes) "
+                f"on {backend.device}; pass fewer samples at a time")):
+            fit()
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "empty", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "fit: out of memory allocating its batch buffers of 4 rows (80 bytes)")):
+            fit()
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "zeros", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=r"optimizer: out of memory allocating flat "
+                           r"parameter, gradient and 2 state buffers of \d+ float32 \(\d+ bytes\)"):
+            fn.Adam(model.parameters())
+    pred = backend.asarray(np.ones((5, 2), np.float32))
+    target = backend.asarray(np.zeros((5, 2), np.float32))
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "empty", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "MSELoss: out of memory allocating its gradient buffer (5, 2) float32 (40 bytes)")):
+            fn.MSELoss().forward(pred, target)  # the gradient is computed with the loss
+
+
+def test_an_init_callable_may_return_a_backend_array(backend):
+    """CuPy refuses np.asarray of its arrays: the init result goes through host_array."""
+    layer = fn.Linear(2, 3, init=lambda shape, rng: backend.asarray(np.full(shape, 0.5, np.float32)))
+    np.testing.assert_array_equal(fn.to_numpy(layer.weight.data), np.full((2, 3), 0.5))
+
+
+def test_arrays_of_another_library_are_refused_naming_the_layer(backend):
+    """Mixing arrays of two libraries (a torch tensor here; NumPy on CuPy alike)
+    is a TypeError naming the layer or loss, never a silent copy per call."""
+    torch = pytest.importorskip("torch")
+    x = backend.asarray(np.ones((4, 3), np.float32))
+    layer, act = fn.Linear(3, 2), fn.ReLU()
+    layer(x)
+    act(x)
+    logits = backend.asarray(np.zeros((2, 3), np.float32))
+    cases = {
+        "Linear(3 -> 2): got input as a torch.Tensor": lambda: layer(torch.ones(4, 3)),
+        "Linear(3 -> 2): got dy as a torch.Tensor": lambda: layer.backward(torch.ones(4, 2)),
+        "ReLU: got input as a torch.Tensor": lambda: act(torch.ones(4, 3)),
+        "ReLU: got dy as a torch.Tensor": lambda: act.backward(torch.ones(4, 3)),
+        "relu: got input as a torch.Tensor": lambda: fn.functional.relu(torch.ones(2)),
+        "MSELoss: got predictions as a torch.Tensor": lambda: fn.MSELoss()(torch.ones(2, 3), logits),
+        "MSELoss: got targets as a torch.Tensor": lambda: fn.MSELoss()(logits, torch.ones(2, 3)),
+        "CrossEntropyLoss: got labels as a torch.Tensor":
+            lambda: fn.CrossEntropyLoss()(logits, torch.zeros(2, dtype=torch.int64)),
+    }
+    for message, call in cases.items():
+        with pytest.raises(TypeError, match=re.escape(message + " but the current backend is "
+                                                      f"{backend.name}; convert it")):
+            call()
+    assert fn.to_numpy(act.backward([[1.0] * 3] * 4)).shape == (4, 3)  # lists still welcome
+    opt = fn.SGD(layer.parameters(), lr=0.1)
+    layer.weight.grad = torch.ones(3, 2)
+    with pytest.raises(TypeError, match=re.escape("optimizer: got the gradient of parameter "
+                                                  "weight (3, 2) as a torch.Tensor")):
+        opt.step()
+
+
 def test_optimizer_and_load_state_dict_refuse_parameters_of_another_backend(backend):
     torch = pytest.importorskip("torch")
     layer = fn.Linear(3, 4)

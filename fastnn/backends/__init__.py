@@ -171,13 +171,28 @@ def asarray(x, dtype=None):
     return arr
 
 
-def float_array(x, who: str = "input"):
+def refuse_foreign(x, backend, who: str, what: str = "input") -> None:
+    """TypeError when ``x`` is another array library's array (NumPy on CuPy,
+    CuPy on NumPy, a torch tensor): converting it would hide a host/device
+    copy per call. Lists, scalars and the backend's own arrays pass."""
+    if backend.is_array(x) or type(x).__name__ not in ("ndarray", "Tensor"):
+        return
+    if type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
+        raise TypeError(f"{who}: got {what} as a {type(x).__module__}.{type(x).__name__} but "
+                        f"the current backend is {backend.name}; convert it with fastnn.asarray(x)")
+
+
+def float_array(x, who: str = "input", what: str = "input"):
     """``x`` as a float array of the current backend (``asarray``), integer or
     bool data in the default dtype: an activation of ints would round its
     result (leaky ReLU) or fail inside NumPy (exp). ``who`` names the caller
-    in the error for anything else (complex, strings, objects). A float array
-    of the backend is kept as it is (float64 stays float64)."""
-    arr = x if get_backend().is_array(x) else asarray(x)
+    in the error for anything else (complex, strings, objects; another
+    library's array: ``refuse_foreign``). A float array of the backend is kept
+    as it is (float64 stays float64)."""
+    backend = get_backend()
+    if not backend.is_array(x):
+        refuse_foreign(x, backend, who, what)
+    arr = x if backend.is_array(x) else asarray(x)
     kind = arr.dtype.kind
     if kind in "iub":
         return arr.astype(_default_dtype)
@@ -200,6 +215,7 @@ __all__ = [
     "get_backend",
     "asarray",
     "float_array",
+    "refuse_foreign",
     "to_numpy",
     "set_default_dtype",
     "get_default_dtype",

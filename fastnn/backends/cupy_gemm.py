@@ -200,9 +200,10 @@ class CupyGemmOps:
         float32 (gradients never take TF32/bf16 shortcuts)."""
         ok_out = out is None or (self._fusable(out) and out.dtype == dz.dtype
                                  and out.shape == dz.shape[1:])
+        exact = "float64" if dz.dtype == np.float64 else "float32"
         if self._blas is None or dz.ndim != 2 or not self._fusable(dz) \
-                or not ok_out:
-            return super().bias_grad(dz, out)
+                or not ok_out or exact in self._blas_refused:
+            return super().bias_grad(dz, out)  # a sum, not CuPy's matmul (TF32 under "tf32")
         n, f = dz.shape
         ones = self._ones.get((n, dz.dtype))
         if ones is None:

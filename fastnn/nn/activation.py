@@ -35,8 +35,8 @@ class ElementwiseActivation(Module):
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}: backward() called before forward()")
         y, pre = saved
-        if getattr(dy, "shape", None) is None:  # a list: cheaper than asking the backend
-            dy = float_array(dy, type(self).__name__)
+        if type(dy) is not type(y):  # a list, or another library's array (refused)
+            dy = float_array(dy, type(self).__name__, "dy")
         if tuple(dy.shape) != tuple(y.shape):
             from ..errors import ShapeError
 

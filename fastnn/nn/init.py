@@ -6,13 +6,15 @@ import numbers
 
 import numpy as np
 
+from ..backends.base import host_array
+
 INIT_NAMES = ("he", "xavier", "zeros", "ones")
 
 
 def initial_weight(init, shape: tuple, fan_in: int, fan_out: int, rng, dtype, layer: str):
     """A NumPy array of ``shape`` for the named init, a constant or a callable."""
     if callable(init):
-        w = np.asarray(init(shape, rng))
+        w = host_array(init(shape, rng))  # a CuPy array too (np.asarray refuses it)
         if w.shape != tuple(shape):
             raise ValueError(f"{layer}: init callable returned shape {w.shape}, expected {tuple(shape)}")
         return w.astype(dtype, copy=False)

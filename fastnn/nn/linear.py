@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from ..backends import asarray, get_backend, get_default_dtype
+from ..backends import asarray, get_backend, get_default_dtype, refuse_foreign
 from ..backends.base import GemmOperand, gemm_array
 from ..backends.activations import get_activation
 from ..errors import OutOfMemory, ShapeError
@@ -59,14 +59,7 @@ class Linear(Module):
                 f"model.to({backend.name!r})"
             )
         if not backend.is_array(x):
-            # Another library's array (numpy on cupy, a torch tensor, ...): a silent
-            # copy per call would hide a host/device transfer, so say so instead.
-            if type(x).__name__ in ("ndarray", "Tensor") and \
-                    type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
-                raise TypeError(
-                    f"{self._label()}: input is a {type(x).__module__}.{type(x).__name__} but the "
-                    f"current backend is {backend.name}; convert it with fastnn.asarray(x)"
-                )
+            refuse_foreign(x, backend, self._label())
             x = asarray(x)
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(
@@ -157,6 +150,7 @@ class Linear(Module):
         backend = get_backend()
         n = x2.shape[0]
         if not backend.is_array(dy):
+            refuse_foreign(dy, backend, self._label(), "dy")
             dy = asarray(dy)
         if tuple(dy.shape) != tuple(x_shape[:-1]) + (self.out_features,):
             raise ShapeError(

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import asarray, get_backend, host_array
-from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError
+from ..backends import asarray, get_backend, host_array, refuse_foreign
+from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError, naming_out_of_memory
 from .module import in_step_mode, known_label_range
 
 
@@ -45,13 +45,17 @@ class Loss:
         backend = get_backend()
         if grad is None or grad.shape != pred.shape or grad.dtype != pred.dtype \
                 or not backend.is_array(grad):
-            grad = backend.empty(pred.shape, pred.dtype)
+            with naming_out_of_memory(self.name, f"its gradient buffer {tuple(pred.shape)} "
+                                      f"{pred.dtype}", pred.size * pred.dtype.itemsize,
+                                      backend.device):
+                grad = backend.empty(pred.shape, pred.dtype)
         return grad
 
     # ------------------------------------------------------------ checks
     def _pred(self, pred):
         backend = get_backend()
         if not backend.is_array(pred):
+            refuse_foreign(pred, backend, self.name, "predictions")
             pred = asarray(pred)
         if pred.dtype.kind != "f":
             raise DTypeError(f"{self.name}: predictions must be floating point, got {pred.dtype}")
@@ -60,6 +64,7 @@ class Loss:
     def _same_shape_target(self, pred, target):
         backend = get_backend()
         if not backend.is_array(target):
+            refuse_foreign(target, backend, self.name, "targets")
             target = backend.asarray(target, dtype=pred.dtype)
         elif target.dtype != pred.dtype:
             target = target.astype(pred.dtype)
@@ -173,6 +178,7 @@ class CrossEntropyLoss(Loss):
         if logits.ndim != 2:
             raise ShapeError(f"{self.name}: expected logits (N, C), got {tuple(logits.shape)}")
         if not backend.is_array(labels):
+            refuse_foreign(labels, backend, self.name, "labels")
             labels = asarray(labels)
         if labels.dtype.kind not in "iu":
             raise DTypeError(

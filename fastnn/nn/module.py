@@ -18,7 +18,7 @@ from typing import Iterator
 import numpy as np
 
 from ..backends import get_backend, host_array
-from ..errors import OutOfMemory, ShapeError
+from ..errors import ShapeError, naming_out_of_memory
 from .parameter import Parameter
 
 _step_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnn_step_mode", default=False)
@@ -245,15 +245,10 @@ class Module:
         return buf
 
     def _allocate(self, tag, shape, dtype, backend):
-        try:
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        with naming_out_of_memory(self._label(), f"its {tag!r} buffer {tuple(shape)} "
+                                  f"{np.dtype(dtype)}", nbytes, backend.device):
             return backend.empty(shape, dtype)
-        except MemoryError as exc:
-            nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-            raise OutOfMemory(
-                f"{self._label()}: out of memory allocating its {tag!r} buffer {tuple(shape)} "
-                f"{np.dtype(dtype)} ({nbytes:,} bytes) on {backend.device}; "
-                "use a smaller batch or model"
-            ) from exc
 
     def _label(self) -> str:
         """How error messages name this module, e.g. ``Linear(3 -> 4)``."""

@@ -1037,3 +1037,15 @@ def test_gpu_fit_on_digits_replays_its_step_and_learns(gpu, monkeypatch, precisi
         predicted = fn.predict(model, (Xt - mean) / scale).argmax(1)
     assert history.step_path.startswith("cuda-graph"), history.step_path
     assert (predicted == yt).mean() >= accuracy
+
+
+def test_bench_environment_says_where_the_gemms_run(fake_gpu):
+    """A bf16 or TF32 row is only that precision's speed when its GEMMs ran on
+    fastnn's handle: the benchmark's JSON records the status and what went to CuPy."""
+    from fastnn.benchmarking.report import fastnn_gemm_path
+
+    backend = fake_gpu[0]
+    assert fastnn_gemm_path() == {"status": backend.blas_status, "left_to_cupy": [],
+                                  "own_handle": True}
+    backend._blas_refused.add("bf16")
+    assert fastnn_gemm_path()["left_to_cupy"] == ["bf16"]

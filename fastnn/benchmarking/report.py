@@ -161,9 +161,24 @@ def gpu_environment(torch_probe: dict | None = None) -> dict:
     except Exception as exc:
         out["error"] = f"{type(exc).__name__}: {exc}"
     out["nvidia_driver"] = _nvidia_driver()
+    out["fastnn_gemms"] = fastnn_gemm_path()
     if torch_probe is not None:
         out["torch"] = torch_probe
     return out
+
+
+def fastnn_gemm_path() -> dict | None:
+    """Where the CuPy backend's GEMMs run: its status line (fastnn's own cuBLAS
+    handle or CuPy's matmul, and why) and the precisions it left to CuPy, whose
+    rows are then not the precision's speed. None before the backend exists."""
+    from fastnn import backends
+
+    backend = backends._instances.get("cupy")
+    if backend is None:
+        return None
+    return {"status": getattr(backend, "blas_status", None),
+            "left_to_cupy": sorted(getattr(backend, "_blas_refused", ())),
+            "own_handle": getattr(backend, "_blas", None) is not None}
 
 
 def _nvidia_driver() -> str | None:
@@ -178,7 +193,7 @@ def _nvidia_driver() -> str | None:
     return lines[0].strip() if done.returncode == 0 and lines else None
 
 
-def probe_torch_cuda(timeout: float = 180.0) -> tuple[bool, dict]:
+def probe_torch_cuda(timeout: float = 90.0) -> tuple[bool, dict]:
     """Whether PyTorch sees a CUDA device, asked in a child process (the parent
     never imports torch), with its versions, device and TF32 flags."""
     code = ("import json, sys\n"

@@ -55,7 +55,8 @@ install_local_wheels() {
 
 environment_info() {
     echo "# fastnn gpu-check $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    echo "host: $(hostname)  git: $(git rev-parse --short HEAD 2>/dev/null || echo n/a)"
+    echo "host: $(hostname)  git: $(git rev-parse --short HEAD 2>/dev/null \
+        || echo "${FASTNN_GIT_COMMIT:-n/a} (FASTNN_GIT_COMMIT)")"
     section "nvidia-smi"
     timeout -k 5 60 nvidia-smi 2>&1 || echo "(nvidia-smi not available or hung)"
     section "nvcc"

@@ -141,3 +141,18 @@ def test_gpu_check_script_parses():
     assert subprocess.run([bash, "-n", str(script)], capture_output=True).returncode == 0
     text = script.read_text()
     assert "FASTNN_RESULTS_DIR" in text and "gpu_kernels" in text and "--precision" in text
+
+
+def test_bench_json_takes_the_commit_from_the_environment_without_git(monkeypatch):
+    """A GPU machine runs a copy of the tree without .git: FASTNN_GIT_COMMIT
+    then says which commit the figures are of."""
+    import subprocess as sp
+
+    from fastnn.benchmarking import report
+
+    monkeypatch.setattr(report.subprocess, "run",
+                        lambda *a, **k: sp.CompletedProcess(a, 128, stdout="", stderr="not a repo"))
+    monkeypatch.delenv("FASTNN_GIT_COMMIT", raising=False)
+    assert report._git() is None
+    monkeypatch.setenv("FASTNN_GIT_COMMIT", "544fd8a")
+    assert report._git() == {"commit": "544fd8a", "dirty": "unknown (FASTNN_GIT_COMMIT)"}

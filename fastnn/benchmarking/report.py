@@ -76,16 +76,19 @@ def command_line(args) -> str:
 
 
 def _git() -> dict | None:
-    """Commit of the source tree being measured, and whether fastnn/ differs from it."""
+    """Commit of the source tree being measured, and whether fastnn/ differs from
+    it; in a copy without .git (a GPU machine's), FASTNN_GIT_COMMIT as given."""
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    given = os.environ.get("FASTNN_GIT_COMMIT")
+    fallback = {"commit": given, "dirty": "unknown (FASTNN_GIT_COMMIT)"} if given else None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
                               text=True, timeout=5).stdout.strip()
         dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastnn"], cwd=root,
                                capture_output=True, text=True, timeout=5).stdout.split("\n")
     except (OSError, subprocess.SubprocessError):
-        return None
-    return {"commit": head, "dirty": [ln[3:] for ln in dirty if ln.strip()]} if head else None
+        return fallback
+    return {"commit": head, "dirty": [ln[3:] for ln in dirty if ln.strip()]} if head else fallback
 
 
 def environment(threads: int, command: str = "fastnn bench") -> dict:

@@ -147,7 +147,8 @@ gpu_bench() {
     if "$PYTHON" -c "import matplotlib" 2>/dev/null; then
         plot=(--plot "$stem.png")
     fi
-    timeout -k 15 "$limit" "$PYTHON" -m fastnn bench --device gpu --workloads "$workloads" \
+    # SIGUSR1 at the guard: fastnn bench prints where it hangs; killed 15 s later.
+    timeout -s USR1 -k 15 "$limit" "$PYTHON" -m fastnn bench --device gpu --workloads "$workloads" \
         --rounds 3 --json "$stem.json" ${plot[@]+"${plot[@]}"} -v
     local rc=$?
     if (( rc == 124 || rc == 137 )); then

@@ -134,7 +134,15 @@ def _train(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    import faulthandler
+    import signal
+
     from fastnn import benchmarking
+
+    if hasattr(signal, "SIGUSR1"):
+        # gpu_check.sh's time guard sends SIGUSR1 first: a hung benchmark then
+        # shows where it hangs (stderr) before the guard kills it.
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     return benchmarking.main(args)
 

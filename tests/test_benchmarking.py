@@ -391,3 +391,30 @@ def test_bench_gpu_run_end_to_end(tmp_path, capsys):
     if doc["gpu"].get("torch", {}).get("cuda_available"):
         assert {"torch-cuda", "torch-cuda-graph"} <= got, doc["skipped"]
         assert doc["gpu"]["torch"]["matmul.allow_tf32"] is False  # probed at float32
+
+
+@pytest.mark.parametrize("fixed_us", [0, 300])
+def test_calibration_finds_the_step_time_under_a_fixed_cost_per_call(fixed_us):
+    """A contender that pays a fixed cost per call (the GPU one-launch kernel:
+    one launch runs k steps) is timed at its step cost, not at that cost spread
+    over a k chosen as if run(k) grew with k from the start."""
+    import time
+
+    from fastnn.benchmarking import runner
+
+    step_s, fixed_s = 5e-6, fixed_us * 1e-6
+
+    def run(k):  # a busy wait: sleep's granularity is coarser than a step
+        end = time.perf_counter() + fixed_s + k * step_s
+        while time.perf_counter() < end:
+            pass
+
+    timed = object.__new__(runner.LocalRunner)
+    timed.fit, timed.run, timed.k = False, run, 1
+    timed.w = bm.WORKLOADS["x"]
+    timed.info = {}
+    k = timed.calibrate()
+    per_step = min(timed.block(3))
+    assert per_step == pytest.approx(step_s, rel=0.25), (k, per_step)
+    if fixed_us == 0:  # an ordinary contender keeps the k of its first estimate
+        assert k <= 2 * math.ceil(runner.MIN_SAMPLE_S / step_s)

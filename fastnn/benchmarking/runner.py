@@ -13,6 +13,7 @@ import gc
 import json
 import math
 import os
+import select
 import statistics
 import subprocess
 import sys
@@ -25,6 +26,17 @@ from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, floor_of,
                                            torch_of)
 
 MIN_SAMPLE_S = 0.002
+MAX_K = 1 << 16              # steps per sample, at most
+MAX_CALIBRATE_S = 2.0        # time for growing k after the warm-up, at most
+# How long the parent waits for a torch child's reply before it kills the child
+# (read at call time: tests lower them). Setup imports torch, starts CUDA and
+# captures the graph of the largest workload; a block or a calibration is
+# seconds at most; release syncs and frees the device memory.
+SETUP_TIMEOUT_S = 120.0
+CALL_TIMEOUT_S = 60.0
+RELEASE_TIMEOUT_S = 30.0
+WORKER_CODE = "from fastnn.benchmarking.runner import worker_main; worker_main()"
+MAX_K = 1 << 20  # steps per sample at most (calibration's doubling stops there)
 
 
 # ---------------------------------------------------------------- runners
@@ -41,6 +53,12 @@ class LocalRunner:
             self.info["setup"] = dict(self.run.info)
 
     def calibrate(self, min_sample: float = MIN_SAMPLE_S, warmup_s: float = 0.2) -> int:
+        """Warm up, then pick k so that one run(k) lasts >= min_sample.
+
+        k starts from the linear estimate and doubles until a timed run(k) is
+        long enough (as timeit's autorange does): a contender with a fixed cost
+        per call (one kernel launch of k steps, its uploads and read-back) would
+        otherwise get a k far too small and be reported several times slower."""
         if self.fit:
             self.run(1)  # compiles / warms caches
             return 1
@@ -51,7 +69,18 @@ class LocalRunner:
             self.run(1)
             dt = time.perf_counter() - t0
             calls += 1
-        self.k = max(1, math.ceil(min_sample / max(dt, 1e-7)))
+        k = min(MAX_K, max(1, math.ceil(min_sample / max(dt, 1e-7))))
+        if k > 1 or dt < min_sample:  # run(1) alone is not known to be long enough
+            t_stop = time.perf_counter() + MAX_CALIBRATE_S
+            while True:
+                t0 = time.perf_counter()
+                self.run(k)
+                dt = time.perf_counter() - t0
+                # the next run(2k) lasts about 2 dt: stop before it would pass t_stop
+                if dt >= min_sample or k >= MAX_K or time.perf_counter() + 2 * dt > t_stop:
+                    break
+                k = min(MAX_K, 2 * k)
+        self.k = k
         return self.k
 
     def block(self, samples: int) -> list[float]:
@@ -85,7 +114,7 @@ def _spawn_worker(threads: int) -> subprocess.Popen:
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.Popen(
-        [sys.executable, "-c", "from fastnn.benchmarking.runner import worker_main; worker_main()"],
+        [sys.executable, "-c", WORKER_CODE],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1)
 
 
@@ -123,18 +152,18 @@ class TorchWorker:
         proc = _IDLE_WORKERS.pop(self._key, None)
         self.proc = proc if proc is not None and proc.poll() is None else _spawn_worker(threads)
         try:
-            self.setup = self._call(cmd="setup", workload=w.__dict__, contender=contender,
-                                    threads=threads, seed=seed)
+            self.setup = self._call(SETUP_TIMEOUT_S, cmd="setup", workload=w.__dict__,
+                                    contender=contender, threads=threads, seed=seed)
         except BaseException:
             _end_worker(self.proc)  # a child whose setup failed is not reused
             raise
         if contender != "torch":
             self.info["setup"] = self.setup
 
-    def _call(self, **msg):
+    def _call(self, timeout: float, **msg):
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
-        line = self.proc.stdout.readline()
+        line = self._read_reply(msg["cmd"], timeout)
         if not line:
             raise RuntimeError(f"{self.name} worker died (exit code {self.proc.wait()})")
         reply = json.loads(line)
@@ -142,11 +171,34 @@ class TorchWorker:
             raise RuntimeError(f"{self.name} worker: {reply['error']}")
         return reply
 
+    def _read_reply(self, cmd: str, timeout: float) -> str:
+        """One reply line ("" if the child died), or kill a child that hangs.
+
+        Reads the pipe's fd directly: select cannot see what a buffered
+        readline() has already taken in (the child writes one line per reply,
+        and only after a request, so nothing is left over between calls)."""
+        fd = self.proc.stdout.fileno()
+        data = b""
+        deadline = time.monotonic() + timeout
+        while not data.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                self.proc.kill()  # our own child, by its handle
+                self.proc.wait()
+                raise RuntimeError(f"{self.name} worker: no reply to {cmd!r} in {timeout:g} s "
+                                   f"(child killed)")
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                return ""
+            data += chunk
+        return data.decode()
+
     def calibrate(self, min_sample: float = MIN_SAMPLE_S, warmup_s: float = 0.2) -> int:
-        return self._call(cmd="calibrate", min_sample=min_sample, warmup_s=warmup_s)["k"]
+        return self._call(CALL_TIMEOUT_S, cmd="calibrate", min_sample=min_sample,
+                          warmup_s=warmup_s)["k"]
 
     def block(self, samples: int) -> list[float]:
-        reply = self._call(cmd="block", samples=samples)
+        reply = self._call(CALL_TIMEOUT_S, cmd="block", samples=samples)
         self.info.update(reply.get("info", {}))
         return reply["times"]
 
@@ -156,7 +208,7 @@ class TorchWorker:
         if self.proc.poll() is not None:
             return
         try:
-            self._call(cmd="release")
+            self._call(RELEASE_TIMEOUT_S, cmd="release")
         except (RuntimeError, OSError, ValueError):
             _end_worker(self.proc)
             return

@@ -142,7 +142,10 @@ def cmd_bench(args) -> int:
     if hasattr(signal, "SIGUSR1"):
         # gpu_check.sh's time guard sends SIGUSR1 first: a hung benchmark then
         # shows where it hangs (stderr) before the guard kills it.
-        faulthandler.register(signal.SIGUSR1, all_threads=True)
+        try:
+            faulthandler.register(signal.SIGUSR1, all_threads=True)
+        except (AttributeError, ValueError, OSError):  # stderr without a file (captured)
+            pass
 
     return benchmarking.main(args)
 

@@ -264,6 +264,109 @@ def test_every_contender_failing_mid_run_leaves_an_empty_result(monkeypatch):
                       skipped=skipped) == []
     assert set(skipped) == {"x/floor", "x/numpy"}
 
+def _busy_step(fixed_s: float, step_s: float):
+    """A fake ``run(k)`` lasting fixed_s + k * step_s (busy-waits: sleep is too coarse)."""
+    import time
+
+    def run(k):
+        end = time.perf_counter() + fixed_s + k * step_s
+        while time.perf_counter() < end:
+            pass
+        return 0.0
+
+    return run
+
+
+def test_calibration_amortises_a_large_fixed_cost_per_call(monkeypatch):
+    """The one-launch kernel's run(k) is ~300 us per call plus ~2 us per step: k
+    from run(1) alone (7) reported ~45 us/step; autoranging reports ~2."""
+    from fastnn.benchmarking import runner
+
+    monkeypatch.setattr(runner, "make_step", lambda w, c, threads, seed: _busy_step(300e-6, 2e-6))
+    r = runner.LocalRunner(bm.WORKLOADS["x"], "fake-kernel", threads=1)
+    assert r.calibrate() >= 256, r.k
+    assert min(r.block(5)) == pytest.approx(2e-6, rel=0.3), r.k  # min: the quiet samples
+
+
+def test_calibration_of_a_slow_step_keeps_one_step_per_sample():
+    r = bm.LocalRunner(bm.WORKLOADS["x"], "floor", threads=1)
+    r.run = _busy_step(0.0, 3e-3)
+    assert r.calibrate() == 1  # run(1) lasts a sample already, run(2) is no cheaper per step
+
+
+def _hung_worker(monkeypatch, code: str) -> list:
+    """Workers run ``code`` instead of worker_main, with short reply timeouts;
+    returns the list their processes are appended to."""
+    from fastnn.benchmarking import runner
+
+    monkeypatch.setattr(runner, "WORKER_CODE", code)
+    monkeypatch.setattr(runner, "_IDLE_WORKERS", {})  # no real idle child is taken
+    for name in ("SETUP_TIMEOUT_S", "CALL_TIMEOUT_S", "RELEASE_TIMEOUT_S"):
+        monkeypatch.setattr(runner, name, 0.5)
+    spawned = []
+    real_spawn = runner._spawn_worker
+    monkeypatch.setattr(runner, "_spawn_worker", lambda threads: spawned.append(real_spawn(threads))
+                        or spawned[-1])
+    return spawned
+
+
+def test_a_torch_child_that_never_answers_is_killed_after_its_timeout(monkeypatch):
+    from fastnn.benchmarking import runner
+
+    spawned = _hung_worker(monkeypatch, "import time; time.sleep(600)")
+    with pytest.raises(RuntimeError, match=r"torch worker: no reply to 'setup' in 0\.5 s"):
+        runner.TorchWorker(bm.WORKLOADS["x"], "torch", 1)
+    (proc,) = spawned
+    assert proc.poll() is not None  # killed and reaped, not left hanging
+    assert not runner._IDLE_WORKERS
+
+
+def test_a_torch_child_hanging_mid_run_is_dropped_and_the_others_measured(monkeypatch):
+    """A child that answers setup and calibration, then hangs in its first block
+    (a stuck CUDA graph, say): measure() records why and goes on without it."""
+    from fastnn.benchmarking import runner
+
+    answers_twice = ("import sys, time\n"
+                     "sys.stdin.readline(); print('{}', flush=True)\n"
+                     "sys.stdin.readline(); print('{\"k\": 1}', flush=True)\n"
+                     "time.sleep(600)")
+    spawned = _hung_worker(monkeypatch, answers_twice)
+    skipped: dict = {}
+    results = bm.measure(bm.WORKLOADS["x"], ["floor", "torch"], threads=1, rounds=2, samples=1,
+                         skipped=skipped)
+    assert [r.contender for r in results] == ["floor"] and len(results[0].blocks_ms) == 2
+    assert skipped == {"x/torch": "failed in round 1: RuntimeError: torch worker: no reply to "
+                                  "'block' in 0.5 s (child killed)"}
+    (proc,) = spawned
+    assert proc.poll() is not None and not runner._IDLE_WORKERS
+
+
+def test_a_failing_workload_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """An error outside the per-contender handling (a broken result, say) skips
+    that workload only; the JSON records why and the later workloads."""
+    import argparse
+
+    real_measure = bm.measure
+
+    def measure(w, *args, **kwargs):
+        if w.name == "x":
+            raise ValueError("no samples\ndetail")
+        return real_measure(w, *args, **kwargs)
+
+    monkeypatch.setattr(bm, "measure", measure)
+    parser = argparse.ArgumentParser()
+    bm.add_arguments(parser)
+    path = tmp_path / "bench.json"
+    args = parser.parse_args(["--workloads", "x,c", "--device", "cpu", "--contenders", "floor",
+                              "--rounds", "1", "--samples", "1", "--json", str(path)])
+    assert bm.main(args) == 0
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is True
+    assert doc["skipped"] == {"x": "ValueError: no samples"}
+    assert [(r["workload"], r["contender"]) for r in doc["results"]] == [("c", "floor")]
+    assert "workload x skipped (ValueError: no samples)" in capsys.readouterr().err
+
+
 def test_torch_worker_processes_are_reused_across_workloads():
     """A TorchWorker's process is kept idle after close() and taken by the next
     workload's same contender (a torch import per workload is seconds on a GPU

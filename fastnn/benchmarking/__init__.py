@@ -55,7 +55,7 @@ import numpy as np
 
 from fastnn.benchmarking.report import (command_line, environment, format_table, gpu_environment,
                                         plot, probe_torch_cuda)
-from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker,
+from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker, _why,
                                         measure, shutdown_workers, worker_main)
 from fastnn.benchmarking.fit_runs import fit_run
 from fastnn.benchmarking.steps import (build_fastnn_model, fastnn_step, floor_cupy_step, floor_step,
@@ -176,7 +176,9 @@ def main(args) -> int:
         if not args.json:
             return
         doc = dict(env, device=device, gpu=gpu, complete=complete,
-                   method={"min_sample_s": MIN_SAMPLE_S, "rounds": rounds,
+                   method={"min_sample_s": MIN_SAMPLE_S,
+                           "k": "after the warm-up, doubled from the linear estimate until "
+                                "one sample lasts >= min_sample_s", "rounds": rounds,
                            "samples_per_block": samples, "quick": bool(args.quick),
                            "sgd": "lr 0.01 momentum 0.9", "adam": "torch defaults",
                            "timing": "host perf_counter around k steps; GPU contenders "
@@ -200,17 +202,26 @@ def main(args) -> int:
     offered: set = set()
     try:
         for name in names:
-            w = ALL_WORKLOADS[name]
-            if w.kind == "fit" and args.quick:
-                w = Workload(**{**w.__dict__, "epochs": 2})
-            cs = contenders(w, torch_ok, device, torch_cuda_ok, wanted, cupy_ok=cupy_reason is None)
-            offered.update(cs)
-            r, s = _rounds_samples(w, device, rounds, samples)
-            t0 = time.perf_counter()
-            results += measure(w, cs, threads, r, s, log, skipped)
-            if log:
-                log(f"  {name}: {time.perf_counter() - t0:.1f} s")
-            write_json(complete=False)  # a run cut short still leaves what it measured
+            done = len(results)
+            try:
+                w = ALL_WORKLOADS[name]
+                if w.kind == "fit" and args.quick:
+                    w = Workload(**{**w.__dict__, "epochs": 2})
+                cs = contenders(w, torch_ok, device, torch_cuda_ok, wanted,
+                                cupy_ok=cupy_reason is None)
+                offered.update(cs)
+                r, s = _rounds_samples(w, device, rounds, samples)
+                t0 = time.perf_counter()
+                results += measure(w, cs, threads, r, s, log, skipped)
+                if log:
+                    log(f"  {name}: {time.perf_counter() - t0:.1f} s")
+                write_json(complete=False)  # a run cut short still leaves what it measured
+            except Exception as exc:  # one broken workload must not lose the ones after it
+                del results[done:]  # its rows may be what broke the table or the JSON
+                skipped[name] = _why(exc)
+                print(f"fastnn bench: workload {name} skipped ({skipped[name]})",
+                      file=sys.stderr, flush=True)
+                write_json(complete=False)  # raises only if the file itself cannot be written
     finally:
         shutdown_workers()  # the torch processes kept idle between workloads
     if wanted and wanted - offered:

@@ -26,7 +26,7 @@ from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, floor_of,
                                            torch_of)
 
 MIN_SAMPLE_S = 0.002
-MAX_K = 1 << 16              # steps per sample, at most
+MAX_K = 1 << 20              # steps per sample, at most
 MAX_CALIBRATE_S = 2.0        # time for growing k after the warm-up, at most
 # How long the parent waits for a torch child's reply before it kills the child
 # (read at call time: tests lower them). Setup imports torch, starts CUDA and
@@ -36,7 +36,6 @@ SETUP_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
 RELEASE_TIMEOUT_S = 30.0
 WORKER_CODE = "from fastnn.benchmarking.runner import worker_main; worker_main()"
-MAX_K = 1 << 20  # steps per sample at most (calibration's doubling stops there)
 
 
 # ---------------------------------------------------------------- runners
@@ -55,33 +54,45 @@ class LocalRunner:
     def calibrate(self, min_sample: float = MIN_SAMPLE_S, warmup_s: float = 0.2) -> int:
         """Warm up, then pick k so that one run(k) lasts >= min_sample.
 
-        k starts from the linear estimate and doubles until a timed run(k) is
-        long enough (as timeit's autorange does): a contender with a fixed cost
-        per call (one kernel launch of k steps, its uploads and read-back) would
-        otherwise get a k far too small and be reported several times slower."""
+        k starts from the linear estimate and doubles (as timeit's autorange
+        does) until run(k) lasts a sample and doubling no longer lowers the time
+        per step: a contender with a fixed cost per call (one kernel launch of
+        k steps, its uploads and read-back) would otherwise get a k far too
+        small and be reported several times slower than it is."""
         if self.fit:
             self.run(1)  # compiles / warms caches
             return 1
         t_end = time.perf_counter() + warmup_s
-        calls = 0
+        calls, dt = 0, math.inf
         while calls < 2 or (time.perf_counter() < t_end and calls < 50):
             t0 = time.perf_counter()
             self.run(1)
-            dt = time.perf_counter() - t0
+            if calls:  # the best warm call (the first compiles; a preempted one is slow)
+                dt = min(dt, time.perf_counter() - t0)
             calls += 1
         k = min(MAX_K, max(1, math.ceil(min_sample / max(dt, 1e-7))))
-        if k > 1 or dt < min_sample:  # run(1) alone is not known to be long enough
-            t_stop = time.perf_counter() + MAX_CALIBRATE_S
-            while True:
-                t0 = time.perf_counter()
-                self.run(k)
-                dt = time.perf_counter() - t0
-                # the next run(2k) lasts about 2 dt: stop before it would pass t_stop
-                if dt >= min_sample or k >= MAX_K or time.perf_counter() + 2 * dt > t_stop:
-                    break
-                k = min(MAX_K, 2 * k)
-        self.k = k
+        best_k, best_dt = 1, dt  # run(1)
+        if k == 1:
+            k = 2  # run(1) lasts a sample already; a fixed cost may still hide in it
+        t_stop = time.perf_counter() + MAX_CALIBRATE_S
+        # two runs of k last about 2 k times the best time per step so far, or less
+        while k <= MAX_K and time.perf_counter() + 2 * k * best_dt / best_k <= t_stop:
+            dt = min(self._time(k), self._time(k))  # one preempted run must not decide
+            if dt >= min_sample and dt / k > 0.9 * best_dt / best_k:
+                # long enough, and the fixed cost per call (if any) is spread thin;
+                # a run(1) that was a sample already stays the choice (slow steps)
+                if best_k > 1 or best_dt < min_sample:
+                    best_k = k
+                break
+            best_k, best_dt = k, dt
+            k *= 2
+        self.k = best_k
         return self.k
+
+    def _time(self, k: int) -> float:
+        t0 = time.perf_counter()
+        self.run(k)
+        return time.perf_counter() - t0
 
     def block(self, samples: int) -> list[float]:
         """Per-step seconds of ``samples`` samples (fit: seconds per sample of data)."""

@@ -264,6 +264,7 @@ def test_every_contender_failing_mid_run_leaves_an_empty_result(monkeypatch):
                       skipped=skipped) == []
     assert set(skipped) == {"x/floor", "x/numpy"}
 
+
 def _busy_step(fixed_s: float, step_s: float):
     """A fake ``run(k)`` lasting fixed_s + k * step_s (busy-waits: sleep is too coarse)."""
     import time
@@ -305,8 +306,12 @@ def _hung_worker(monkeypatch, code: str) -> list:
         monkeypatch.setattr(runner, name, 0.5)
     spawned = []
     real_spawn = runner._spawn_worker
-    monkeypatch.setattr(runner, "_spawn_worker", lambda threads: spawned.append(real_spawn(threads))
-                        or spawned[-1])
+
+    def spawn(threads):
+        spawned.append(real_spawn(threads))
+        return spawned[-1]
+
+    monkeypatch.setattr(runner, "_spawn_worker", spawn)
     return spawned
 
 

@@ -188,14 +188,16 @@ def test_every_op_gives_the_numpy_backends_result(fake_gpu, name):
             np.testing.assert_allclose(launch.keywords[key], value, rtol=1e-6, atol=1e-7)
 
 
-def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu, monkeypatch, tmp_path,
-                                                               capsys):
+@pytest.fixture
+def fake_gpu_main(fake_gpu, monkeypatch):
+    """fake_gpu, with what main needs: the backend registered, CUDA events (host
+    clock stand-ins: exercises the default timer) and version queries."""
     backend, _, fake = fake_gpu
     from fastnn import backends as registry
 
     monkeypatch.setitem(registry._instances, "cupy", backend)  # available_backends finds it
 
-    class Event:  # host clock stand-in for CUDA events: exercises the default timer
+    class Event:
         def record(self, stream=None):
             self.t = time.perf_counter()
 
@@ -208,6 +210,10 @@ def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu, monkeyp
     monkeypatch.setattr(fake.cuda.runtime, "runtimeGetVersion", lambda: 12040, raising=False)
     monkeypatch.setattr(fake.cuda.runtime, "driverGetVersion", lambda: 12080, raising=False)
     monkeypatch.setattr(fake, "__version__", "0.0-fake", raising=False)
+    return fake_gpu
+
+
+def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu_main, tmp_path, capsys):
     path = tmp_path / "kernels.json"
     assert gpu_kernels.main(["--elements", str(N), "--repeats", "2", "--json", str(path)]) == 0
     out = capsys.readouterr().out
@@ -222,12 +228,94 @@ def test_main_on_the_fake_gpu_prints_the_table_and_writes_json(fake_gpu, monkeyp
     assert doc["command"].endswith(f"gpu_kernels --elements {N} --repeats 2 --json {path}")
     assert doc["date"].endswith("+00:00")
     assert doc["target"]["fraction_of_copy"] == 0.8
+    assert doc["complete"] is True and doc["ops"] == list(KERNEL)
+    assert not (tmp_path / "kernels.json.tmp").exists()  # renamed over the file
     assert [r["op"] for r in doc["results"]] == list(KERNEL)
     assert all(r["gb_per_s"] > 0 and r["seconds"] > 0 for r in doc["results"])
     fusion = doc["bias_grad_fusion"]["results"]
     assert [r["shape"] for r in fusion] == [list(s) for s in gpu_kernels.BIAS_GRAD_SHAPES]
     assert all(r["fused_us"] > 0 and r["separate_us"] > 0 and r["speedup"] > 0 for r in fusion)
     assert "act_backward + bias grad" in out
+
+
+def _failing(name, exc=RuntimeError("out of memory\nmore")):
+    """OPS with op ``name`` raising ``exc`` when built."""
+    def build(backend, n):
+        raise exc
+
+    return tuple(dataclasses.replace(op, build=build) if op.name == name else op
+                 for op in gpu_kernels.OPS)
+
+
+def _host_timer(launch, repeats):  # seconds per launch: 1 ms, whatever the op
+    launch()
+    return 1e-3
+
+
+def test_an_op_that_raises_is_recorded_and_the_others_are_measured(fake_gpu, monkeypatch, capsys):
+    backend, _, _ = fake_gpu
+    monkeypatch.setattr(gpu_kernels, "OPS", _failing("adam"))
+    seen = []
+    results = gpu_kernels.measure(backend, n_elements=N, repeats=2, timer=_host_timer,
+                                  on_result=lambda done: seen.append([r["op"] for r in done]))
+    assert [r["op"] for r in results] == list(KERNEL)
+    assert seen == [list(KERNEL)[:i + 1] for i in range(len(KERNEL))]  # after every op
+    adam = next(r for r in results if r["op"] == "adam")
+    assert adam["error"] == "RuntimeError: out of memory"  # first line only
+    assert "gb_per_s" not in adam and adam["fraction_of_copy"] is None
+    assert adam["meets_target"] is None
+    others = [r for r in results if r["op"] != "adam"]
+    assert all(r["gb_per_s"] > 0 and r["fraction_of_copy"] is not None for r in others)
+    assert not backend._bf16  # freed after a failure too
+    assert "adam failed: RuntimeError: out of memory" in capsys.readouterr().err
+    table = gpu_kernels.format_table(results)
+    assert "failed: RuntimeError: out of memory" in table
+
+
+def test_without_a_copy_figure_no_fraction_is_given(fake_gpu, monkeypatch):
+    backend, _, _ = fake_gpu
+    monkeypatch.setattr(gpu_kernels, "OPS", _failing("copy"))
+    results = gpu_kernels.measure(backend, n_elements=N, repeats=2, timer=_host_timer)
+    assert "error" in results[0] and all(r["gb_per_s"] > 0 for r in results[1:])
+    assert all(r["fraction_of_copy"] is None and r["meets_target"] is None for r in results)
+    assert "below target" not in gpu_kernels.format_table(results)
+
+
+def test_main_writes_the_json_after_each_op_and_survives_failures(fake_gpu_main, monkeypatch,
+                                                                  tmp_path, capsys):
+    path = tmp_path / "kernels.json"
+    written = []  # the file as the second op found it: the first op's figures already there
+    ops = list(_failing("adam"))
+
+    def second(backend, n, _build=ops[1].build):
+        written.append(json.loads(path.read_text()))
+        return _build(backend, n)
+
+    ops[1] = dataclasses.replace(ops[1], build=second)
+    monkeypatch.setattr(gpu_kernels, "OPS", tuple(ops))
+
+    def broken_fusion(*args, **kwargs):
+        raise ValueError("fusion broke")
+
+    monkeypatch.setattr(gpu_kernels, "measure_bias_grad_fusion", broken_fusion)
+    assert gpu_kernels.main(["--elements", str(N), "--repeats", "2", "--json", str(path)]) == 1
+    (first,) = written
+    assert first["complete"] is False and [r["op"] for r in first["results"]] == ["copy"]
+    assert first["results"][0]["fraction_of_copy"] == 1.0
+    doc = json.loads(path.read_text())
+    assert doc["complete"] is True and [r["op"] for r in doc["results"]] == list(KERNEL)
+    assert next(r for r in doc["results"] if r["op"] == "adam")["error"].startswith("RuntimeError")
+    assert sum("gb_per_s" in r for r in doc["results"]) == len(KERNEL) - 1
+    assert doc["bias_grad_fusion"]["error"] == "ValueError: fusion broke"
+    captured = capsys.readouterr()
+    assert "bias-grad fusion failed: ValueError: fusion broke" in captured.err
+    assert "% of copy" in captured.out and "failed: RuntimeError" in captured.out
+    from fastnn.benchmarking import targets  # the target table reads such a file
+
+    rows = {e["contender"]: e for e in targets.check({}, doc) if e["workload"] == "kernels"}
+    assert list(rows) == list(KERNEL)[1:]
+    assert rows["adam"]["met"] is None and rows["adam"]["not_measured"].startswith("RuntimeError")
+    assert all(e["measured"] is not None for op, e in rows.items() if op != "adam")
 
 
 def test_bias_grad_fusion_times_one_launch_against_two(fake_gpu):

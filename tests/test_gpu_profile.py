@@ -122,6 +122,18 @@ def test_main_rejects_unknown_workloads(capsys):
     assert "unknown or non-step workloads: nope" in capsys.readouterr().err
 
 
+def test_default_workloads_cover_every_target_workload_but_x_cheap_first():
+    from fastnn.benchmarking import targets
+    from fastnn.benchmarking.workloads import ALL_WORKLOADS
+
+    names = gpu_profile.DEFAULT_WORKLOADS.split(",")
+    assert all(ALL_WORKLOADS[n].kind == "step" for n in names)  # main would reject the rest
+    # x's target row is the one-launch kernel, which this does not profile.
+    assert set(names) == {t.workload for t in targets.TARGETS} - {"x"}
+    cost = [ALL_WORKLOADS[n].batch * sum(ALL_WORKLOADS[n].sizes) for n in names]
+    assert cost == sorted(cost)
+
+
 @pytest.mark.gpu
 def test_profile_on_the_gpu():
     reason = fn.available_backends()["cupy"]

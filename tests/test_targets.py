@@ -80,3 +80,63 @@ def test_a_profile_without_timed_gemms_still_gives_its_line():
     line = targets._profile_line({"host_ms": 0.3, "device_ms": 0.2, "bound": "host",
                                   "gemm_share": 0.0, "gemm_tflops": None})
     assert line == "op by op: host 0.3 ms, device 0.2 ms per step (host-bound), GEMMs 0% of device time"
+
+
+X_TARGET = "x >= 2x PyTorch's CUDA-graph steps/s (one-launch kernel)"
+
+
+def test_a_skipped_pytorch_partner_is_named_for_ratio_targets():
+    bench = {"gpu": {"torch": {"error": "torch probe exited 1: no CUDA"}},
+             "results": [_row("c", "fastnn-cupy-graph", 0.045)],  # no torch: ratios None
+             "skipped": {"c/torch-cuda-graph": "failed in setup: RuntimeError: capture",
+                         "c/torch-cuda": "RuntimeError: boom"}}
+    got = _by_target(targets.check(bench))
+    graph = got["c >= 1.4x PyTorch's CUDA-graph step"]["not_measured"]
+    assert graph == ("torch-cuda-graph: failed in setup: RuntimeError: capture; "
+                     "PyTorch CUDA: torch probe exited 1: no CUDA")
+    assert got["c >= 12x PyTorch eager"]["not_measured"].startswith("torch-cuda: RuntimeError: boom")
+    assert got["c through fit <= 0.050 ms/step"]["met"] is True  # ms needs no partner
+    # An ms target gives no PyTorch reason; "not in this run" when nothing says why.
+    assert got["a through fit <= 0.160 ms/step"]["not_measured"] == "not in this run"
+    assert got["d tf32 >= 1.0x PyTorch eager TF32"]["not_measured"] == \
+        "PyTorch CUDA: torch probe exited 1: no CUDA"
+
+
+def test_x_takes_the_better_of_both_kernel_layouts_and_names_it(capsys):
+    bench = {"results": [_row("x", "fastnn-cupy-kernel-global", 0.01, x_graph=3.2)],
+             "skipped": {"x/fastnn-cupy-kernel": "RuntimeError: no shared memory layout"}}
+    x = _by_target(targets.check(bench))[X_TARGET]
+    assert (x["contender"], x["measured"], x["met"]) == ("fastnn-cupy-kernel-global", 3.2, True)
+    bench["results"].append(_row("x", "fastnn-cupy-kernel", 0.02, x_graph=2.5))
+    assert _by_target(targets.check(bench))[X_TARGET]["contender"] == "fastnn-cupy-kernel-global"
+    text = targets.format_rows(targets.check(bench))
+    assert " fastnn-cupy-kernel-global " in text  # the whole name, not cut
+
+
+def test_no_kernels_file_gives_one_not_measured_row():
+    rows = [e for e in targets.check(BENCH, None, PROFILE) if e["workload"] == "kernels"]
+    assert [(e["target"], e["met"]) for e in rows] == [(targets.KERNEL_TEXT, None)]
+    assert "no gpu-kernels file" in rows[0]["not_measured"]
+    assert "no gpu-kernels file" in targets.format_rows(rows)
+
+
+def test_a_kernels_file_with_failures_and_a_cut_reads_as_not_measured():
+    ops = ["copy", "adam", "f32_to_bf16", "act_backward relu"]
+    kernels = {"complete": False, "ops": ops, "results": [
+        {"op": "copy", "gb_per_s": 3000.0, "fraction_of_copy": 1.0, "meets_target": True},
+        {"op": "adam", "error": "RuntimeError: out of memory", "fraction_of_copy": None,
+         "meets_target": None},
+        {"op": "f32_to_bf16", "gb_per_s": 2700.0, "fraction_of_copy": 0.9, "meets_target": True}]}
+    rows = {e["contender"]: e for e in targets.check(BENCH, kernels) if e["workload"] == "kernels"}
+    assert list(rows) == ["adam", "f32_to_bf16", "act_backward relu"]
+    assert rows["adam"]["met"] is None and rows["adam"]["not_measured"] == "RuntimeError: out of memory"
+    assert rows["f32_to_bf16"]["met"] is True
+    assert "cut short" in rows["act_backward relu"]["not_measured"]
+    # The copy failed: every fraction is None, and the rows say why.
+    kernels["results"][0] = {"op": "copy", "error": "RuntimeError: copy broke",
+                             "fraction_of_copy": None, "meets_target": None}
+    kernels["results"][2].update(fraction_of_copy=None, meets_target=None)
+    rows = {e["contender"]: e for e in targets.check(BENCH, kernels) if e["workload"] == "kernels"}
+    assert rows["f32_to_bf16"]["met"] is None
+    assert rows["f32_to_bf16"]["not_measured"] == "the copy was not measured (RuntimeError: copy broke)"
+    assert "RuntimeError: copy broke" in targets.format_rows(list(rows.values()))

@@ -30,6 +30,7 @@ import datetime
 import functools
 import json
 import operator
+import os
 import shlex
 import statistics
 import sys
@@ -228,11 +229,15 @@ def _queued_timer(backend):
     return timer
 
 
-def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None) -> list[dict]:
+def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None,
+            on_result=None) -> list[dict]:
     """Time every op of OPS on ``n_elements`` float32 elements; one dict per op.
 
     ``timer(fn, repeats)`` returns seconds per launch (default: launches queued
     behind a spin, CUDA events around them). ``fraction_of_copy`` is against the copy of this run.
+    An op that raises is recorded as ``{"op": name, "error": "ExcType: message"}``
+    and the next one is measured; ``on_result(results)`` runs after each op (main
+    writes the JSON there, so a run cut short keeps the ops it finished).
     """
     from fastnn.errors import InputError
 
@@ -246,43 +251,78 @@ def measure(backend, n_elements: int = 1 << 26, repeats: int = 20, timer=None) -
     results = []
     for op in OPS:
         kept = set(scratch)
-        launch = op.build(backend, n_elements)
-        for _ in range(_WARMUP):
-            launch()
-        backend.synchronize()
-        batches = [float(timer(launch, repeats)) for _ in range(BATCHES)]
-        seconds = statistics.median(batches)
-        results.append({
-            "op": op.name,
-            "bytes_per_element": op.bytes_per_element,
-            "n_elements": n_elements,
-            "seconds": seconds,
-            "batch_seconds": batches,
-            "gb_per_s": op.bytes_per_element * n_elements / seconds / 1e9,
-        })
-        # Free this op's arrays before the next op allocates its own (256 MiB
-        # each at the default size); a benchmark-sized bf16 scratch would
-        # otherwise stay pinned in the backend.
-        del launch
-        for key in set(scratch) - kept:
-            del scratch[key]
-    copy = next(r["gb_per_s"] for r in results if r["op"] == "copy")
-    for r in results:
-        r["fraction_of_copy"] = r["gb_per_s"] / copy
-        r["meets_target"] = r["fraction_of_copy"] >= TARGET
+        launch = None
+        try:
+            launch = op.build(backend, n_elements)
+            for _ in range(_WARMUP):
+                launch()
+            backend.synchronize()
+            batches = [float(timer(launch, repeats)) for _ in range(BATCHES)]
+            seconds = statistics.median(batches)
+            results.append({
+                "op": op.name,
+                "bytes_per_element": op.bytes_per_element,
+                "n_elements": n_elements,
+                "seconds": seconds,
+                "batch_seconds": batches,
+                "gb_per_s": op.bytes_per_element * n_elements / seconds / 1e9,
+            })
+        except Exception as exc:  # one op's failure (bf16 path, OOM) must not lose the others
+            results.append({"op": op.name, "bytes_per_element": op.bytes_per_element,
+                            "n_elements": n_elements, "error": _why(exc)})
+            print(f"fastnn gpu_kernels: {op.name} failed: {results[-1]['error']}",
+                  file=sys.stderr, flush=True)
+        finally:
+            # Free this op's arrays before the next op allocates its own (256 MiB
+            # each at the default size); a benchmark-sized bf16 scratch would
+            # otherwise stay pinned in the backend.
+            del launch
+            for key in set(scratch) - kept:
+                del scratch[key]
+        _fractions(results)
+        if on_result is not None:
+            on_result(results)
     return results
+
+
+def _why(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}".splitlines()[0]
+
+
+def _fractions(results: list[dict]) -> None:
+    """``fraction_of_copy`` / ``meets_target`` where an op has a figure, against
+    this run's copy; None where the op or the copy has none (failed, not run)."""
+    copy = next((r.get("gb_per_s") for r in results if r["op"] == "copy"), None)
+    for r in results:
+        fraction = r["gb_per_s"] / copy if copy and "gb_per_s" in r else None
+        r["fraction_of_copy"] = fraction
+        r["meets_target"] = None if fraction is None else fraction >= TARGET
 
 
 def format_table(results: list[dict]) -> str:
     head = f"{'op':<24} {'B/elem':>6} {'ms':>9} {'GB/s':>9} {'% of copy':>10}"
     lines = [head, "-" * len(head)]
     for r in results:
-        flag = "" if r["meets_target"] else "  below target"
+        if "error" in r:
+            lines.append(f"{r['op']:<24} {r['bytes_per_element']:>6} failed: {r['error']}")
+            continue
+        fraction = r.get("fraction_of_copy")
+        share = "-" if fraction is None else f"{100 * fraction:.1f}%"
+        flag = "" if r.get("meets_target") is not False else "  below target"
         lines.append(f"{r['op']:<24} {r['bytes_per_element']:>6} {r['seconds'] * 1e3:>9.4f} "
-                     f"{r['gb_per_s']:>9.1f} {100 * r['fraction_of_copy']:>9.1f}%{flag}")
+                     f"{r['gb_per_s']:>9.1f} {share:>10}{flag}")
     lines.append(f"target: fused elementwise kernels >= {TARGET:.0%} of the device copy bandwidth "
                  f"(copy = dst[...] = src, device to device); GB/s = bytes read + written / time")
     return "\n".join(lines)
+
+
+def _write_json(path, doc: dict) -> None:
+    # Written whole, then renamed (as fastnn bench's JSON): a time guard stopping
+    # the run mid-write leaves the previous op's complete file, never a broken one.
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> int:
@@ -317,47 +357,67 @@ def main(argv=None) -> int:
               f"{args.elements:,} float32 elements, {args.repeats} launches x {BATCHES}",
               flush=True)
         timer = _queued_timer(backend)
-        results = measure(backend, args.elements, args.repeats, timer=timer)
-        fusion = measure_bias_grad_fusion(backend, args.repeats, timer=timer)
+        results: list[dict] = []
+        fusion: dict = {}
+        git = _git()  # once, not per rewrite of the file
+
+        def write(complete: bool) -> None:
+            if not args.json:
+                return
+            doc = {
+                "benchmark": "fused elementwise kernels vs device-to-device copy",
+                "target": {"fraction_of_copy": TARGET,
+                           "text": f"fused elementwise kernels >= {TARGET:.0%} of the device "
+                                   f"copy bandwidth"},
+                "device": gpu.get("device", {}).get("name") or backend.device,
+                "versions": {"fastnn": fn.__version__, "numpy": np.__version__,
+                             "cupy": gpu.get("cupy"), "cuda_runtime": gpu.get("cuda_runtime"),
+                             "cuda_driver": gpu.get("cuda_driver")},
+                "gpu": gpu,
+                "n_elements": args.elements,
+                "repeats": args.repeats,
+                "batches": BATCHES,
+                "queued_ahead": timer.gaps == 0,
+                "bytes": "float32 bytes read + written per element of the big arrays "
+                         "(bias row ignored)",
+                "command": shlex.join(["python", "-m", "fastnn.benchmarking.gpu_kernels"] + argv),
+                "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                "git": git,
+                "complete": complete,  # false: cut short (or still running), later ops missing
+                "ops": [op.name for op in OPS],  # what a complete run measures (targets.py)
+                "results": results,
+                "table": format_table(results),
+                "bias_grad_fusion": {
+                    "what": "act_backward_bias (one launch) vs act_backward + bias_grad (two), "
+                            "relu, float32, at the hidden layers of workloads c and a; device us "
+                            "per call",
+                    **fusion,
+                },
+            }
+            _write_json(args.json, doc)
+
+        def on_result(done: list[dict]) -> None:
+            results[:] = done
+            write(complete=False)
+
+        measure(backend, args.elements, args.repeats, timer=timer, on_result=on_result)
+        try:  # its own try: a failure here keeps the bandwidth figures
+            rows = measure_bias_grad_fusion(backend, args.repeats, timer=timer)
+            fusion.update(results=rows, table=format_fusion_table(rows))
+        except Exception as exc:
+            fusion["error"] = _why(exc)
+            print(f"fastnn gpu_kernels: bias-grad fusion failed: {fusion['error']}",
+                  file=sys.stderr, flush=True)
     if timer.gaps:
         print(f"fastnn gpu_kernels: {timer.gaps} batches were queued slower than the spin: "
               "their figures include host gaps", file=sys.stderr)
     print(format_table(results))
-    print(format_fusion_table(fusion))
+    if "table" in fusion:
+        print(fusion["table"])
     if args.json:
-        doc = {
-            "benchmark": "fused elementwise kernels vs device-to-device copy",
-            "target": {"fraction_of_copy": TARGET,
-                       "text": f"fused elementwise kernels >= {TARGET:.0%} of the device copy "
-                               f"bandwidth"},
-            "device": gpu.get("device", {}).get("name") or backend.device,
-            "versions": {"fastnn": fn.__version__, "numpy": np.__version__,
-                         "cupy": gpu.get("cupy"), "cuda_runtime": gpu.get("cuda_runtime"),
-                         "cuda_driver": gpu.get("cuda_driver")},
-            "gpu": gpu,
-            "n_elements": args.elements,
-            "repeats": args.repeats,
-            "batches": BATCHES,
-            "queued_ahead": timer.gaps == 0,
-            "bytes": "float32 bytes read + written per element of the big arrays "
-                     "(bias row ignored)",
-            "command": shlex.join(["python", "-m", "fastnn.benchmarking.gpu_kernels"] + argv),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "git": _git(),
-            "results": results,
-            "table": format_table(results),
-            "bias_grad_fusion": {
-                "what": "act_backward_bias (one launch) vs act_backward + bias_grad (two), relu, "
-                        "float32, at the hidden layers of workloads c and a; device us per call",
-                "results": fusion,
-                "table": format_fusion_table(fusion),
-            },
-        }
-        with open(args.json, "w") as fh:
-            json.dump(doc, fh, indent=1, default=str)
+        write(complete=True)
         print(f"results written to {args.json}")
-    return 0
-
+    return 1 if "error" in fusion or any("error" in r for r in results) else 0
 
 if __name__ == "__main__":
     raise SystemExit(main())

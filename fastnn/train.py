@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backends import get_backend, host_array
+from .backends.base import on_host
 from .compiled import run_epochs
 from .errors import DTypeError, InputError, ShapeError, TrainingDiverged, naming_out_of_memory
 from .nn.module import Module, label_range_of, training_step_mode
@@ -73,32 +74,49 @@ def _model_dtype(model: Module):
     return params[0].data.dtype if params else np.dtype(np.float32)
 
 
-def _prepare(X, y, dtype, what: str):
-    """Validate (X, y) on the host, then move them to the device once."""
-    X = host_array(X)
-    y = host_array(y)
+def _prepare(X, y, dtype, what: str, value_targets: bool = False):
+    """Validate (X, y) where they live and put them on the device once: arrays
+    already there (CuPy arrays, torch CUDA tensors on the CuPy backend) are
+    checked and cast on the device, not copied to the host and back. Returns
+    (X, y, label range): the range of integer labels is read once here (a
+    loop reading it per batch would sync the device each time). Integer y are
+    labels unless ``value_targets`` (the loss's: MSE, BCE), then cast once."""
+    backend = get_backend()
+    X, y = backend.resident(X), backend.resident(y)
     if X.ndim == 0 or len(X) == 0:
-        raise InputError(f"{what}: X is empty (shape {X.shape})")
+        raise InputError(f"{what}: X is empty (shape {tuple(X.shape)})")
     if y.ndim == 0 or len(y) != len(X):
-        raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {y.shape}")
+        raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {tuple(y.shape)}")
     if X.dtype.kind not in "fiub":
         raise DTypeError(f"{what}: X must be numeric, got dtype {X.dtype}")
-    if X.dtype.kind == "f" and not np.isfinite(X).all():
-        bad = np.argwhere(~np.isfinite(X))[0]
-        raise InputError(f"{what}: X contains NaN or inf (first at index {tuple(int(i) for i in bad)})")
-    if y.dtype.kind == "f" and not np.isfinite(y).all():
-        raise InputError(f"{what}: y contains NaN or inf")
-    backend = get_backend()
+    if X.dtype.kind == "f":
+        xp = _array_module(backend, X)
+        finite = xp.isfinite(X)
+        if not bool(finite.all()):  # one read of the device, once per fit
+            bad = host_array(xp.argwhere(~finite)[0])
+            raise InputError(f"{what}: X contains NaN or inf "
+                             f"(first at index {tuple(int(i) for i in bad)})")
+        del finite
+    if y.dtype.kind == "f":
+        if not bool(_array_module(backend, y).isfinite(y).all()):
+            raise InputError(f"{what}: y contains NaN or inf")
     # Labels as int32 or int64 (what the loss kernels take): others are cast once here,
     # not in every step.
-    y_dtype = np.dtype(dtype) if y.dtype.kind not in "iu" else \
+    labels = y.dtype.kind in "iu" and not value_targets
+    y_dtype = np.dtype(dtype) if not labels else \
         y.dtype if y.dtype in (np.int32, np.int64) else np.dtype(np.int64)
     nbytes = X.size * np.dtype(dtype).itemsize + y.size * y_dtype.itemsize
-    with naming_out_of_memory(what, f"X {X.shape} {np.dtype(dtype)} and y {y.shape} {y_dtype}",
+    with naming_out_of_memory(what, f"X {tuple(X.shape)} {np.dtype(dtype)} and y "
+                              f"{tuple(y.shape)} {y_dtype}",
                               nbytes, backend.device, "pass fewer samples at a time"):
-        Xd = backend.asarray(np.ascontiguousarray(X), dtype=dtype)
-        yd = backend.asarray(np.ascontiguousarray(y), dtype=y_dtype)
-    return Xd, yd
+        Xd = backend.asarray(_array_module(backend, X).ascontiguousarray(X), dtype=dtype)
+        yd = backend.asarray(_array_module(backend, y).ascontiguousarray(y), dtype=y_dtype)
+    return Xd, yd, label_range_of(y) if labels else None
+
+
+def _array_module(backend, a):
+    """The array API ``a`` lives in: the backend's, or NumPy for a host array."""
+    return np if on_host(a) else backend.xp
 
 
 def _check_positive_int(name, value, minimum=1, where="fit"):
@@ -146,7 +164,8 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         progress: bool = True, initial_epoch: int = 0) -> History:
     """Train ``model`` on (X, y) with minibatches of the first axis.
 
-    X, y: arrays (NumPy, lists, or the backend's), the same length; integer y
+    X, y: arrays (NumPy, lists, torch tensors, or the backend's: those stay on
+    the device, with no copy to the host), the same length; integer y
     are class labels, float y are targets cast to the model's dtype. Each epoch
     is shuffled (``shuffle``) with ``seed`` (else the ``manual_seed`` state);
     the last partial batch is used. ``validation_data=(X_val, y_val)`` adds
@@ -168,14 +187,14 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
         raise TypeError("fit: stop_when must be a callable history -> bool")
     backend = get_backend()
     dtype = _model_dtype(model)
-    Xd, yd = _prepare(X, y, dtype, "fit")
-    label_range = label_range_of(y)
+    value_targets = getattr(loss_fn, "value_targets", False)
+    Xd, yd, label_range = _prepare(X, y, dtype, "fit", value_targets)
     val = None
     if validation_data is not None:
         if len(validation_data) != 2:
             raise InputError("fit: validation_data must be a pair (X_val, y_val)")
-        val = _prepare(*validation_data, dtype, "fit(validation_data)")
-        val_labels = label_range_of(validation_data[1])  # once, from the caller's copy
+        *val, val_labels = _prepare(*validation_data, dtype, "fit(validation_data)",
+                                    value_targets)
     if seed is None:
         seed = int(generator().integers(2**63))
     n = len(Xd)
@@ -409,10 +428,11 @@ def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: in
 
 def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
     """Mean loss over (X, y) in eval mode (weighted by samples)."""
-    backend = get_backend()
-    Xd, yd = (X, y) if backend.is_array(X) and backend.is_array(y) else _prepare(X, y, _model_dtype(model), "evaluate")
-    # Once here: per batch it would be a device read each (fit passes its own).
-    return _evaluate(model, loss_fn, Xd, yd, batch_size, label_range_of(y))
+    _check_positive_int("batch_size", batch_size, where="evaluate")
+    # Device arrays are checked and cast where they are (no copy when already right).
+    Xd, yd, label_range = _prepare(X, y, _model_dtype(model), "evaluate",
+                                   getattr(loss_fn, "value_targets", False))
+    return _evaluate(model, loss_fn, Xd, yd, batch_size, label_range)
 
 
 def _evaluate(model: Module, loss_fn, Xd, yd, batch_size: int, label_range) -> float:
@@ -454,7 +474,7 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
     """Run ``model`` in eval mode over X in batches; returns a NumPy array."""
     _check_positive_int("batch_size", batch_size, where="predict")
     backend = get_backend()
-    X = host_array(X) if not backend.is_array(X) else X
+    X = backend.resident(X)
     if X.ndim == 0 or len(X) == 0:
         raise InputError(f"predict: X is empty (shape {tuple(X.shape)})")
     if X.ndim == 1:
@@ -462,7 +482,7 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
             f"predict: expected a batch (N, ...), got shape {tuple(X.shape)}; "
             "for one sample pass X[None, :]"
         )
-    Xd = backend.asarray(X, dtype=_model_dtype(model)) if not backend.is_array(X) else X
+    Xd = backend.asarray(X, dtype=_model_dtype(model))  # no copy when already the model's
     was_training = model.training
     model.eval()
     out = None

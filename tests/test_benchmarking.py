@@ -520,7 +520,7 @@ def test_calibration_finds_the_step_time_under_a_fixed_cost_per_call(fixed_us):
     timed = object.__new__(runner.LocalRunner)
     timed.fit, timed.run, timed.k = False, run, 1
     timed.w = bm.WORKLOADS["x"]
-    timed.info = {}
+    timed.info, timed.name = {}, "fastnn-numpy"
     k = timed.calibrate()
     per_step = min(timed.block(3))
     assert per_step == pytest.approx(step_s, rel=0.25), (k, per_step)

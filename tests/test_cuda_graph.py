@@ -800,6 +800,54 @@ def test_label_range_of_float_targets_reads_nothing_back(fake_gpu):
     assert label_range_of(backend.asarray(np.array([3, 1, 2]))) == (1, 3)
 
 
+def test_label_range_of_device_labels_is_one_read(fake_gpu):
+    import fake_cupy
+    from fastnn.nn.module import label_range_of
+
+    labels = fake_cupy.on_device(np.array([4, 0, 7, 2], np.int64))
+    before = fake_cupy.host_reads[0]
+    with fn.use_backend(fake_gpu[0]):
+        assert label_range_of(labels) == (0, 7)
+    assert fake_cupy.host_reads[0] - before == 1
+
+
+def test_fit_keeps_device_data_on_the_device(fake_gpu, monkeypatch):
+    """X and y already on the GPU are validated and cast there: fit never
+    copies them to the host (no .get() of the data), and a NaN in them is
+    still found, by index."""
+    import fake_cupy
+    from fastnn import train
+
+    backend = fake_gpu[0]
+    rng = np.random.default_rng(3)
+    X = fake_cupy.on_device(rng.standard_normal((40, 5)))  # float64: cast on the device
+    y = fake_cupy.on_device(rng.integers(0, 3, 40))
+    copied = []
+    original_get = fake_cupy.DeviceArray.get
+
+    def get(self):
+        if self.size >= 40:
+            copied.append(self.shape)
+        return original_get(self)
+
+    monkeypatch.setattr(fake_cupy.DeviceArray, "get", get)
+    with fn.use_backend(backend):
+        Xd, yd, labels = train._prepare(X, y, np.float32, "fit")
+        assert Xd.dtype == np.float32 and isinstance(Xd, fake_cupy.DeviceArray)
+        assert np.shares_memory(yd, y) and labels == (0, 2)  # int64 labels: no copy
+        model = fn.Sequential(fn.Linear(5, 8), fn.Tanh(), fn.Linear(8, 3))
+        history = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                         X, y, epochs=2, batch_size=16, seed=0, progress=False,
+                         validation_data=(X, y))
+        assert len(history.loss) == 2
+        bad = X.copy()
+        bad[7, 3] = np.nan
+        with pytest.raises(fn.FastnnError, match=r"NaN or inf \(first at index \(7, 3\)\)"):
+            fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                   bad, y, epochs=1, progress=False)
+    assert copied == []
+
+
 @pytest.mark.parametrize("loss", ["xent", "mse"])
 def test_evaluate_reads_the_device_once_whatever_the_batch_count(fake_gpu, loss):
     """evaluate (fit's validation) keeps each batch's loss on the device and
@@ -1049,3 +1097,25 @@ def test_bench_environment_says_where_the_gemms_run(fake_gpu):
                                   "own_handle": True}
     backend._blas_refused.add("bf16")
     assert fastnn_gemm_path()["left_to_cupy"] == ["bf16"]
+
+
+def test_bench_rows_say_where_their_gemms_ran(fake_gpu, monkeypatch):
+    """Each fastnn-cupy row records the GEMM route after its block: a cuBLAS
+    failure mid-run (the precision left to CuPy) shows on the rows measured after."""
+    from fastnn.benchmarking import runner
+    from fastnn.benchmarking.report import gemm_route
+    from fastnn.benchmarking.workloads import ALL_WORKLOADS
+
+    backend = fake_gpu[0]
+    assert gemm_route("tf32") == gemm_route("float32") == "own cuBLAS handle"
+    monkeypatch.setattr(runner, "make_step", lambda *a: (lambda k: 0.5))
+    row = runner.LocalRunner(ALL_WORKLOADS["d-tf32"], "fastnn-cupy", threads=1)
+    row.block(1)
+    assert row.info["gemms"] == "own cuBLAS handle"
+    backend._blas_refused.add("tf32")
+    row.block(1)
+    assert row.info["gemms"] == "CuPy's matmul" == gemm_route("tf32")
+    assert gemm_route("float32") == "own cuBLAS handle"
+    floor = runner.LocalRunner(ALL_WORKLOADS["d-tf32"], "floor-cupy", threads=1)
+    floor.block(1)
+    assert "gemms" not in floor.info  # cupy.matmul, whatever the backend does

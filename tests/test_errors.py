@@ -497,6 +497,33 @@ def test_out_of_memory_names_the_layer_and_the_size(backend, monkeypatch):
         model(x)
 
 
+def test_out_of_memory_in_an_activation_op_names_the_layer(backend, monkeypatch):
+    """The fused bias+activation and activation backward may need scratch memory
+    (a fallback's temporaries): running out names the layer, as a GEMM does."""
+    fused = fn.Sequential(fn.Linear(3, 4), fn.ReLU())
+    x = backend.asarray(np.ones((5, 3), np.float32))
+    h = backend.asarray(np.ones((5, 4), np.float32))
+
+    def no_memory(*args, **kwargs):
+        raise MemoryError("simulated: no scratch memory")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "bias_act", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "Linear(3 -> 4): out of memory in forward (bias + relu): simulated")):
+            fused(x)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "Tanh: out of memory in forward (5, 4): simulated")):
+            fn.Tanh()(h)
+    tanh = fn.Tanh()
+    tanh(h)
+    with monkeypatch.context() as patch:
+        patch.setattr(backend, "act_backward", no_memory)
+        with pytest.raises(fn.OutOfMemory, match=re.escape(
+                "Tanh: out of memory in backward (5, 4): simulated")):
+            tanh.backward(h)
+
+
 def test_out_of_memory_outside_layers_names_what_was_allocated(backend, monkeypatch):
     """fit's data and batch buffers, the optimizer's flat buffers and a loss's
     gradient: each out-of-memory names who allocated what, and the bytes."""

@@ -520,3 +520,54 @@ def test_optimizers_hold_only_the_state_their_hyper_parameters_use():
     fresh.load_state_dict(opt.state_dict())
     np.testing.assert_array_equal(fn.to_numpy(fresh.groups[0].state["momentum_buffer"]),
                                   fn.to_numpy(opt.groups[0].state["momentum_buffer"]))
+
+
+def test_fit_evaluate_and_predict_take_torch_tensors():
+    """torch tensors (CPU) are arrays like any other: labels of torch's int64
+    dtype are read as labels, float targets as targets."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((32, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 32)
+    with fn.use_backend("numpy"):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(4, 8), fn.ReLU(), fn.Linear(8, 3))
+        state = {k: v.copy() for k, v in model.state_dict().items()}
+        want = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                      X, y, epochs=2, batch_size=8, seed=1, progress=False).loss
+        model.load_state_dict(state)
+        got = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                     torch.from_numpy(X), torch.from_numpy(y), epochs=2, batch_size=8, seed=1,
+                     progress=False,
+                     validation_data=(torch.from_numpy(X), torch.from_numpy(y))).loss
+        assert got == want
+        assert fn.evaluate(model, fn.CrossEntropyLoss(), torch.from_numpy(X),
+                           torch.from_numpy(y)) == fn.evaluate(model, fn.CrossEntropyLoss(), X, y)
+        np.testing.assert_array_equal(fn.predict(model, torch.from_numpy(X)),
+                                      fn.predict(model, X))
+        with pytest.raises(fn.FastnnError, match="3 classes"):
+            fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                   torch.from_numpy(X), torch.from_numpy(y) + 5, epochs=1, progress=False)
+
+
+@pytest.mark.parametrize("loss_cls", [fn.MSELoss, fn.BCEWithLogitsLoss])
+def test_integer_targets_of_a_value_loss_are_cast_once_by_fit(loss_cls, backend):
+    """0/1 integer targets for MSE/BCE are values, not labels: fit casts them to
+    the model's dtype once (not per step) and trains exactly as on float targets."""
+    from fastnn import train
+
+    rng = np.random.default_rng(2)
+    X = rng.standard_normal((24, 3)).astype(np.float32)
+    y = rng.integers(0, 2, (24, 1))
+    _, yd, labels = train._prepare(X, y, np.float32, "fit", loss_cls.value_targets)
+    assert yd.dtype == np.float32 and labels is None
+
+    def run(targets):
+        fn.manual_seed(0)
+        model = fn.Sequential(fn.Linear(3, 4), fn.Tanh(), fn.Linear(4, 1))
+        history = fn.fit(model, loss_cls(), fn.Adam(model.parameters(), lr=0.01), X, targets,
+                         epochs=3, batch_size=8, seed=4, progress=False,
+                         validation_data=(X, targets))
+        return history.loss + history.val_loss
+
+    assert run(y) == run(y.astype(np.float32))

@@ -57,6 +57,12 @@ class Backend:
     def to_numpy(self, x) -> np.ndarray:
         return host_array(x)
 
+    def resident(self, x):
+        """``x`` as an array this backend can compute on without a copy when it
+        already is one (fit and predict validate it where it lives); anything
+        else as a NumPy array, for ``asarray`` to move over once."""
+        return host_array(x)
+
     def is_array(self, x) -> bool:
         return isinstance(x, self.xp.ndarray)
 
@@ -308,6 +314,11 @@ class GemmOperand:
 def gemm_array(x):
     """The array of a GEMM operand (itself, or a GemmOperand's float32 array)."""
     return x.array if isinstance(x, GemmOperand) else x
+
+
+def on_host(x) -> bool:
+    """True for arrays of NumPy's own classes (host memory, whatever the backend)."""
+    return isinstance(x, np.ndarray) and type(x).__module__.split(".")[0] == "numpy"
 
 
 def host_array(x) -> np.ndarray:

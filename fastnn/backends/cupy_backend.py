@@ -26,7 +26,7 @@ import numpy as np
 from ..errors import BackendUnavailable
 from . import kernel_sources
 from .activations import get_activation
-from .base import Backend, GemmOperand, host_array
+from .base import Backend, GemmOperand, host_array, on_host
 from .cupy_gemm import CupyGemmOps
 from .cupy_steps import CupyStepOps
 from .cupy_support import _BLOCK, _FLOATS, GPUOutOfMemory, _nbytes, _one_line, _oom_guard
@@ -123,6 +123,15 @@ class CupyBackend(CupyGemmOps, CupyStepOps, Backend):
     @property
     def capturing(self) -> bool:
         return self._capture is not None
+
+    def resident(self, x):
+        """CuPy arrays as they are, GPU DLPack producers (torch CUDA tensors)
+        wrapped without a copy, anything else as a NumPy array."""
+        if on_host(x):
+            return x
+        if isinstance(x, self.xp.ndarray) or _on_gpu(x) or hasattr(x, "__cuda_array_interface__"):
+            return self.asarray(x)
+        return host_array(x)
 
     def asarray(self, x, dtype=None):
         """Device array from NumPy arrays, lists, CuPy arrays or DLPack producers.

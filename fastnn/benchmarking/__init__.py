@@ -46,15 +46,14 @@ fits), runner.py (the alternating measurement), report.py (table, JSON, plot).
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 import numpy as np
 
 from fastnn.benchmarking.report import (command_line, environment, format_table, gpu_environment,
-                                        plot, probe_torch_cuda)
+                                        fastnn_gemm_path, plot, probe_torch_cuda,
+                                        write_json_atomic)
 from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker, _why,
                                         measure, shutdown_workers, worker_main)
 from fastnn.benchmarking.fit_runs import fit_run
@@ -175,6 +174,8 @@ def main(args) -> int:
     def write_json(complete: bool) -> None:
         if not args.json:
             return
+        if gpu is not None:  # a cuBLAS failure mid-run leaves a precision to CuPy
+            gpu["fastnn_gemms"] = fastnn_gemm_path()
         doc = dict(env, device=device, gpu=gpu, complete=complete,
                    method={"min_sample_s": MIN_SAMPLE_S,
                            "k": "after the warm-up, doubled from the linear estimate until "
@@ -192,12 +193,7 @@ def main(args) -> int:
                               for n in names},
                    results=[r.__dict__ for r in results], skipped=skipped,
                    table=format_table(results) if results else "")
-        # Written whole, then renamed: a time guard stopping the bench mid-write
-        # leaves the previous workload's complete file, never a broken one.
-        tmp = f"{args.json}.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(doc, fh, indent=1, default=str)
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, doc)  # rewritten after each workload
 
     offered: set = set()
     try:

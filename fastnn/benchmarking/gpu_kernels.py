@@ -28,9 +28,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import json
 import operator
-import os
 import shlex
 import statistics
 import sys
@@ -39,6 +37,7 @@ from typing import Callable
 
 import numpy as np
 
+from fastnn.benchmarking.report import write_json_atomic
 from fastnn.benchmarking.steps import uniform_on_device
 
 TARGET = 0.8  # issue target: fused elementwise kernels >= 80% of the device copy bandwidth
@@ -316,15 +315,6 @@ def format_table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def _write_json(path, doc: dict) -> None:
-    # Written whole, then renamed (as fastnn bench's JSON): a time guard stopping
-    # the run mid-write leaves the previous op's complete file, never a broken one.
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as fh:
-        json.dump(doc, fh, indent=1, default=str)
-    os.replace(tmp, path)
-
-
 def main(argv=None) -> int:
     import fastnn as fn
     from fastnn.benchmarking.report import _git, gpu_environment
@@ -394,7 +384,7 @@ def main(argv=None) -> int:
                     **fusion,
                 },
             }
-            _write_json(args.json, doc)
+            write_json_atomic(args.json, doc)
 
         def on_result(done: list[dict]) -> None:
             results[:] = done

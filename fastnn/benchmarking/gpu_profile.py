@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
-import json
 import shlex
 import sys
 import time
@@ -425,6 +424,8 @@ def main(argv=None) -> int:
 
 
 def _write(path, gpu, backend, argv, results, fn, git) -> None:
+    from fastnn.benchmarking.report import write_json_atomic
+
     doc = {
         "benchmark": "GPU training step profile: host vs device, per phase and per op",
         "device": gpu.get("device", {}).get("name") or backend.device,
@@ -438,8 +439,7 @@ def _write(path, gpu, backend, argv, results, fn, git) -> None:
         "git": git(),
         "results": results,
     }
-    with open(path, "w") as fh:  # rewritten after each workload: a cut-short run keeps its part
-        json.dump(doc, fh, indent=1, default=str)
+    write_json_atomic(path, doc)  # rewritten after each workload: a cut-short run keeps its part
 
 
 if __name__ == "__main__":

@@ -19,6 +19,16 @@ from fastnn.benchmarking.runner import Result
 from fastnn.benchmarking.workloads import ALL_WORKLOADS, GPU_CONTENDERS
 
 
+def write_json_atomic(path, doc: dict) -> None:
+    """``doc`` as indented JSON at ``path``, written whole to a temporary file and
+    then renamed: a bench rewrites its file after each part, and a time guard
+    stopping it mid-write leaves the previous complete file, never a broken one."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as fh:
+        json.dump(doc, fh, indent=1, default=str)
+    os.replace(tmp, path)
+
+
 def _fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
@@ -182,6 +192,19 @@ def fastnn_gemm_path() -> dict | None:
     return {"status": getattr(backend, "blas_status", None),
             "left_to_cupy": sorted(getattr(backend, "_blas_refused", ())),
             "own_handle": getattr(backend, "_blas", None) is not None}
+
+
+def gemm_route(precision: str) -> str | None:
+    """Where the CuPy backend's GEMMs at ``precision`` run now: "own cuBLAS
+    handle", or "CuPy's matmul" when it was left to CuPy (at start or after a
+    cuBLAS failure mid-run: a row measured then is not the precision's speed).
+    None before the backend exists."""
+    path = fastnn_gemm_path()
+    if path is None:
+        return None
+    if path["own_handle"] and precision not in path["left_to_cupy"]:
+        return "own cuBLAS handle"
+    return "CuPy's matmul"
 
 
 def _nvidia_driver() -> str | None:

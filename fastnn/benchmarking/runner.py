@@ -38,6 +38,12 @@ RELEASE_TIMEOUT_S = 30.0
 WORKER_CODE = "from fastnn.benchmarking.runner import worker_main; worker_main()"
 
 
+# Contenders whose GEMMs go through the CuPy backend (its own cuBLAS handle, or
+# CuPy's matmul for a precision it refused): their rows say which. (floor-cupy
+# calls cupy.matmul itself; the one-launch kernels make no GEMM calls.)
+GEMM_ON_BACKEND = ("fastnn-cupy", "fastnn-cupy-graph")
+
+
 # ---------------------------------------------------------------- runners
 class LocalRunner:
     """Times an in-process contender in blocks of samples of k steps."""
@@ -107,6 +113,11 @@ class LocalRunner:
                 loss = self.run(self.k)
                 out.append((time.perf_counter() - t0) / self.k)
                 self.info["loss"] = loss
+        if self.name in GEMM_ON_BACKEND:
+            from fastnn.benchmarking.report import gemm_route
+
+            # after the block: a GEMM that failed in it sent the precision to CuPy
+            self.info["gemms"] = gemm_route(self.w.precision)
         return out
 
     def close(self):

@@ -25,7 +25,10 @@ class ElementwiseActivation(Module):
         if not backend.is_array(x) or x.dtype.kind != "f":
             x = float_array(x, type(self).__name__)
         y = self._buffer("y", x.shape, x.dtype, backend)
-        backend.bias_act(x, None, self.act_name, self.alpha, out=y)
+        try:
+            backend.bias_act(x, None, self.act_name, self.alpha, out=y)
+        except MemoryError as exc:  # a fallback's temporaries
+            raise self._op_out_of_memory(f"forward {tuple(x.shape)}", exc) from exc
         keep_pre = get_activation(self.act_name).needs_pre(self.alpha)
         self.__dict__["_saved"] = (y, x if keep_pre else None)  # hot path: no registry checks
         return y
@@ -44,7 +47,10 @@ class ElementwiseActivation(Module):
                 f"{type(self).__name__}: backward expected dy {tuple(y.shape)}, got {tuple(dy.shape)}"
             )
         dx = self._buffer("dx", y.shape, y.dtype)
-        return get_backend().act_backward(dy, y, self.act_name, pre, self.alpha, out=dx)
+        try:
+            return get_backend().act_backward(dy, y, self.act_name, pre, self.alpha, out=dx)
+        except MemoryError as exc:
+            raise self._op_out_of_memory(f"backward {tuple(y.shape)}", exc) from exc
 
 
 class ReLU(ElementwiseActivation):
@@ -87,7 +93,10 @@ class Softmax(Module):
     def forward(self, x):
         from ..functional import softmax
 
-        y = softmax(x, self.axis)
+        try:
+            y = softmax(x, self.axis)
+        except MemoryError as exc:
+            raise self._op_out_of_memory(f"forward {tuple(getattr(x, 'shape', ()))}", exc) from exc
         self._saved = y
         return y
 
@@ -101,5 +110,8 @@ class Softmax(Module):
             from ..errors import ShapeError
 
             raise ShapeError(f"Softmax: backward expected dy {tuple(y.shape)}, got {tuple(dy.shape)}")
-        dot = (dy * y).sum(axis=self.axis, keepdims=True)
-        return y * (dy - dot)
+        try:
+            dot = (dy * y).sum(axis=self.axis, keepdims=True)
+            return y * (dy - dot)
+        except MemoryError as exc:
+            raise self._op_out_of_memory(f"backward {tuple(y.shape)}", exc) from exc

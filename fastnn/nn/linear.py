@@ -8,7 +8,7 @@ import numpy as np
 from ..backends import asarray, get_backend, get_default_dtype, refuse_foreign
 from ..backends.base import GemmOperand, gemm_array
 from ..backends.activations import get_activation
-from ..errors import OutOfMemory, ShapeError
+from ..errors import ShapeError
 from ..random import generator
 from .init import initial_weight
 from .module import Module
@@ -73,12 +73,6 @@ class Linear(Module):
     def forward(self, x):
         return self.forward_fused(x, None, 0.0)
 
-    def _op_out_of_memory(self, what: str, exc: MemoryError) -> MemoryError:
-        """A backend op (e.g. cuBLAS's workspace) ran out of memory: name the layer."""
-        if isinstance(exc, OutOfMemory):
-            return exc
-        return OutOfMemory(f"{self._label()}: out of memory in {what}: {exc}")
-
     def forward_fused(self, x, act, alpha, emit_operand=False):
         """``act(x @ W + b)`` with the bias and activation applied in place.
 
@@ -110,17 +104,23 @@ class Linear(Module):
         pre = None
         if act is None:
             if bias is not None:
-                backend.add_bias(z, bias)
+                try:
+                    backend.add_bias(z, bias)
+                except MemoryError as exc:
+                    raise self._op_out_of_memory("forward (bias)", exc) from exc
             y = z
         else:
             keep_pre = get_activation(act).needs_pre(alpha) and self.training
             y = self._buffer("y", z.shape, w.dtype, backend) if keep_pre else z
             emit_operand = emit_operand and backend.prepares_gemm_operands and len(lead) == 1
-            if emit_operand:
-                y_out = backend.bias_act_operand(z, bias, act, alpha, out=y,
-                                                 bits_buffer=self._bits_buffer("y_bits", backend))
-            else:
-                backend.bias_act(z, bias, act, alpha, out=y)
+            try:
+                if emit_operand:
+                    y_out = backend.bias_act_operand(
+                        z, bias, act, alpha, out=y, bits_buffer=self._bits_buffer("y_bits", backend))
+                else:
+                    backend.bias_act(z, bias, act, alpha, out=y)
+            except MemoryError as exc:
+                raise self._op_out_of_memory(f"forward (bias + {act})", exc) from exc
             pre = z if keep_pre else None
         # __dict__ directly: skips Module.__setattr__'s registry checks (hot path).
         self.__dict__["_saved"] = (x2, x.shape, y, pre, act, alpha, xq, wq)

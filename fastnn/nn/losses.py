@@ -19,6 +19,9 @@ class Loss:
     """
 
     name = "Loss"
+    # True where targets are values of the prediction's shape (MSE, BCE): fit
+    # then casts integer targets to the model's dtype once, not every step.
+    value_targets = False
 
     def __call__(self, pred, target) -> float:
         return float(self.forward(pred, target))
@@ -88,6 +91,7 @@ class MSELoss(Loss):
     """mean((pred - target)^2) over all elements, as ``torch.nn.MSELoss``."""
 
     name = "MSELoss"
+    value_targets = True
 
     def forward(self, pred, target):
         pred = self._pred(pred)
@@ -102,6 +106,7 @@ class BCELoss(Loss):
     matches."""
 
     name = "BCELoss"
+    value_targets = True
 
     def forward(self, pred, target):
         backend = get_backend()
@@ -155,6 +160,7 @@ class BCEWithLogitsLoss(Loss):
     ``max(x, 0) - x t + log1p(exp(-|x|))``."""
 
     name = "BCEWithLogitsLoss"
+    value_targets = True
 
     def forward(self, logits, target):
         logits = self._pred(logits)

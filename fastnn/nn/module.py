@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from ..backends import get_backend, host_array
-from ..errors import ShapeError, naming_out_of_memory
+from ..backends.base import on_host
+from ..errors import OutOfMemory, ShapeError, naming_out_of_memory
 from .parameter import Parameter
 
 _step_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnn_step_mode", default=False)
@@ -52,14 +53,21 @@ def training_step_mode(model=None, label_range=None):
 
 
 def label_range_of(y):
-    """(min, max) of integer labels, read once on the host (for
-    ``training_step_mode``'s ``label_range``); None for other targets (seen
-    from the dtype: float targets on a GPU are not copied to the host)."""
-    dtype = getattr(y, "dtype", None)
-    if dtype is not None and np.dtype(dtype).kind not in "iu":
+    """(min, max) of integer labels, read once (for ``training_step_mode``'s
+    ``label_range``); None for other targets, seen from the dtype. Device
+    arrays are reduced where they live: two numbers come back, not the labels."""
+    try:
+        kind = np.dtype(y.dtype).kind
+    except (AttributeError, TypeError):  # a list, or a torch tensor (torch dtypes)
+        y = host_array(y)
+        kind = y.dtype.kind
+    if kind not in "iu" or y.size == 0:
         return None
-    y = host_array(y)
-    return (int(y.min()), int(y.max())) if y.dtype.kind in "iu" and y.size else None
+    backend = get_backend()
+    if not on_host(y) and backend.is_array(y):
+        # one read of the device for both bounds
+        y = host_array(backend.xp.stack((y.min(), y.max())))
+    return int(y.min()), int(y.max())
 
 
 def known_label_range():
@@ -253,6 +261,14 @@ class Module:
     def _label(self) -> str:
         """How error messages name this module, e.g. ``Linear(3 -> 4)``."""
         return type(self).__name__
+
+    def _op_out_of_memory(self, what: str, exc: MemoryError) -> MemoryError:
+        """A backend op (cuBLAS's workspace, a kernel's scratch) ran out of
+        memory: the error to raise, naming this layer (one from deeper down
+        already names its own)."""
+        if isinstance(exc, OutOfMemory):
+            return exc
+        return OutOfMemory(f"{self._label()}: out of memory in {what}: {exc}")
 
     def extra_repr(self) -> str:
         return ""

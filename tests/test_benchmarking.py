@@ -172,6 +172,9 @@ def test_gpu_bench_runs_every_fastnn_gpu_contender_on_the_fake_device(fake_gpu, 
 
     monkeypatch.setitem(gpu_compiled._status, "cuda", "numba.cuda: no usable CUDA driver or device")
     monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+    from fastnn.benchmarking import runner  # the kernels in this process: the stand-in is here
+
+    monkeypatch.setattr(runner, "CHILD_CONTENDERS", runner.TORCH_CONTENDERS)
     path = tmp_path / "gpu.json"
     assert main(["bench", "--device", "gpu", "--workloads", ",".join(small), "--rounds", "1",
                  "--samples", "1", "--json", str(path)]) == 0
@@ -320,7 +323,7 @@ def test_a_torch_child_that_never_answers_is_killed_after_its_timeout(monkeypatc
 
     spawned = _hung_worker(monkeypatch, "import time; time.sleep(600)")
     with pytest.raises(RuntimeError, match=r"torch worker: no reply to 'setup' in 0\.5 s"):
-        runner.TorchWorker(bm.WORKLOADS["x"], "torch", 1)
+        runner.ChildWorker(bm.WORKLOADS["x"], "torch", 1)
     (proc,) = spawned
     assert proc.poll() is not None  # killed and reaped, not left hanging
     assert not runner._IDLE_WORKERS
@@ -373,16 +376,16 @@ def test_a_failing_workload_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch
 
 
 def test_torch_worker_processes_are_reused_across_workloads():
-    """A TorchWorker's process is kept idle after close() and taken by the next
+    """A ChildWorker's process is kept idle after close() and taken by the next
     workload's same contender (a torch import per workload is seconds on a GPU
     machine); shutdown_workers ends it."""
     pytest.importorskip("torch")
     from fastnn.benchmarking import runner
 
-    first = runner.TorchWorker(bm.WORKLOADS["x"], "torch", 1)
+    first = runner.ChildWorker(bm.WORKLOADS["x"], "torch", 1)
     pid = first.proc.pid
     first.close()
-    second = runner.TorchWorker(bm.WORKLOADS["c"], "torch", 1)
+    second = runner.ChildWorker(bm.WORKLOADS["c"], "torch", 1)
     try:
         assert second.proc.pid == pid
         second.calibrate()
@@ -392,6 +395,42 @@ def test_torch_worker_processes_are_reused_across_workloads():
     proc = second.proc
     runner.shutdown_workers()
     assert proc.wait(timeout=30) == 0 and not runner._IDLE_WORKERS
+
+def test_child_contenders_include_the_one_launch_kernels():
+    from fastnn.benchmarking import workloads
+
+    assert {"fastnn-cupy-kernel", "fastnn-cupy-kernel-global"} <= set(workloads.CHILD_CONTENDERS)
+    assert set(workloads.TORCH_CONTENDERS) <= set(workloads.CHILD_CONTENDERS)
+
+
+def test_a_fastnn_contender_in_a_child_is_measured_without_torch(monkeypatch):
+    """fastnn's one-launch GPU kernels run in a child process (a fault there must
+    not end the bench's own CUDA context); the same path on the CPU, with a
+    fastnn contender: its child never imports torch, keeps serving after an
+    error, and measure() takes its rows from it."""
+    from fastnn.benchmarking import runner
+
+    monkeypatch.setattr(runner, "CHILD_CONTENDERS", ("fastnn-numpy",))
+    monkeypatch.setattr(runner, "_IDLE_WORKERS", {})
+    worker = runner.ChildWorker(bm.WORKLOADS["x"], "fastnn-numpy", 1)
+    try:
+        assert "torch" not in worker.setup
+        with pytest.raises(RuntimeError, match="unknown command 'probe'"):
+            worker._call(5, cmd="probe")
+        worker.calibrate()
+        assert len(worker.block(2)) == 2
+    finally:
+        worker.close()
+    assert list(runner._IDLE_WORKERS) == [("fastnn-numpy", 1)]  # released, kept for reuse
+    pid = runner._IDLE_WORKERS[("fastnn-numpy", 1)].pid
+    results = bm.measure(bm.WORKLOADS["x"], ["floor", "fastnn-numpy"], threads=1, rounds=2,
+                         samples=1)
+    assert [r.contender for r in results] == ["floor", "fastnn-numpy"]
+    assert results[1].info["loss"] > 0 and results[1].x_floor > 0
+    assert runner._IDLE_WORKERS[("fastnn-numpy", 1)].pid == pid  # measured in that child
+    runner.shutdown_workers()
+    assert not runner._IDLE_WORKERS
+
 
 # ---------------------------------------------------------------- PyTorch CUDA steps, on the CPU
 @pytest.fixture

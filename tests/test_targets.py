@@ -140,3 +140,18 @@ def test_a_kernels_file_with_failures_and_a_cut_reads_as_not_measured():
     assert rows["f32_to_bf16"]["met"] is None
     assert rows["f32_to_bf16"]["not_measured"] == "the copy was not measured (RuntimeError: copy broke)"
     assert "RuntimeError: copy broke" in targets.format_rows(list(rows.values()))
+
+
+def test_a_row_whose_gemms_ran_on_cupy_says_so_even_when_met():
+    """A tf32 row measured after fastnn's handle refused TF32 (its GEMMs on
+    CuPy's matmul) is not the precision's own speed: the table says so."""
+    row = dict(_row("d-tf32", "fastnn-cupy", 1.3, x_torch=1.02), info={"gemms": "CuPy's matmul"})
+    bench = {"results": [row, dict(_row("d", "fastnn-cupy", 3.3, x_torch=1.0),
+                                   info={"gemms": "own cuBLAS handle"})]}
+    got = _by_target(targets.check(bench, KERNELS))
+    tf32 = got["d tf32 >= 1.0x PyTorch eager TF32"]
+    assert tf32["met"] is True and "CuPy's matmul" in tf32["caveat"]
+    assert "caveat" not in got["d float32 (TF32 off) >= 0.98x PyTorch eager"]
+    text = targets.format_rows(list(got.values()))
+    assert "- d tf32 >= 1.0x PyTorch eager TF32: its GEMMs ran on CuPy's matmul" in text
+    assert "- d float32" not in text

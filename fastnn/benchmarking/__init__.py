@@ -54,7 +54,7 @@ import numpy as np
 from fastnn.benchmarking.report import (command_line, environment, format_table, gpu_environment,
                                         fastnn_gemm_path, plot, probe_torch_cuda,
                                         write_json_atomic)
-from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, TorchWorker, _why,
+from fastnn.benchmarking.runner import (MIN_SAMPLE_S, LocalRunner, Result, ChildWorker, _why,
                                         measure, shutdown_workers, worker_main)
 from fastnn.benchmarking.fit_runs import fit_run
 from fastnn.benchmarking.steps import (build_fastnn_model, fastnn_step, floor_cupy_step, floor_step,
@@ -67,7 +67,7 @@ from fastnn.benchmarking.torch_steps import torch_cuda_step, torch_gpu_settings,
 
 __all__ = [
     "ALL_WORKLOADS", "DEFAULT_WORKLOADS", "GPU_CONTENDERS", "GPU_WORKLOADS", "MIN_SAMPLE_S",
-    "WORKLOADS", "LocalRunner", "Result", "TorchWorker", "Workload", "add_arguments",
+    "WORKLOADS", "LocalRunner", "Result", "ChildWorker", "Workload", "add_arguments",
     "build_fastnn_model", "command_line", "contenders", "cpu_contenders", "environment",
     "fastnn_backends", "fastnn_step", "fit_run", "floor_cupy_step", "floor_step",
     "format_table", "gpu_contenders", "gpu_environment", "main", "make_batch", "make_step",

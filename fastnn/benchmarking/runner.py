@@ -1,8 +1,8 @@
 """Timing the contenders: runners and the alternating-block method.
 
-LocalRunner (in-process contenders), TorchWorker (PyTorch -- CPU, CUDA eager or
-CUDA graph -- in a child process, driven over a pipe) with ``worker_main``, the
-child's entry point; Result and ``measure``, which alternates the contenders in
+LocalRunner (in-process contenders), ChildWorker (PyTorch -- CPU, CUDA eager or
+CUDA graph -- and fastnn's one-launch GPU kernels, in a child process driven
+over a pipe) with ``worker_main``, the child's entry point; Result and ``measure``, which alternates the contenders in
 blocks. GPU contenders synchronize the device inside ``run(k)``, so the host
 timer around it measures finished work.
 """
@@ -22,15 +22,16 @@ from dataclasses import dataclass, field
 
 from fastnn.benchmarking.fit_runs import fit_run
 from fastnn.benchmarking.steps import make_step
-from fastnn.benchmarking.workloads import (TORCH_CONTENDERS, Workload, floor_of, is_gpu_contender,
-                                           torch_of)
+from fastnn.benchmarking.workloads import (CHILD_CONTENDERS, TORCH_CONTENDERS, Workload, floor_of,
+                                           is_gpu_contender, torch_of)
 
 MIN_SAMPLE_S = 0.002
 MAX_K = 1 << 20              # steps per sample, at most
 MAX_CALIBRATE_S = 2.0        # time for growing k after the warm-up, at most
-# How long the parent waits for a torch child's reply before it kills the child
-# (read at call time: tests lower them). Setup imports torch, starts CUDA and
-# captures the graph of the largest workload; a block or a calibration is
+# How long the parent waits for a child's reply before it kills the child
+# (read at call time: tests lower them). Setup imports torch (or CuPy and
+# compiles fastnn's kernels), starts CUDA and captures the graph of the largest
+# workload; a block or a calibration is
 # seconds at most; release syncs and frees the device memory.
 SETUP_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
@@ -161,7 +162,7 @@ def shutdown_workers() -> None:
 atexit.register(shutdown_workers)
 
 
-class TorchWorker:
+class ChildWorker:
     """A contender running in a child process, driven over a pipe (JSON lines).
 
     The process outlives the contender: ``close`` releases its model (and its
@@ -180,7 +181,7 @@ class TorchWorker:
             _end_worker(self.proc)  # a child whose setup failed is not reused
             raise
         if contender != "torch":
-            self.info["setup"] = self.setup
+            self.info["setup"] = self.setup  # torch-cuda*: versions, device, TF32 flags
 
     def _call(self, timeout: float, **msg):
         self.proc.stdin.write(json.dumps(msg) + "\n")
@@ -240,8 +241,20 @@ class TorchWorker:
             _IDLE_WORKERS[self._key] = self.proc
 
 
+def _release_device_memory() -> None:
+    """Give back the device memory this child's cached allocators hold."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cupy.cuda.Device().synchronize()
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 def worker_main() -> None:
-    """Child-process side of TorchWorker (stdin/stdout JSON lines)."""
+    """Child-process side of ChildWorker (stdin/stdout JSON lines)."""
     out = sys.stdout
     sys.stdout = sys.stderr  # stray prints must not break the protocol
     runner = None
@@ -252,10 +265,11 @@ def worker_main() -> None:
             if cmd == "setup":
                 w = Workload(**{**msg["workload"], "sizes": tuple(msg["workload"]["sizes"])})
                 runner = LocalRunner(w, msg["contender"], msg["threads"], msg["seed"])
-                import torch
+                reply = dict(runner.info.get("setup", {}))
+                if msg["contender"] in TORCH_CONTENDERS:
+                    import torch
 
-                reply = {**runner.info.get("setup", {}), "torch": torch.__version__,
-                         "threads": torch.get_num_threads()}
+                    reply.update(torch=torch.__version__, threads=torch.get_num_threads())
             elif cmd == "calibrate":
                 reply = {"k": runner.calibrate(msg["min_sample"], msg["warmup_s"])}
             elif cmd == "block":
@@ -263,11 +277,7 @@ def worker_main() -> None:
             elif cmd == "release":  # the parent keeps this process for another workload
                 runner = None
                 gc.collect()
-                import torch
-
-                if torch.cuda.is_initialized():
-                    torch.cuda.synchronize()
-                    torch.cuda.empty_cache()  # the next workload's model gets the memory
+                _release_device_memory()  # the next workload's model gets the memory
                 reply = {}
             elif cmd == "quit":
                 out.write("{}\n")
@@ -323,7 +333,7 @@ def measure(w: Workload, names: list[str], threads: int, rounds: int = 5,
     runners = []
     try:
         for name in names:
-            cls = TorchWorker if name in TORCH_CONTENDERS else LocalRunner
+            cls = ChildWorker if name in CHILD_CONTENDERS else LocalRunner
             try:
                 r = cls(w, name, threads)
                 try:

@@ -345,7 +345,7 @@ def numpy_step(w: Workload, seed: int = 0):
 
 
 def make_step(w: Workload, contender: str, threads: int | None = None, seed: int = 0):
-    """``run(k) -> loss`` of a contender; the torch ones are built in TorchWorker's
+    """``run(k) -> loss`` of a contender; the torch ones are built in ChildWorker's
     child process (``worker_main``), never in the parent."""
     if contender == "floor":
         return floor_step(w, seed)

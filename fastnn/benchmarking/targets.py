@@ -83,6 +83,10 @@ def check(bench: dict, kernels: dict | None = None, profile: dict | None = None)
             pick = min if t.metric == "ms" else max
             contender, value = pick(candidates, key=lambda cv: cv[1])
             entry.update(contender=contender, measured=value, met=_met(value, t))
+            if rows[(t.workload, contender)].get("info", {}).get("gemms") == "CuPy's matmul":
+                entry["caveat"] = ("its GEMMs ran on CuPy's matmul (fastnn's cuBLAS handle "
+                                   "refused this precision; see gpu.fastnn_gemms), not on "
+                                   "fastnn's own path")
         else:
             entry["not_measured"] = "; ".join(_skip_reasons(bench, t)) or "not in this run"
         if not entry["met"]:
@@ -171,11 +175,12 @@ def format_rows(entries: list[dict], markdown: bool = False) -> str:
                          f"{_fmt(e):>13}  {verdict[e['met']]}")
     notes = []
     for e in entries:
-        said = [x for x in (e.get("not_measured"), e.get("why")) if x]
-        if e["met"] is not True and said:
+        said = [x for x in (e.get("caveat"), e.get("not_measured"), e.get("why")) if x]
+        if (e["met"] is not True or e.get("caveat")) and said:
             notes.append(f"- {e['target']}: {'; '.join(said)}")
     if notes:
-        lines += ["", "Where a target is not met (profile of the workload's step):"] + notes
+        lines += ["", "Where a target is not met (profile of the workload's step) or its "
+                      "figure has a caveat:"] + notes
     return "\n".join(lines)
 
 

@@ -1,6 +1,6 @@
 """PyTorch contenders of ``fastnn bench``: eager on the CPU or a CUDA device,
 and the whole step captured in a CUDA graph. Built only inside the torch child
-process (runner.TorchWorker), never in the parent."""
+process (runner.ChildWorker), never in the parent."""
 from __future__ import annotations
 
 import contextlib

@@ -93,7 +93,11 @@ def fastnn_backends() -> list[str]:
 # GPU floor (floor-cupy) and PyTorch eager on the GPU (torch-cuda).
 GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy-kernel",
                   "fastnn-cupy-kernel-global", "torch-cuda", "torch-cuda-graph")
-TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")  # child-process ones
+TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")
+# Contenders measured in a child process: PyTorch (never imported by the parent)
+# and fastnn's one-launch MLP kernels, whose first GPU runs are the riskiest
+# code: a fault there (a sticky CUDA error) ends the child, not every later row.
+CHILD_CONTENDERS = TORCH_CONTENDERS + ("fastnn-cupy-kernel", "fastnn-cupy-kernel-global")
 
 
 def is_gpu_contender(name: str) -> bool:

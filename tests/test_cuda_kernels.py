@@ -843,3 +843,22 @@ def test_the_fake_knows_every_kernel_that_calls_block_reduce():
                                text)
             found |= {re.sub(r"_f(32|64)(_i(32|64))?$", "", name) for name in names}
     assert found == _BLOCK_REDUCE_KERNELS
+
+
+def test_c_contiguous_bit_agrees_with_flags_on_numpy():
+    from fastnn.backends.cupy_support import _c_contiguous
+
+    a = np.ones((4, 3), np.float32)
+    for view in (a, a.T, a[:, :2], a[1:], a[::2]):
+        assert _c_contiguous(view) == view.flags.c_contiguous
+
+
+def test_gpu_c_contiguous_bit_agrees_with_flags(gpu):
+    """CuPy's cached ``_c_contiguous`` bit (what the hot path reads instead of
+    building ``flags``) says what ``flags.c_contiguous`` says."""
+    from fastnn.backends.cupy_support import _c_contiguous
+
+    a = gpu.xp.ones((4, 3), np.float32)
+    assert hasattr(a, "_c_contiguous")
+    for view in (a, a.T, a[:, :2], a[1:], a[::2], a.reshape(-1)):
+        assert _c_contiguous(view) == view.flags.c_contiguous

@@ -29,7 +29,8 @@ from .activations import get_activation
 from .base import Backend, GemmOperand, host_array, on_host
 from .cupy_gemm import CupyGemmOps
 from .cupy_steps import CupyStepOps
-from .cupy_support import _BLOCK, _FLOATS, GPUOutOfMemory, _nbytes, _one_line, _oom_guard
+from .cupy_support import (_BLOCK, _FLOATS, GPUOutOfMemory, _c_contiguous, _nbytes, _one_line,
+                           _oom_guard)
 
 # No FMA contraction: the optimizer kernels must round exactly like the NumPy
 # reference (mul, then add), or trajectories drift by an ulp per step. CuPy
@@ -209,7 +210,7 @@ class CupyBackend(CupyGemmOps, CupyStepOps, Backend):
         if not isinstance(first, nd) or first.dtype not in _FLOATS or first.size == 0:
             return False
         for a in arrays:
-            if not (isinstance(a, nd) and a.dtype == first.dtype and a.flags.c_contiguous):
+            if not (isinstance(a, nd) and a.dtype == first.dtype and _c_contiguous(a)):
                 return False
             if a.size != first.size or (same_shape and a.shape != first.shape):
                 return False

@@ -12,7 +12,7 @@ from ..errors import CaptureUnsupported
 from ..precision import get_precision
 from . import cublas
 from .base import GemmOperand, gemm_array, host_array
-from .cupy_support import _FLOATS, _nbytes, _one_line, _oom_guard
+from .cupy_support import _FLOATS, _c_contiguous, _nbytes, _one_line, _oom_guard
 
 
 class CupyGemmOps:
@@ -106,10 +106,10 @@ class CupyGemmOps:
             return False
         if a.dtype not in _FLOATS or b.dtype != a.dtype:
             return False
-        if not (a.flags.c_contiguous and b.flags.c_contiguous):
+        if not (_c_contiguous(a) and _c_contiguous(b)):
             return False
         return out is None or (isinstance(out, nd) and out.dtype == a.dtype
-                               and out.flags.c_contiguous)
+                               and _c_contiguous(out))
 
     @_oom_guard("gemm", lambda a, b, *r, **k: _nbytes(gemm_array(a), gemm_array(b)))
     def gemm(self, a, b, out=None, trans_a=False, trans_b=False):

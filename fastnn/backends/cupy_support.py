@@ -48,5 +48,13 @@ def _oom_guard(op: str, estimate):
     return decorate
 
 
+def _c_contiguous(a) -> bool:
+    """``a.flags.c_contiguous`` without building a Flags object per call: CuPy's
+    ndarray keeps the bit as ``_c_contiguous`` (a hot-path test, made several
+    times per op); anything else (the CPU stand-in's arrays) asks its flags."""
+    bit = getattr(a, "_c_contiguous", None)
+    return a.flags.c_contiguous if bit is None else bool(bit)
+
+
 def _nbytes(*arrays) -> int:
     return sum(int(getattr(a, "nbytes", 0)) for a in arrays if a is not None)

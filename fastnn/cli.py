@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
@@ -68,6 +69,10 @@ def _train(args) -> int:
     from fastnn import data
 
     backend = fn.get_backend()  # cmd_train's use_backend(args.backend)
+    for option, path in (("--plot", args.plot), ("--save", args.save)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):  # say so now, not after the training
+            raise SystemExit(f"fastnn train: {option} {path}: the folder {folder} does not exist")
     if args.threads:
         fn.set_num_threads(args.threads)
     fn.manual_seed(args.seed)

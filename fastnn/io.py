@@ -17,14 +17,16 @@ from .backends import host_array
 _META = "__fastnn__"
 
 
-def _flatten(obj, prefix: str, out: dict, scalars: list) -> None:
+def _flatten(obj, prefix: str, out: dict, scalars: list, empty: list) -> None:
     for key, value in obj.items():
         key = str(key)
         if "/" in key:
             raise ValueError(f"save: key {key!r} may not contain '/'")
         full = prefix + key
         if isinstance(value, dict):
-            _flatten(value, full + "/", out, scalars)
+            if not value:
+                empty.append(full)  # no array stands for it: named in the metadata
+            _flatten(value, full + "/", out, scalars, empty)
         elif isinstance(value, (bool, int, float, str)) and not isinstance(value, np.generic):
             out[full] = np.array(value)
             scalars.append(full)
@@ -32,6 +34,10 @@ def _flatten(obj, prefix: str, out: dict, scalars: list) -> None:
             arr = np.asarray(host_array(value))
             if arr.dtype == object:
                 raise TypeError(f"save: {full!r} is an object array; only numeric/str arrays are stored")
+            if arr.dtype.kind == "U" and isinstance(value, (list, tuple)) and not all(
+                    isinstance(v, str) for v in np.array(value, dtype=object).ravel()):
+                # NumPy would store the numbers as strings: they would not load back
+                raise TypeError(f"save: {full!r} mixes strings and numbers; store them apart")
             out[full] = arr
 
 
@@ -48,9 +54,12 @@ def save(model_or_state, path) -> None:
         raise TypeError(f"save: expected a Module or a dict, got {type(state).__name__}")
     arrays: dict = {}
     scalars: list = []
-    _flatten(state, "", arrays, scalars)
-    arrays[_META] = np.array(json.dumps({"version": 1, "scalars": scalars}))
-    path = os.fspath(path)
+    empty: list = []
+    _flatten(state, "", arrays, scalars, empty)
+    arrays[_META] = np.array(json.dumps({"version": 1, "scalars": scalars, "empty": empty}))
+    # Through a symbolic link to the file it names (as open() writes), not over the link.
+    path = os.path.realpath(os.fspath(path)) if os.path.islink(os.fspath(path)) \
+        else os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):  # else the error would name the temporary file
         raise FileNotFoundError(f"save: the folder of {path!r} does not exist ({folder})")
@@ -98,6 +107,10 @@ def load(path) -> dict:
     meta = json.loads(str(items.pop(_META))) if _META in items else {"scalars": []}
     scalars = set(meta.get("scalars", []))
     result: dict = {}
+    for key in meta.get("empty", []):  # empty dicts of the saved state
+        node = result
+        for part in key.split("/"):
+            node = node.setdefault(part, {})
     for key, value in items.items():
         if key in scalars:
             value = value.item()

@@ -10,10 +10,13 @@ back into the buffer first, so the views never go stale silently.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import numpy as np
 
 from .backends import get_backend, host_array, refuse_foreign
-from .errors import CaptureUnsupported, InputError, naming_out_of_memory
+from .errors import CaptureUnsupported, DTypeError, InputError, ShapeError, naming_out_of_memory
 from .nn.parameter import Parameter
 
 _ALIGN = 16  # elements: keeps every view 64-byte aligned for SIMD
@@ -104,6 +107,8 @@ class _FlatGroup:
                 else:
                     refuse_foreign(grad, self.backend, "optimizer",
                                    f"the gradient of parameter {p.name or ''} {p.shape}")
+                    if not self.backend.is_array(grad):  # a list or a scalar
+                        grad = self.backend.asarray(grad, dtype=gv.dtype)
                     _check_slot("grad", p, grad, gv)
                     gv[...] = grad
                     p.grad = gv
@@ -147,11 +152,18 @@ def _check_on(backend, p: Parameter, who: str) -> None:
 def _check_slot(what: str, p: Parameter, arr, slot) -> None:
     """A rebound data/grad array must still fit its slot: copying it in would
     silently cast it (after ``model.astype``) or broadcast it."""
-    if arr.dtype != slot.dtype or tuple(arr.shape) != tuple(slot.shape):
+    if tuple(arr.shape) != tuple(slot.shape):
+        raise ShapeError(
+            f"optimizer: parameter {p.name or ''} {what} has shape {tuple(arr.shape)}, the "
+            f"parameter {tuple(slot.shape)}; assign an array of the parameter's shape (or create "
+            "the optimizer after changing the model's shapes)"
+        )
+    if arr.dtype != slot.dtype:
+        advice = (f"assign a gradient of the parameter's dtype (.astype({slot.dtype.name!r}))"
+                  if what == "grad" else "create the optimizer after changing the model's dtype")
         raise TypeError(
-            f"optimizer: parameter {p.name or ''} {what} is now {arr.dtype} {tuple(arr.shape)}, "
-            f"its slot {slot.dtype} {tuple(slot.shape)}; create the optimizer after "
-            "changing the model's dtype or shapes"
+            f"optimizer: parameter {p.name or ''} {tuple(slot.shape)} {what} is now {arr.dtype}, "
+            f"its slot {slot.dtype}; {advice}"
         )
 
 
@@ -182,7 +194,11 @@ class Optimizer:
         seen, unique = set(), []
         for i, p in enumerate(params):
             if not isinstance(p, Parameter):
-                raise TypeError(f"{type(self).__name__}: item {i} is a {type(p).__name__}, expected a Parameter")
+                library = type(p).__module__.split(".")[0]
+                kind = type(p).__qualname__ if library == "builtins" else \
+                    f"{library}.{type(p).__qualname__}"
+                raise TypeError(f"{type(self).__name__}: item {i} is a {kind}, expected a "
+                                "fastnn Parameter (e.g. model.parameters() of a fastnn model)")
             if id(p) not in seen:
                 seen.add(id(p))
                 unique.append(p)
@@ -197,7 +213,10 @@ class Optimizer:
 
     def _check_hyper(self, **values) -> None:
         for name, v in values.items():
-            if v is None or not np.isfinite(v) or v < 0:
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise DTypeError(f"{type(self).__name__}: {name} must be a number, got {v!r} "
+                                 f"(a {type(v).__name__})")
+            if not math.isfinite(v) or v < 0:
                 raise InputError(f"{type(self).__name__}: {name} must be a finite number >= 0, got {v!r}")
 
     def zero_grad(self) -> None:
@@ -380,8 +399,13 @@ class Adam(Optimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
         self._check_hyper(lr=lr, eps=eps, weight_decay=weight_decay)
-        betas = tuple(float(b) for b in betas)
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+        pair = tuple(betas) if isinstance(betas, (tuple, list)) else None
+        if pair is None or len(pair) != 2:
+            raise InputError(f"{type(self).__name__}: betas must be a pair (beta1, beta2), "
+                             f"got {betas!r}")
+        self._check_hyper(beta1=pair[0], beta2=pair[1])
+        betas = tuple(float(b) for b in pair)
+        if not all(0.0 <= b < 1.0 for b in betas):
             raise InputError(f"{type(self).__name__}: betas must be two numbers in [0, 1), got {betas}")
         self.lr, self.betas, self.eps, self.weight_decay = lr, betas, eps, weight_decay
         super().__init__(params)

@@ -74,17 +74,21 @@ def _model_dtype(model: Module):
     return params[0].data.dtype if params else np.dtype(np.float32)
 
 
-def _prepare(X, y, dtype, what: str, value_targets: bool = False):
+def _prepare(X, y, dtype, what: str, loss_fn=None):
     """Validate (X, y) where they live and put them on the device once: arrays
     already there (CuPy arrays, torch CUDA tensors on the CuPy backend) are
     checked and cast on the device, not copied to the host and back. Returns
     (X, y, label range): the range of integer labels is read once here (a
     loop reading it per batch would sync the device each time). Integer y are
-    labels unless ``value_targets`` (the loss's: MSE, BCE), then cast once."""
+    labels unless ``loss_fn.value_targets`` (MSE, BCE), then cast once; the loss
+    checks the whole y once (``check_targets``: BCE's range)."""
     backend = get_backend()
-    X, y = backend.resident(X), backend.resident(y)
+    X, y = _readable(backend, X, "X", what), _readable(backend, y, "y", what)
     if X.ndim == 0 or len(X) == 0:
         raise InputError(f"{what}: X is empty (shape {tuple(X.shape)})")
+    if X.ndim == 1:
+        raise ShapeError(f"{what}: X has shape {tuple(X.shape)}, expected a batch (N, features); "
+                         "for one feature per sample pass X[:, None]")
     if y.ndim == 0 or len(y) != len(X):
         raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {tuple(y.shape)}")
     if X.dtype.kind not in "fiub":
@@ -102,7 +106,7 @@ def _prepare(X, y, dtype, what: str, value_targets: bool = False):
             raise InputError(f"{what}: y contains NaN or inf")
     # Labels as int32 or int64 (what the loss kernels take): others are cast once here,
     # not in every step.
-    labels = y.dtype.kind in "iu" and not value_targets
+    labels = y.dtype.kind in "iu" and not getattr(loss_fn, "value_targets", False)
     y_dtype = np.dtype(dtype) if not labels else \
         y.dtype if y.dtype in (np.int32, np.int64) else np.dtype(np.int64)
     nbytes = X.size * np.dtype(dtype).itemsize + y.size * y_dtype.itemsize
@@ -111,7 +115,47 @@ def _prepare(X, y, dtype, what: str, value_targets: bool = False):
                               nbytes, backend.device, "pass fewer samples at a time"):
         Xd = backend.asarray(_array_module(backend, X).ascontiguousarray(X), dtype=dtype)
         yd = backend.asarray(_array_module(backend, y).ascontiguousarray(y), dtype=y_dtype)
+    check_targets = getattr(loss_fn, "check_targets", None)
+    if check_targets is not None:
+        check_targets(yd)
     return Xd, yd, label_range_of(y) if labels else None
+
+
+def _readable(backend, a, name: str, what: str):
+    """``backend.resident(a)``, or an InputError naming ``name`` when ``a`` is no
+    array at all (ragged nested lists, say)."""
+    try:
+        return backend.resident(a)
+    except (ValueError, TypeError) as exc:
+        lines = str(exc).strip().splitlines()
+        raise InputError(f"{what}: {name} cannot be read as an array "
+                         f"({lines[0] if lines else type(exc).__name__})") from exc
+
+
+def _check_step_objects(model, loss_fn, optimizer) -> None:
+    """Clear errors for the usual slips: a class where an instance belongs
+    (``fn.Adam`` for ``fn.Adam(model.parameters())``), another library's loss,
+    an optimizer made for another model's parameters."""
+    for role, obj, needs, example in (
+            ("loss_fn", loss_fn, ("forward", "backward"), "fn.CrossEntropyLoss()"),
+            ("optimizer", optimizer, ("step", "zero_grad"), "fn.Adam(model.parameters())")):
+        if isinstance(obj, type):
+            raise TypeError(f"fit: {role} is the class {obj.__name__}, not an instance; "
+                            f"pass e.g. {example}")
+        if not all(callable(getattr(obj, n, None)) for n in needs):
+            library = type(obj).__module__.split(".")[0]
+            hint = f" (a {library} object: use fastnn's own, e.g. {example})" \
+                if library != "fastnn" else f", e.g. {example}"
+            raise TypeError(f"fit: {role} must have {' and '.join(needs)} methods, got a "
+                            f"{type(obj).__name__}{hint}")
+    groups = getattr(optimizer, "groups", None)
+    params = model.parameters()
+    if groups is not None and params:
+        held = {id(p) for g in groups for p in g.params}
+        if not any(id(p) in held for p in params):
+            raise InputError(f"fit: the optimizer holds none of the model's {len(params)} "
+                             "parameters (made for another model?); create it with "
+                             "model.parameters()")
 
 
 def _array_module(backend, a):
@@ -185,16 +229,17 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     _check_positive_int("initial_epoch", initial_epoch, 0)
     if stop_when is not None and not callable(stop_when):
         raise TypeError("fit: stop_when must be a callable history -> bool")
+    if seed is not None:
+        _check_positive_int("seed", seed, 0)
+    _check_step_objects(model, loss_fn, optimizer)
     backend = get_backend()
     dtype = _model_dtype(model)
-    value_targets = getattr(loss_fn, "value_targets", False)
-    Xd, yd, label_range = _prepare(X, y, dtype, "fit", value_targets)
+    Xd, yd, label_range = _prepare(X, y, dtype, "fit", loss_fn)
     val = None
     if validation_data is not None:
         if len(validation_data) != 2:
             raise InputError("fit: validation_data must be a pair (X_val, y_val)")
-        *val, val_labels = _prepare(*validation_data, dtype, "fit(validation_data)",
-                                    value_targets)
+        *val, val_labels = _prepare(*validation_data, dtype, "fit(validation_data)", loss_fn)
     if seed is None:
         seed = int(generator().integers(2**63))
     n = len(Xd)
@@ -430,8 +475,7 @@ def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
     """Mean loss over (X, y) in eval mode (weighted by samples)."""
     _check_positive_int("batch_size", batch_size, where="evaluate")
     # Device arrays are checked and cast where they are (no copy when already right).
-    Xd, yd, label_range = _prepare(X, y, _model_dtype(model), "evaluate",
-                                   getattr(loss_fn, "value_targets", False))
+    Xd, yd, label_range = _prepare(X, y, _model_dtype(model), "evaluate", loss_fn)
     return _evaluate(model, loss_fn, Xd, yd, batch_size, label_range)
 
 

@@ -66,6 +66,14 @@ def test_bad_options_are_one_line_errors(args, message, capsys):
     assert message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--save", "--plot"])
+def test_train_into_a_missing_folder_fails_before_training(option, tmp_path, monkeypatch):
+    monkeypatch.setattr(fn, "fit", lambda *a, **k: pytest.fail("trained first"))
+    path = tmp_path / "no" / "such" / "out"
+    with pytest.raises(SystemExit, match=f"fastnn train: {option} {path}: the folder"):
+        cli.main(["train", "--quiet", "--backend", "numpy", option, str(path)])
+
+
 def test_python_dash_m_fastnn():
     result = subprocess.run([sys.executable, "-m", "fastnn", "info"], capture_output=True,
                             text=True, timeout=120)

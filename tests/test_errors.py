@@ -285,7 +285,7 @@ def test_unknown_backend_name(name, backend):
 @pytest.mark.parametrize("cls", [fn.SGD, fn.Adam, fn.AdamW, fn.RMSprop])
 def test_optimizer_given_non_parameters_or_nothing(cls, backend):
     kw = {"lr": 0.1}
-    with pytest.raises(TypeError, match=f"{cls.__name__}: item 0 is a ndarray, expected a Parameter"):
+    with pytest.raises(TypeError, match=f"{cls.__name__}: item 0 is a numpy.ndarray, expected a fastnn Parameter"):
         cls([np.zeros(3, np.float32)], **kw)
     model = fn.Linear(2, 2)
     with pytest.raises(TypeError, match=f"{cls.__name__}: item 2 is a str"):
@@ -460,7 +460,7 @@ def test_gradcheck_wrong_dy_shape(backend):
 
 
 def test_set_default_dtype_refuses_integers(backend):
-    with pytest.raises(TypeError, match="set_default_dtype: expected a floating dtype, got int32"):
+    with pytest.raises(TypeError, match="set_default_dtype: expected float32 or float64, got int32"):
         fn.set_default_dtype(np.int32)
     assert fn.get_default_dtype() == np.float32
 
@@ -629,3 +629,138 @@ def test_parameters_of_another_backend_are_a_clear_error(backend):
     layer.weight.data = torch.zeros(3, 4)  # stands in for arrays of another backend
     with pytest.raises(TypeError, match=re.escape(f"model.to({backend.name!r})")):
         layer(backend.asarray(np.ones((2, 3), np.float32)))
+
+
+# --------------------------------------------------------------------------- slips a beginner makes
+def test_bce_targets_outside_0_1_are_refused_as_torch_does(backend):
+    """A 0/255 mask as BCE targets gives a negative loss: refused, by the loss
+    itself and by fit (once for the whole y, not per step)."""
+    pred = backend.asarray(np.full((4, 1), 0.5, np.float32))
+    with pytest.raises(ValueError, match=re.escape("BCELoss: targets must be in [0, 1], "
+                                                   "got values in [0, 255]")):
+        fn.BCELoss()(pred, backend.asarray(np.array([[0.0], [255.0], [0.0], [255.0]], np.float32)))
+    model = fn.Sequential(fn.Linear(2, 1), fn.Sigmoid())
+    X = np.ones((8, 2), np.float32)
+    with pytest.raises(ValueError, match=r"BCELoss: targets must be in \[0, 1\]"):
+        fn.fit(model, fn.BCELoss(), fn.SGD(model.parameters(), lr=0.1), X,
+               np.full((8, 1), 255, np.int64), epochs=1, progress=False)
+    assert fn.BCELoss()(pred, np.ones((4, 1), np.float32)) > 0
+
+
+@pytest.mark.parametrize("kwargs, error, text", [
+    ({"lr": "0.1"}, TypeError, "SGD: lr must be a number, got '0.1' (a str)"),
+    ({"lr": [0.1]}, TypeError, "SGD: lr must be a number, got [0.1] (a list)"),
+    ({"lr": 0.1, "momentum": "x"}, TypeError, "SGD: momentum must be a number"),
+    ({"lr": True}, TypeError, "SGD: lr must be a number, got True"),
+    ({"lr": float("nan")}, ValueError, "SGD: lr must be a finite number >= 0"),
+])
+def test_optimizer_hyper_parameters_of_the_wrong_type_are_named(backend, kwargs, error, text):
+    with pytest.raises(error, match=re.escape(text)):
+        fn.SGD(fn.Linear(2, 2).parameters(), **kwargs)
+
+
+def test_adam_betas_must_be_a_pair_of_numbers(backend):
+    params = fn.Linear(2, 2).parameters()
+    with pytest.raises(ValueError, match=re.escape("Adam: betas must be a pair (beta1, beta2), got 0.9")):
+        fn.Adam(params, betas=0.9)
+    with pytest.raises(TypeError, match=re.escape("Adam: beta1 must be a number, got 'a'")):
+        fn.Adam(params, betas=("a", "b"))
+    with pytest.raises(TypeError, match="Adam: weight_decay must be a number"):
+        fn.Adam(params, weight_decay="0")
+
+
+def test_torch_parameters_given_to_an_optimizer_are_named_as_such(backend):
+    torch = pytest.importorskip("torch")
+    with pytest.raises(TypeError, match=re.escape(
+            "Adam: item 0 is a torch.Parameter, expected a fastnn Parameter")):
+        fn.Adam(torch.nn.Linear(2, 2).parameters())
+
+
+def test_fit_names_a_class_for_an_instance_and_an_optimizer_of_another_model(backend):
+    torch = pytest.importorskip("torch")
+    model = fn.Sequential(fn.Linear(3, 1))
+    X, y = np.ones((6, 3), np.float32), np.zeros((6, 1), np.float32)
+    opt = fn.SGD(model.parameters(), lr=0.1)
+
+    def fit(loss_fn, optimizer, **kw):
+        fn.fit(model, loss_fn, optimizer, X, y, epochs=1, progress=False, **kw)
+
+    with pytest.raises(TypeError, match=re.escape("fit: optimizer is the class Adam, not an "
+                                                  "instance; pass e.g. fn.Adam(model.parameters())")):
+        fit(fn.MSELoss(), fn.Adam)
+    with pytest.raises(TypeError, match="fit: loss_fn is the class MSELoss, not an instance"):
+        fit(fn.MSELoss, opt)
+    with pytest.raises(TypeError, match=re.escape("a torch object: use fastnn's own")):
+        fit(torch.nn.MSELoss(), opt)
+    other = fn.SGD(fn.Sequential(fn.Linear(3, 1)).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="the optimizer holds none of the model's 2 parameters"):
+        fit(fn.MSELoss(), other)
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got -1"):
+        fit(fn.MSELoss(), opt, seed=-1)
+    with pytest.raises(ValueError, match="seed must be an int >= 0, got 'a'"):
+        fit(fn.MSELoss(), opt, seed="a")
+    with pytest.raises(ValueError, match=re.escape("fit: X has shape (6,), expected a batch "
+                                                   "(N, features); for one feature per sample "
+                                                   "pass X[:, None]")):
+        fn.fit(model, fn.MSELoss(), opt, X[:, 0], y, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="fit: X cannot be read as an array"):
+        fn.fit(model, fn.MSELoss(), opt, [[1, 2, 3], [1, 2]], [0, 0], epochs=1, progress=False)
+
+
+def test_default_dtype_is_float32_or_float64(backend):
+    with pytest.raises(TypeError, match="set_default_dtype: expected float32 or float64, got float16"):
+        fn.set_default_dtype("float16")
+    with pytest.raises(TypeError, match="set_default_dtype: 'foo' is not a dtype"):
+        fn.set_default_dtype("foo")
+    assert fn.get_default_dtype() == np.float32
+
+
+def test_a_weight_assigned_to_data_that_cannot_work_is_named(backend):
+    layer = fn.Linear(3, 2)
+    x = np.ones((4, 3), np.float32)
+    layer.weight.data = backend.asarray(np.ones((2, 3), np.float32))  # transposed
+    with pytest.raises(ValueError, match=re.escape(
+            "Linear(3 -> 2): weight.data has shape (2, 3), expected (3, 2)")):
+        layer(x)
+    layer.weight.data = backend.asarray(np.ones((3, 2), np.int64))
+    with pytest.raises(TypeError, match=re.escape("Linear(3 -> 2): weight.data must be floating")):
+        layer(x)
+    layer.weight.data = [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]
+    with pytest.raises(TypeError, match=re.escape("Linear(3 -> 2): weight.data is a list")):
+        layer(x)
+
+
+def test_non_real_inputs_and_bad_layer_arguments_are_named(backend):
+    layer = fn.Linear(4, 3)
+    with pytest.raises(TypeError, match=re.escape("Linear(4 -> 3): expected real numbers, got an "
+                                                  "array of complex128")):
+        layer(np.ones((2, 4), complex))
+    with pytest.raises(TypeError, match=re.escape("Linear(4 -> 3): expected real numbers")):
+        layer(np.array([["a"] * 4]))
+    with pytest.raises(ValueError, match=re.escape("Softmax(axis=5): input (2, 2) has no axis 5")):
+        fn.Softmax(axis=5)(backend.asarray(np.ones((2, 2), np.float32)))
+    with pytest.raises(TypeError, match="LeakyReLU: negative_slope must be a number, got 'a'"):
+        fn.LeakyReLU("a")
+    model = fn.Sequential(fn.Linear(4, 3))
+    state = model.state_dict()
+    state["0.weight"] = np.array([["a"] * 3] * 4)
+    with pytest.raises(TypeError, match=re.escape("'0.weight' must hold real numbers")):
+        model.load_state_dict(state)
+
+
+def test_gradients_assigned_by_hand_are_checked_or_taken(backend):
+    layer = fn.Linear(3, 2)
+    opt = fn.SGD(layer.parameters(), lr=1.0)
+    before = fn.to_numpy(layer.weight.data).copy()
+    layer.weight.grad = np.ones((3, 2))  # float64 for a float32 parameter
+    layer.bias.grad = None
+    with pytest.raises(TypeError, match=re.escape(
+            "grad is now float64, its slot float32; assign a gradient of the parameter's "
+            "dtype (.astype('float32'))")):
+        opt.step()
+    layer.weight.grad = [[1.0, 1.0]] * 3  # a list: taken as the gradient
+    opt.step()
+    np.testing.assert_allclose(fn.to_numpy(layer.weight.data), before - 1.0)
+    layer.weight.grad = backend.asarray(np.ones((2, 3), np.float32))
+    with pytest.raises(ValueError, match=re.escape("grad has shape (2, 3), the parameter (3, 2)")):
+        opt.step()

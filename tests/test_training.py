@@ -559,7 +559,7 @@ def test_integer_targets_of_a_value_loss_are_cast_once_by_fit(loss_cls, backend)
     rng = np.random.default_rng(2)
     X = rng.standard_normal((24, 3)).astype(np.float32)
     y = rng.integers(0, 2, (24, 1))
-    _, yd, labels = train._prepare(X, y, np.float32, "fit", loss_cls.value_targets)
+    _, yd, labels = train._prepare(X, y, np.float32, "fit", loss_cls())
     assert yd.dtype == np.float32 and labels is None
 
     def run(targets):
@@ -571,3 +571,22 @@ def test_integer_targets_of_a_value_loss_are_cast_once_by_fit(loss_cls, backend)
         return history.loss + history.val_loss
 
     assert run(y) == run(y.astype(np.float32))
+
+
+def test_save_writes_through_a_symlink_and_keeps_empty_dicts(tmp_path):
+    target = tmp_path / "model.npz"
+    link = tmp_path / "latest.npz"
+    fn.save({"w": np.ones(2)}, target)
+    link.symlink_to(target.name)
+    fn.save({"w": np.zeros(2), "extra": {}, "nested": {"none": {}}}, link)
+    assert link.is_symlink()  # the link still names the file, which got the new state
+    loaded = fn.load(target)
+    np.testing.assert_array_equal(loaded["w"], np.zeros(2))
+    assert loaded["extra"] == {} and loaded["nested"] == {"none": {}}
+
+
+def test_save_refuses_a_list_mixing_strings_and_numbers(tmp_path):
+    with pytest.raises(TypeError, match="'a' mixes strings and numbers"):
+        fn.save({"a": [1, "x"]}, tmp_path / "m.npz")
+    fn.save({"names": ["x", "y"]}, tmp_path / "m.npz")
+    assert list(fn.load(tmp_path / "m.npz")["names"]) == ["x", "y"]

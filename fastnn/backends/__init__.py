@@ -146,9 +146,14 @@ def _initial_backend() -> Backend:
 
 def set_default_dtype(dtype) -> None:
     global _default_dtype
-    dt = np.dtype(dtype)
-    if dt.kind != "f":
-        raise TypeError(f"set_default_dtype: expected a floating dtype, got {dt}")
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"set_default_dtype: {dtype!r} is not a dtype; use float32 or "
+                        "float64") from exc
+    if dt not in (np.float32, np.float64):
+        # float16 has no kernels here, and Adam's eps (1e-8) is 0 in it
+        raise TypeError(f"set_default_dtype: expected float32 or float64, got {dt}")
     _default_dtype = dt
 
 

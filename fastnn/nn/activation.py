@@ -61,6 +61,10 @@ class LeakyReLU(ElementwiseActivation):
     act_name = "leaky_relu"
 
     def __init__(self, negative_slope: float = 0.01):
+        import numbers
+
+        if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
+            raise TypeError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
         self.alpha = float(negative_slope)
 
     def extra_repr(self) -> str:
@@ -93,6 +97,12 @@ class Softmax(Module):
     def forward(self, x):
         from ..functional import softmax
 
+        ndim = getattr(x, "ndim", None)
+        if ndim is not None and not -ndim <= self.axis < ndim:
+            from ..errors import ShapeError
+
+            raise ShapeError(f"Softmax(axis={self.axis}): input {tuple(x.shape)} has no axis "
+                             f"{self.axis}")
         try:
             y = softmax(x, self.axis)
         except MemoryError as exc:

@@ -8,7 +8,7 @@ import numpy as np
 from ..backends import asarray, get_backend, get_default_dtype, refuse_foreign
 from ..backends.base import GemmOperand, gemm_array
 from ..backends.activations import get_activation
-from ..errors import ShapeError
+from ..errors import DTypeError, ShapeError
 from ..random import generator
 from .init import initial_weight
 from .module import Module
@@ -53,14 +53,21 @@ class Linear(Module):
     def _check_input(self, x, backend):
         w = self.weight.data
         if not backend.is_array(w):
+            if type(w).__name__ not in ("ndarray", "Tensor"):  # a list assigned to .data
+                raise TypeError(f"{self._label()}: weight.data is a {type(w).__name__}; assign "
+                                "an array of the backend (fastnn.asarray(...))")
             raise TypeError(
                 f"{self._label()}: its parameters are {type(w).__module__}.{type(w).__name__} "
                 f"arrays but the current backend is {backend.name}; move the model with "
                 f"model.to({backend.name!r})"
             )
+        if w.shape != (self.in_features, self.out_features) or w.dtype.kind != "f":
+            self._refuse_weight(w)
         if not backend.is_array(x):
             refuse_foreign(x, backend, self._label())
             x = asarray(x)
+        if x.dtype.kind not in "fiub":
+            raise DTypeError(f"{self._label()}: expected real numbers, got an array of {x.dtype}")
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(
                 f"{self._label()}: expected input (..., {self.in_features}), got {tuple(x.shape)}"
@@ -68,6 +75,14 @@ class Linear(Module):
         if x.dtype != w.dtype:
             x = x.astype(w.dtype)  # ints/float64 data into a float32 net, as Keras does
         return x
+
+    def _refuse_weight(self, w):
+        """A weight assigned to ``.data`` that the layer cannot use, with why."""
+        if w.dtype.kind != "f":
+            raise DTypeError(f"{self._label()}: weight.data must be floating point, got {w.dtype}")
+        raise ShapeError(f"{self._label()}: weight.data has shape {tuple(w.shape)}, expected "
+                         f"({self.in_features}, {self.out_features}) (weights are stored "
+                         "(in_features, out_features): y = x @ W + b)")
 
     # ------------------------------------------------------------ forward
     def forward(self, x):

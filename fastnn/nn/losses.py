@@ -29,6 +29,10 @@ class Loss:
     def forward(self, pred, target):
         raise NotImplementedError
 
+    def check_targets(self, target) -> None:
+        """Raise if the whole target array cannot be this loss's targets; fit
+        and evaluate call it once for their data (a step then need not)."""
+
     def deferred_input_error(self):
         """An input error this loss noticed on the device without reading it
         back (inside fit on a GPU), or None; fit asks when a batch loss is not
@@ -122,8 +126,21 @@ class BCELoss(Loss):
                 seen = self._seen = backend.asarray(np.array([np.inf, -np.inf, 0], pred.dtype))
         else:
             _raise_unless_probabilities(self.name, float(pred.min()), float(pred.max()))
+        if not in_step_mode():  # inside fit and evaluate the whole y was checked once
+            self.check_targets(target)
         loss, self._grad = backend.bce(pred, target, self._grad_buffer(pred), seen)
         return loss
+
+    def check_targets(self, target) -> None:
+        """Targets are probabilities too (as torch's BCELoss requires): a 0/255
+        mask would give a negative loss and train towards nonsense."""
+        backend = get_backend()
+        if backend.is_array(target) and target.size:
+            lo, hi = (float(v) for v in host_array(backend.xp.stack((target.min(),
+                                                                       target.max()))))
+            if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
+                raise InputError(f"{self.name}: targets must be in [0, 1], got values in "
+                                 f"[{lo:g}, {hi:g}]")
 
     def deferred_input_error(self):
         seen = self.__dict__.pop("_seen", None)

@@ -179,6 +179,11 @@ class Module:
             if name not in state:
                 continue
             value = host_array(state[name])
+            if value.dtype.kind not in "fiu":
+                from ..errors import DTypeError
+
+                raise DTypeError(f"{type(self).__name__}.load_state_dict: {name!r} must hold real "
+                                 f"numbers, got an array of {value.dtype}")
             if tuple(value.shape) != p.shape:
                 raise ShapeError(
                     f"{type(self).__name__}.load_state_dict: {name!r} expects shape "

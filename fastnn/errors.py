@@ -53,5 +53,13 @@ def naming_out_of_memory(who: str, what: str, nbytes: int, device: str,
     except OutOfMemory:
         raise
     except MemoryError as exc:
-        raise OutOfMemory(f"{who}: out of memory allocating {what} ({nbytes:,} bytes) "
-                          f"on {device}; {advice}") from exc
+        raise out_of_memory(who, what, nbytes, device, advice) from exc
+
+
+def out_of_memory(who: str, what: str, nbytes: int, device: str,
+                  advice: str = "use a smaller batch or model") -> OutOfMemory:
+    """The OutOfMemory ``naming_out_of_memory`` raises, for hot paths that catch
+    MemoryError themselves (a context manager and its message per allocation
+    cost more than a small layer's whole step)."""
+    return OutOfMemory(f"{who}: out of memory allocating {what} ({nbytes:,} bytes) "
+                       f"on {device}; {advice}")

@@ -518,9 +518,11 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
     """Run ``model`` in eval mode over X in batches; returns a NumPy array."""
     _check_positive_int("batch_size", batch_size, where="predict")
     backend = get_backend()
-    X = backend.resident(X)
+    X = _readable(backend, X, "X", "predict")
     if X.ndim == 0 or len(X) == 0:
         raise InputError(f"predict: X is empty (shape {tuple(X.shape)})")
+    if X.dtype.kind not in "fiub":
+        raise DTypeError(f"predict: X must be numeric, got dtype {X.dtype}")
     if X.ndim == 1:
         raise ShapeError(
             f"predict: expected a batch (N, ...), got shape {tuple(X.shape)}; "

@@ -764,3 +764,11 @@ def test_gradients_assigned_by_hand_are_checked_or_taken(backend):
     layer.weight.grad = backend.asarray(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match=re.escape("grad has shape (2, 3), the parameter (3, 2)")):
         opt.step()
+
+
+def test_string_targets_and_string_data_for_predict_are_named(backend):
+    pred = backend.asarray(np.ones((2, 1), np.float32))
+    with pytest.raises(TypeError, match="MSELoss: targets must be real numbers, got an array of <U1"):
+        fn.MSELoss()(pred, np.array([["a"], ["b"]]))
+    with pytest.raises(TypeError, match="predict: X must be numeric, got dtype <U1"):
+        fn.predict(fn.Sequential(fn.Linear(3, 1)), np.array([["a", "b", "c"]]))

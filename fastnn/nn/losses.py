@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backends import asarray, get_backend, host_array, refuse_foreign
-from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError, naming_out_of_memory
+from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError, out_of_memory
 from .module import in_step_mode, known_label_range
 
 
@@ -52,10 +52,12 @@ class Loss:
         backend = get_backend()
         if grad is None or grad.shape != pred.shape or grad.dtype != pred.dtype \
                 or not backend.is_array(grad):
-            with naming_out_of_memory(self.name, f"its gradient buffer {tuple(pred.shape)} "
-                                      f"{pred.dtype}", pred.size * pred.dtype.itemsize,
-                                      backend.device):
+            try:  # outside fit a new buffer per call: the message only on failure
                 grad = backend.empty(pred.shape, pred.dtype)
+            except MemoryError as exc:
+                raise out_of_memory(self.name, f"its gradient buffer {tuple(pred.shape)} "
+                                    f"{pred.dtype}", pred.size * pred.dtype.itemsize,
+                                    backend.device) from exc
         return grad
 
     # ------------------------------------------------------------ checks
@@ -72,8 +74,11 @@ class Loss:
         backend = get_backend()
         if not backend.is_array(target):
             refuse_foreign(target, backend, self.name, "targets")
-            target = backend.asarray(target, dtype=pred.dtype)
-        elif target.dtype != pred.dtype:
+            target = backend.asarray(target)
+        if target.dtype.kind not in "fiub":
+            raise DTypeError(f"{self.name}: targets must be real numbers, got an array of "
+                             f"{target.dtype}")
+        if target.dtype != pred.dtype:
             target = target.astype(pred.dtype)
         if tuple(target.shape) != tuple(pred.shape):
             hint = ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 from collections import OrderedDict
 from typing import Iterator
 
@@ -19,7 +20,7 @@ import numpy as np
 
 from ..backends import get_backend, host_array
 from ..backends.base import on_host
-from ..errors import OutOfMemory, ShapeError, naming_out_of_memory
+from ..errors import OutOfMemory, ShapeError, out_of_memory
 from .parameter import Parameter
 
 _step_mode: contextvars.ContextVar[bool] = contextvars.ContextVar("fastnn_step_mode", default=False)
@@ -258,10 +259,15 @@ class Module:
         return buf
 
     def _allocate(self, tag, shape, dtype, backend):
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        with naming_out_of_memory(self._label(), f"its {tag!r} buffer {tuple(shape)} "
-                                  f"{np.dtype(dtype)}", nbytes, backend.device):
+        # Outside fit every forward allocates: the message is built only on failure.
+        try:
             return backend.empty(shape, dtype)
+        except OutOfMemory:
+            raise
+        except MemoryError as exc:
+            nbytes = math.prod(shape) * np.dtype(dtype).itemsize
+            raise out_of_memory(self._label(), f"its {tag!r} buffer {tuple(shape)} "
+                                f"{np.dtype(dtype)}", nbytes, backend.device) from exc
 
     def _label(self) -> str:
         """How error messages name this module, e.g. ``Linear(3 -> 4)``."""

@@ -210,7 +210,8 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
 
     X, y: arrays (NumPy, lists, torch tensors, or the backend's: those stay on
     the device, with no copy to the host), the same length; integer y
-    are class labels, float y are targets cast to the model's dtype. Each epoch
+    are class labels (for CrossEntropyLoss; MSE and BCE take them as values),
+    float y are targets cast to the model's dtype. Each epoch
     is shuffled (``shuffle``) with ``seed`` (else the ``manual_seed`` state);
     the last partial batch is used. ``validation_data=(X_val, y_val)`` adds
     ``history.val_loss``; ``stop_when(history) -> bool`` is checked after every

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import compiled
+from .backends import get_backend
 
 MAX_BATCH = 256  # cuda_mlp.MAX_BATCH (not imported: that module imports numba.cuda)
 # One plain CuPy step of a small net (issue 6: 0.18-0.39 ms) and a cold NVVM compile.
@@ -112,6 +113,10 @@ def plan_fast_path(model, loss_fn, optimizer) -> GpuPlan | None:
     """A GpuPlan when the fused kernel applies exactly and numba.cuda is usable, else None."""
     base = compiled.plan_fast_path(model, loss_fn, optimizer, backend_name="cupy")
     if base is None or unavailable_reason() is not None:
+        return None
+    # The probe and the launches run in numba.cuda's context, device 0's: on
+    # another device fit keeps its ordinary (CUDA-graph) path.
+    if getattr(get_backend(), "_device_id", 0) != 0:
         return None
     return GpuPlan(base=base)
 

@@ -410,6 +410,23 @@ def test_a_failed_shared_memory_probe_leaves_the_kernel_on_global_memory(fake_gp
             in reason) if shared_fails else reason is None
 
 
+def test_the_one_launch_kernel_is_not_planned_off_device_0(fake_gpu, monkeypatch):
+    """numba.cuda launches in device 0's context: a CuPy backend on another
+    device keeps fit's ordinary path rather than handing the kernel its arrays."""
+    import fastnn as fn
+    from fastnn import gpu_compiled
+
+    backend = fake_gpu[0]
+    monkeypatch.setattr(gpu_compiled, "_status", {"cuda": None})
+    monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+    with fn.use_backend(backend):
+        m = fn.Sequential(fn.Linear(2, 8), fn.Tanh(), fn.Linear(8, 1))
+        opt = fn.Adam(m.parameters(), lr=0.01)
+        assert gpu_compiled.plan_fast_path(m, fn.MSELoss(), opt) is not None
+        monkeypatch.setattr(backend, "_device_id", 1)
+        assert gpu_compiled.plan_fast_path(m, fn.MSELoss(), opt) is None
+
+
 def test_run_epochs_makes_the_data_and_buffer_views_once_per_fit(fake_gpu, monkeypatch):
     """A fit that launches once per epoch (stop_when, a progress bar) makes the
     Numba views of its data, buffers and layout once; new data remakes them,

@@ -399,8 +399,25 @@ def test_torch_worker_processes_are_reused_across_workloads():
 def test_child_contenders_include_the_one_launch_kernels():
     from fastnn.benchmarking import workloads
 
-    assert {"fastnn-cupy-kernel", "fastnn-cupy-kernel-global"} <= set(workloads.CHILD_CONTENDERS)
+    assert {"fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy-kernel",
+            "fastnn-cupy-kernel-global"} <= set(workloads.CHILD_CONTENDERS)
     assert set(workloads.TORCH_CONTENDERS) <= set(workloads.CHILD_CONTENDERS)
+    assert "floor-cupy" not in workloads.CHILD_CONTENDERS
+
+
+def test_the_json_takes_the_gemm_path_from_the_child_rows():
+    """fastnn's GPU rows report their child's GEMM path at setup; with no CuPy
+    backend in the bench's own process the JSON records the latest of them."""
+    from fastnn import backends
+
+    assert backends._instances.get("cupy") is None
+    first = bm.Result("c", "fastnn-cupy", 1.0, 1.0, 1.0,
+                      info={"setup": {"fastnn_gemms": {"status": "own", "left_to_cupy": []}}})
+    later = bm.Result("d", "fastnn-cupy", 1.0, 1.0, 1.0,
+                      info={"setup": {"fastnn_gemms": {"status": "own", "left_to_cupy": ["tf32"]}}})
+    torch_row = bm.Result("d", "torch-cuda", 1.0, 1.0, 1.0, info={"setup": {"torch": "2.11"}})
+    assert bm.gemm_path_of([first, later, torch_row])["left_to_cupy"] == ["tf32"]
+    assert bm.gemm_path_of([torch_row]) is None
 
 
 def test_a_fastnn_contender_in_a_child_is_measured_without_torch(monkeypatch):

@@ -127,6 +127,14 @@ def _rounds_samples(w: Workload, device: str, rounds: int, samples: int) -> tupl
     return rounds, samples
 
 
+def gemm_path_of(results: list[Result]) -> dict | None:
+    """Where fastnn's GEMMs ran: this process's CuPy backend, or (fastnn's GPU
+    rows run in child processes) the latest such row's report at its setup."""
+    children = [r.info["setup"]["fastnn_gemms"] for r in results
+                if (r.info.get("setup") or {}).get("fastnn_gemms")]
+    return fastnn_gemm_path() or (children[-1] if children else None)
+
+
 def main(args) -> int:
     import fastnn as fn
     from fastnn.errors import InputError
@@ -175,7 +183,7 @@ def main(args) -> int:
         if not args.json:
             return
         if gpu is not None:  # a cuBLAS failure mid-run leaves a precision to CuPy
-            gpu["fastnn_gemms"] = fastnn_gemm_path()
+            gpu["fastnn_gemms"] = gemm_path_of(results)
         doc = dict(env, device=device, gpu=gpu, complete=complete,
                    method={"min_sample_s": MIN_SAMPLE_S,
                            "k": "after the warm-up, doubled from the linear estimate until "

@@ -270,6 +270,10 @@ def worker_main() -> None:
                     import torch
 
                     reply.update(torch=torch.__version__, threads=torch.get_num_threads())
+                elif msg["contender"].startswith("fastnn-cupy"):
+                    from fastnn.benchmarking.report import fastnn_gemm_path
+
+                    reply["fastnn_gemms"] = fastnn_gemm_path()  # this child's backend
             elif cmd == "calibrate":
                 reply = {"k": runner.calibrate(msg["min_sample"], msg["warmup_s"])}
             elif cmd == "block":

@@ -95,9 +95,12 @@ GPU_CONTENDERS = ("floor-cupy", "fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy
                   "fastnn-cupy-kernel-global", "torch-cuda", "torch-cuda-graph")
 TORCH_CONTENDERS = ("torch", "torch-cuda", "torch-cuda-graph")
 # Contenders measured in a child process: PyTorch (never imported by the parent)
-# and fastnn's one-launch MLP kernels, whose first GPU runs are the riskiest
-# code: a fault there (a sticky CUDA error) ends the child, not every later row.
-CHILD_CONTENDERS = TORCH_CONTENDERS + ("fastnn-cupy-kernel", "fastnn-cupy-kernel-global")
+# and fastnn on the GPU, whose kernels, CUDA graphs and one-launch MLP kernels
+# are the code least often run on a real device: a fault there (a sticky CUDA
+# error) ends that child and its rows, not every row measured after it.
+FASTNN_GPU_CONTENDERS = ("fastnn-cupy", "fastnn-cupy-graph", "fastnn-cupy-kernel",
+                         "fastnn-cupy-kernel-global")
+CHILD_CONTENDERS = TORCH_CONTENDERS + FASTNN_GPU_CONTENDERS
 
 
 def is_gpu_contender(name: str) -> bool:

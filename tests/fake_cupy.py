@@ -660,10 +660,14 @@ def fake_gpu(monkeypatch):
     from fastnn import precision
 
     monkeypatch.setitem(registry._instances, "cupy", backend)  # use_backend("cupy") finds it
+    # A first get_backend() inside the test would resolve "auto" to the fake: undone below.
+    current = registry._current.get()
+    monkeypatch.setattr(registry, "_initial", registry._initial)
     monkeypatch.setattr(precision, "apply_to_cupy", lambda: None)  # CuPy's own switch: not faked
     monkeypatch.setattr(FakeGraph, "__init__", _counting_init(FakeGraph.__init__))
     FakeGraph.made = []
     yield backend, launches, lib
+    registry._current.set(current)
     monkeypatch.undo()  # the real apply_to_cupy again, and no fake cupy to apply it to
     fn.set_precision("float32")
 

@@ -212,6 +212,18 @@ def to_numpy(x) -> np.ndarray:
     return host_array(x)
 
 
+def value_range(x):
+    """(min, max) of an array of the current backend (or a NumPy one) as NumPy
+    scalars: on a device both come back in one read (one sync), not two."""
+    from .base import on_host
+
+    backend = get_backend()
+    if not on_host(x) and backend.is_array(x):
+        low, high = host_array(backend.xp.stack((x.min(), x.max())))
+        return low, high
+    return x.min(), x.max()
+
+
 __all__ = [
     "Backend",
     "BACKEND_NAMES",

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import asarray, get_backend, host_array, refuse_foreign
+from ..backends import asarray, get_backend, host_array, refuse_foreign, value_range
 from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError, out_of_memory
 from .module import in_step_mode, known_label_range
 
@@ -139,10 +139,8 @@ class BCELoss(Loss):
     def check_targets(self, target) -> None:
         """Targets are probabilities too (as torch's BCELoss requires): a 0/255
         mask would give a negative loss and train towards nonsense."""
-        backend = get_backend()
-        if backend.is_array(target) and target.size:
-            lo, hi = (float(v) for v in host_array(backend.xp.stack((target.min(),
-                                                                       target.max()))))
+        if get_backend().is_array(target) and target.size:
+            lo, hi = (float(v) for v in value_range(target))
             if not (lo >= 0.0 and hi <= 1.0):  # NaN fails too
                 raise InputError(f"{self.name}: targets must be in [0, 1], got values in "
                                  f"[{lo:g}, {hi:g}]")

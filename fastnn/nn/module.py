@@ -18,8 +18,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ..backends import get_backend, host_array
-from ..backends.base import on_host
+from ..backends import get_backend, host_array, value_range
 from ..errors import OutOfMemory, ShapeError, out_of_memory
 from .parameter import Parameter
 
@@ -64,11 +63,8 @@ def label_range_of(y):
         kind = y.dtype.kind
     if kind not in "iu" or y.size == 0:
         return None
-    backend = get_backend()
-    if not on_host(y) and backend.is_array(y):
-        # one read of the device for both bounds
-        y = host_array(backend.xp.stack((y.min(), y.max())))
-    return int(y.min()), int(y.max())
+    low, high = value_range(y)
+    return int(low), int(high)
 
 
 def known_label_range():

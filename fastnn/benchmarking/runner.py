@@ -1,9 +1,9 @@
 """Timing the contenders: runners and the alternating-block method.
 
 LocalRunner (in-process contenders), ChildWorker (PyTorch -- CPU, CUDA eager or
-CUDA graph -- and fastnn's one-launch GPU kernels, in a child process driven
-over a pipe) with ``worker_main``, the child's entry point; Result and ``measure``, which alternates the contenders in
-blocks. GPU contenders synchronize the device inside ``run(k)``, so the host
+CUDA graph -- and fastnn's GPU contenders, each in a child process driven over a
+pipe) with ``worker_main``, the child's entry point; Result and ``measure``,
+which alternates the contenders in blocks. GPU contenders synchronize the device inside ``run(k)``, so the host
 timer around it measures finished work.
 """
 from __future__ import annotations
@@ -31,8 +31,8 @@ MAX_CALIBRATE_S = 2.0        # time for growing k after the warm-up, at most
 # How long the parent waits for a child's reply before it kills the child
 # (read at call time: tests lower them). Setup imports torch (or CuPy and
 # compiles fastnn's kernels), starts CUDA and captures the graph of the largest
-# workload; a block or a calibration is
-# seconds at most; release syncs and frees the device memory.
+# workload; a block or a calibration is seconds at most; release syncs and
+# frees the device memory.
 SETUP_TIMEOUT_S = 120.0
 CALL_TIMEOUT_S = 60.0
 RELEASE_TIMEOUT_S = 30.0
@@ -181,7 +181,8 @@ class ChildWorker:
             _end_worker(self.proc)  # a child whose setup failed is not reused
             raise
         if contender != "torch":
-            self.info["setup"] = self.setup  # torch-cuda*: versions, device, TF32 flags
+            # torch-cuda*: versions, device, TF32 flags; fastnn-cupy*: the GEMM path
+            self.info["setup"] = self.setup
 
     def _call(self, timeout: float, **msg):
         self.proc.stdin.write(json.dumps(msg) + "\n")

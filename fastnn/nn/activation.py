@@ -3,6 +3,8 @@
 the same numbers."""
 from __future__ import annotations
 
+import numbers
+
 from ..backends import float_array, get_backend
 from ..backends.activations import get_activation
 from .module import Module
@@ -61,8 +63,6 @@ class LeakyReLU(ElementwiseActivation):
     act_name = "leaky_relu"
 
     def __init__(self, negative_slope: float = 0.01):
-        import numbers
-
         if isinstance(negative_slope, bool) or not isinstance(negative_slope, numbers.Real):
             raise TypeError(f"LeakyReLU: negative_slope must be a number, got {negative_slope!r}")
         self.alpha = float(negative_slope)

@@ -194,6 +194,9 @@ def fastnn_gemm_path() -> dict | None:
             "own_handle": getattr(backend, "_blas", None) is not None}
 
 
+GEMMS_ON_CUPY = "CuPy's matmul"  # a row's info["gemms"] when fastnn's handle refused them
+
+
 def gemm_route(precision: str) -> str | None:
     """Where the CuPy backend's GEMMs at ``precision`` run now: "own cuBLAS
     handle", or "CuPy's matmul" when it was left to CuPy (at start or after a
@@ -204,7 +207,7 @@ def gemm_route(precision: str) -> str | None:
         return None
     if path["own_handle"] and precision not in path["left_to_cupy"]:
         return "own cuBLAS handle"
-    return "CuPy's matmul"
+    return GEMMS_ON_CUPY
 
 
 def _nvidia_driver() -> str | None:

@@ -19,6 +19,8 @@ import json
 import sys
 from dataclasses import dataclass
 
+from fastnn.benchmarking.report import GEMMS_ON_CUPY
+
 FASTNN_STEPS = ("fastnn-cupy", "fastnn-cupy-graph")  # op by op, and fit's replay
 
 
@@ -83,7 +85,7 @@ def check(bench: dict, kernels: dict | None = None, profile: dict | None = None)
             pick = min if t.metric == "ms" else max
             contender, value = pick(candidates, key=lambda cv: cv[1])
             entry.update(contender=contender, measured=value, met=_met(value, t))
-            if rows[(t.workload, contender)].get("info", {}).get("gemms") == "CuPy's matmul":
+            if rows[(t.workload, contender)].get("info", {}).get("gemms") == GEMMS_ON_CUPY:
                 entry["caveat"] = ("its GEMMs ran on CuPy's matmul (fastnn's cuBLAS handle "
                                    "refused this precision; see gpu.fastnn_gemms), not on "
                                    "fastnn's own path")

@@ -9,14 +9,19 @@ Usage in a test module::
 
 * ``backend`` -- parametrized over ``fastnn.backends.BACKEND_NAMES``; test ids read
   ``[numpy]``, ``[numba]``, ``[cupy]``. An unusable backend is *skipped* with the
-  reason from ``fastnn.available_backends()`` (so a GPU test skips on a CPU box and
-  runs on a GPU box); a usable one is active (``with fastnn.use_backend(name)``) for
-  the whole test and the previous backend is restored afterwards. The cupy case
-  carries ``@pytest.mark.gpu``.
+  reason from ``fastnn.available_backends()``; a usable one is active (``with
+  fastnn.use_backend(name)``) for the whole test and the previous backend is
+  restored afterwards. The cupy case carries ``@pytest.mark.gpu`` and runs on the
+  GPU where there is one; without one it runs CupyBackend on ``source_gpu``: the
+  NumPy stand-in for CuPy and cuBLAS, every kernel launch running that kernel's
+  own CUDA code built for the CPU (tests/cuda_on_cpu.py). So ``[cupy]`` passing
+  in CI means the CuPy backend's logic and kernels are right, not that a GPU ran.
 * ``backend_name`` -- the parameter itself, for tests that only need the name.
 * ``xp_to_numpy`` -- ``fastnn.to_numpy``: any backend array -> ``numpy.ndarray``.
 * ``fake_gpu`` -- the CuPy backend on ``tests/fake_cupy.py`` (NumPy stand-ins for
-  CuPy and libcublas), for checking GPU code paths on the CPU.
+  CuPy and libcublas), for checking GPU code paths on the CPU; each test runs
+  with the launches emulated by name in NumPy and with the kernels' own code
+  (``emulated_gpu`` / ``source_gpu`` pick one).
 
 Hypothesis: the "fastnn" profile loaded here keeps example counts modest
 (``max_examples=20``; override per test with ``@settings``), disables the deadline
@@ -29,7 +34,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import fastnn
-from fake_cupy import fake_gpu  # noqa: F401 (the fixture: CupyBackend on a NumPy stand-in)
+from fake_cupy import emulated_gpu, fake_gpu, source_gpu  # noqa: F401 (CupyBackend on a NumPy stand-in)
 from fastnn.backends import BACKEND_NAMES
 
 settings.register_profile(
@@ -53,8 +58,16 @@ def backend_name(request) -> str:
 
 
 @pytest.fixture
-def backend(backend_name):
-    """The ``backend_name`` backend, active for the test; skipped if unusable."""
+def backend(backend_name, request):
+    """The ``backend_name`` backend, active for the test; skipped if unusable,
+    but for cupy without a GPU: then CupyBackend on the CPU stand-in running
+    the kernels' own CUDA code (``source_gpu``)."""
+    if backend_name == "cupy" and fastnn.available_backends()["cupy"] is not None:
+        stand_in = request.getfixturevalue("source_gpu")[0]  # skips without g++
+        with fastnn.use_backend("cupy") as active:
+            assert active is stand_in
+            yield active
+        return
     reason = fastnn.available_backends()[backend_name]
     if reason is not None:
         pytest.skip(reason)

@@ -502,8 +502,9 @@ class FakeCublas:
 
 
 class _FakeFunction:
-    def __init__(self, name, params, launches):
+    def __init__(self, name, params, launches, cpu_module=None):
         self.name, self.params, self.launches = name, params, launches
+        self.cpu_module = cpu_module  # cuda_on_cpu.CpuModule: run the kernel's own code
 
     def __call__(self, grid, block, args):
         assert len(grid) >= 1 and all(int(g) >= 1 for g in grid), (self.name, grid)
@@ -535,7 +536,10 @@ class _FakeFunction:
             assert tuple(grid) == (-(-int(named["n_cols"]) // 32),), (self.name, grid)
         self.launches.append(self.name)
         launch_shapes.append((self.name, tuple(grid), tuple(block)))
-        _run_or_record(lambda: _emulate(self.name, named))
+        if self.cpu_module is not None:
+            _run_or_record(lambda: self.cpu_module.launch(self.name, grid, block, args))
+        else:
+            _run_or_record(lambda: _emulate(self.name, named))
 
 
 # Kernels that call block_reduce: their blockDim.x must be whole warps.
@@ -543,8 +547,12 @@ _BLOCK_REDUCE_KERNELS = {"softmax_xent", "softmax_xent_small", "sum_scaled", "ms
                          "bce", "bce_logits"}
 
 
-def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
-    """A ``cupy`` stand-in built on NumPy, enough for CupyBackend."""
+def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, kernels="emulated"):
+    """A ``cupy`` stand-in built on NumPy, enough for CupyBackend. ``kernels``:
+    "emulated" runs each launch by name in NumPy (``_emulate``); "source" runs
+    the kernel's own CUDA code, built for the CPU (tests/cuda_on_cpu.py), but
+    for a module of inline PTX (the profiling aid), which stays emulated."""
+    assert kernels in ("emulated", "source"), kernels
     fake = types.ModuleType("cupy")
     fake.__getattr__ = lambda name: _on_device(getattr(np, name))  # the array API is NumPy's
 
@@ -570,10 +578,15 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
             assert not _recording(), "a module compiled while a CUDA graph records"
             assert "--fmad=false" in options
             self.sigs = kernel_signatures(code)
+            self.cpu_module = None
+            if kernels == "source" and "asm" not in code:
+                import cuda_on_cpu  # (tests/cuda_on_cpu.py)
+
+                self.cpu_module = cuda_on_cpu.compile_module(code)
 
         def get_function(self, name):
             assert not _recording(), "a module loaded while a CUDA graph records"
-            return _FakeFunction(name, self.sigs[name], launches)
+            return _FakeFunction(name, self.sigs[name], launches, self.cpu_module)
 
     def refused_in_capture(name, why):
         function = _on_device(getattr(np, name))
@@ -633,13 +646,45 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None):
 
 
 # ---------------------------------------------------------------- the fixture
+@pytest.fixture(params=["emulated", "source"])
+def fake_gpu(monkeypatch, request):
+    """(CupyBackend on the fake cupy with the fake cuBLAS, launched kernel names, the fake lib).
+
+    Each test runs twice: with every launch emulated by name in NumPy (which
+    also refuses element ranges past an array's end), and with every launch
+    running the kernel's own CUDA code built for the CPU (``source_gpu``)."""
+    if request.param == "source":
+        _skip_without_cpu_kernels()
+    yield from _fake_gpu(monkeypatch, kernels=request.param)
+
+
 @pytest.fixture
-def fake_gpu(monkeypatch):
-    """(CupyBackend on the fake cupy with the fake cuBLAS, launched kernel names, the fake lib)."""
+def emulated_gpu(monkeypatch):
+    """``fake_gpu`` with the by-name NumPy emulation only (for tests of its own checks)."""
+    yield from _fake_gpu(monkeypatch, kernels="emulated")
+
+
+@pytest.fixture
+def source_gpu(monkeypatch):
+    """``fake_gpu`` with every launch running the kernel's own CUDA code on the
+    CPU (tests/cuda_on_cpu.py); skipped where that cannot be built."""
+    _skip_without_cpu_kernels()
+    yield from _fake_gpu(monkeypatch, kernels="source")
+
+
+def _skip_without_cpu_kernels():
+    import cuda_on_cpu  # (tests/cuda_on_cpu.py)
+
+    reason = cuda_on_cpu.available()
+    if reason is not None:
+        pytest.skip(reason)
+
+
+def _fake_gpu(monkeypatch, kernels):
     from fastnn.backends import cupy_backend
 
     launches: list[str] = []
-    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches))
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(launches, kernels=kernels))
     monkeypatch.setattr(cupy_backend, "_modules", {})
     lib = FakeCublas()
     monkeypatch.setattr(cublas, "load_library", lambda cupy: lib)

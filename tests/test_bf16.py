@@ -158,23 +158,43 @@ def test_round_keeps_float32_and_is_within_half_an_ulp():
     assert bf16_round(tie) == 1 and (tie - 1) / tie > 2.0**-9
 
 
-# ----------------------------------------------------------------- GPU kernel
+# ----------------------------------------------------------------- the kernel
+def _kernel_inputs():
+    rng = np.random.default_rng(2)
+    random = rng.integers(0, 2**32, size=300_007, dtype=np.uint64).astype(np.uint32)
+    edges = np.array([e[0] for e in EDGES] + NANS, dtype=np.uint32)
+    # More than 1024 blocks of 256 elements: the grid-stride loop takes a second lap.
+    return np.concatenate([edges, random]).view(np.float32)
+
+
+def _launch_shape(n):
+    return (min((n + 255) // 256, 1024),), (256,)
+
+
 @pytest.mark.gpu
 def test_kernel_matches_reference_bit_for_bit():
     if fastnn.available_backends()["cupy"] is not None:
         pytest.skip(fastnn.available_backends()["cupy"])
     import cupy
 
-    rng = np.random.default_rng(2)
-    random = rng.integers(0, 2**32, size=300_007, dtype=np.uint64).astype(np.uint32)
-    edges = np.array([e[0] for e in EDGES] + NANS, dtype=np.uint32)
-    # More than 1024 blocks of 256 elements: the grid-stride loop takes a second lap.
-    x = np.concatenate([edges, random]).view(np.float32)
-    n = x.size
+    x = _kernel_inputs()
     module = cupy.RawModule(code=kernel_sources.read_kernel("convert.cu"), options=("--fmad=false",))
     kernel = module.get_function("f32_to_bf16")
     x_gpu = cupy.asarray(x)
-    out_gpu = cupy.zeros(n, dtype=cupy.uint16)
-    blocks = (n + 255) // 256
-    kernel((min(blocks, 1024),), (256,), (x_gpu, out_gpu, np.int64(n)))
+    out_gpu = cupy.zeros(x.size, dtype=cupy.uint16)
+    kernel(*_launch_shape(x.size), (x_gpu, out_gpu, np.int64(x.size)))
     np.testing.assert_array_equal(cupy.asnumpy(out_gpu), bf16_bits(x))
+
+
+def test_kernel_source_on_the_cpu_matches_reference_bit_for_bit():
+    """The same check in CI: convert.cu's own code, built for the CPU by
+    tests/cuda_on_cpu.py (float32 launches there flush subnormals, as -ftz=true)."""
+    import cuda_on_cpu
+
+    if cuda_on_cpu.available() is not None:
+        pytest.skip(cuda_on_cpu.available())
+    x = _kernel_inputs()
+    out = np.zeros(x.size, dtype=np.uint16)
+    module = cuda_on_cpu.compile_module(kernel_sources.read_kernel("convert.cu"))
+    module.launch("f32_to_bf16", *_launch_shape(x.size), (x, out, np.int64(x.size)))
+    np.testing.assert_array_equal(out, bf16_bits(x))

@@ -179,14 +179,15 @@ def test_own_cublas_rebinds_stream_and_workspace_only_on_change(fake_gpu):
 
 
 
-def test_the_stand_in_refuses_what_a_real_capture_or_device_refuses(fake_gpu):
+def test_the_stand_in_refuses_what_a_real_capture_or_device_refuses(emulated_gpu):
     """tests/fake_cupy.py is only as good as its refusals: CuPy's cuBLAS, module
     loads, host -> device copies and events inside a recording; an event's time
     before it completed; GEMM leading dimensions cuBLAS would reject; a kernel
     reaching past an array's end or a label outside the logits (NumPy would
-    truncate or wrap); and fresh memory is not zeros."""
+    truncate or wrap: the by-name emulation checks element ranges, the kernels'
+    own code on the CPU does not); and fresh memory is not zeros."""
     cupy = sys.modules["cupy"]
-    backend, _, lib = fake_gpu
+    backend, _, lib = emulated_gpu
     a = backend.asarray(np.ones((2, 2), np.float32))
     start, end = cupy.cuda.Event(), cupy.cuda.Event()
     start.record()
@@ -951,7 +952,7 @@ def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu, monkeypatch, fa
 
 # =========================================================== on a GPU
 @pytest.fixture(scope="module")
-def gpu():
+def real_gpu():
     reason = fn.available_backends()["cupy"]
     if reason is not None:
         pytest.skip(reason)
@@ -962,7 +963,16 @@ def gpu():
     return backend
 
 
-@pytest.mark.gpu
+@pytest.fixture(params=[pytest.param("cupy", marks=pytest.mark.gpu), "cuda-on-cpu"])
+def gpu(request):
+    """The GPU, and the CPU with the kernels' own CUDA code (``source_gpu``):
+    what a test checks of fastnn's GPU step (the recorded graph's bits, the
+    bf16 hand-over) runs in CI as well, on the kernels the device will run."""
+    if request.param == "cupy":
+        return request.getfixturevalue("real_gpu")
+    return request.getfixturevalue("source_gpu")[0]
+
+
 @pytest.mark.parametrize("loss, optimizer", [("xent", "adam"), ("xent", "sgd"), ("mse", "adamw")])
 def test_gpu_replayed_step_gives_the_bits_of_the_plain_step(gpu, monkeypatch, loss, optimizer):
     monkeypatch.setenv("FASTNN_FAST_PATH", "0")
@@ -974,7 +984,6 @@ def test_gpu_replayed_step_gives_the_bits_of_the_plain_step(gpu, monkeypatch, lo
     assert graphed.loss == plain.loss
 
 
-@pytest.mark.gpu
 def test_gpu_replayed_step_without_shuffle_agrees_to_rounding(gpu, monkeypatch):
     """shuffle=False: the plain step reads batches of 5 rows of 24 bytes in place
     (8-byte aligned), the replay from its own buffer: cuBLAS may pick another
@@ -988,7 +997,6 @@ def test_gpu_replayed_step_without_shuffle_agrees_to_rounding(gpu, monkeypatch):
     np.testing.assert_allclose(graphed.loss, plain.loss, rtol=1e-5)
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("trans_a", [False, True])
 @pytest.mark.parametrize("trans_b", [False, True])
 def test_gpu_own_cublas_matches_numpy(gpu, trans_a, trans_b):
@@ -1002,7 +1010,7 @@ def test_gpu_own_cublas_matches_numpy(gpu, trans_a, trans_b):
 
 
 @pytest.mark.gpu
-def test_gpu_backend_started_under_tf32_keeps_its_own_cublas_handle(gpu):
+def test_gpu_backend_started_under_tf32_keeps_its_own_cublas_handle(real_gpu):
     """A fresh process whose first backend use is under tf32 (fastnn train
     --precision tf32 does that) still records CUDA graphs."""
     import subprocess
@@ -1019,7 +1027,6 @@ def test_gpu_backend_started_under_tf32_keeps_its_own_cublas_handle(gpu):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stdout + proc.stderr[-3000:]
 
 
-@pytest.mark.gpu
 def test_gpu_bf16_gemm_left_to_cupy_rounds_its_inputs(gpu, monkeypatch):
     rng = np.random.default_rng(3)
     a, b = (rng.standard_normal(s).astype(np.float32) for s in ((64, 48), (48, 32)))
@@ -1031,7 +1038,6 @@ def test_gpu_bf16_gemm_left_to_cupy_rounds_its_inputs(gpu, monkeypatch):
     assert np.abs(got - a.astype(np.float64) @ b).max() > 1e-3
 
 
-@pytest.mark.gpu
 def test_gpu_bf16_fused_operand_bits_train_like_separate_conversions(gpu, monkeypatch):
     """bias_act_bf16 / act_backward_bf16 round exactly as f32_to_bf16: the fused
     hand-over trains to the same bits as converting each operand on its own."""
@@ -1044,7 +1050,6 @@ def test_gpu_bf16_fused_operand_bits_train_like_separate_conversions(gpu, monkey
         np.testing.assert_array_equal(value, separate[name], err_msg=name)
 
 
-@pytest.mark.gpu
 def test_gpu_bf16_and_tf32_gemms_round_their_inputs(gpu):
     rng = np.random.default_rng(3)
     a = rng.standard_normal((256, 512)).astype(np.float32)
@@ -1064,7 +1069,6 @@ def test_gpu_bf16_and_tf32_gemms_round_their_inputs(gpu):
     assert np.abs(f32 - exact).max() < 1e-3
 
 
-@pytest.mark.gpu
 @pytest.mark.parametrize("precision, accuracy", [("float32", 0.95), ("tf32", 0.95), ("bf16", 0.94)])
 def test_gpu_fit_on_digits_replays_its_step_and_learns(gpu, monkeypatch, precision, accuracy):
     """End to end, as a user runs it: fit picks the CUDA graph by itself (auto)

@@ -10,9 +10,11 @@ Three layers, from "runs anywhere" to "needs the GPU":
    checks that CupyBackend passes every kernel arguments of exactly the C
    types, and in the C order: each launch is emulated by name from the
    signature and must reproduce the NumPy backend.
-3. GPU parity (``-m gpu``): every CupyBackend op against the NumPy backend on
-   random and edge inputs, float32 and float64; skipped with the reason from
-   ``fastnn.available_backends()["cupy"]`` when CuPy cannot run.
+3. GPU parity: every CupyBackend op against the NumPy backend on random and
+   edge inputs, float32 and float64, twice: on the GPU (``-m gpu``; skipped
+   with the reason from ``fastnn.available_backends()["cupy"]`` when CuPy
+   cannot run), and on the CPU with each kernel's own CUDA code built by g++
+   (``[cuda-on-cpu]``, tests/cuda_on_cpu.py), same inputs and tolerances.
 """
 from __future__ import annotations
 
@@ -513,13 +515,25 @@ KINDS = ("random", "zeros", "large", "tiny")
 
 
 @pytest.fixture(scope="module")
-def gpu():
+def real_gpu():
+    """CupyBackend on the GPU; skipped, with the reason, where CuPy cannot run."""
     reason = fastnn.available_backends()["cupy"]
     if reason is not None:
         pytest.skip(reason)
     from fastnn.backends.cupy_backend import CupyBackend
 
     return CupyBackend()
+
+
+@pytest.fixture(params=[pytest.param("cupy", marks=gpu_mark), "cuda-on-cpu"])
+def gpu(request):
+    """The kernels' parity tests run twice: on the GPU (``-m gpu``), and on the
+    CPU with each kernel's own CUDA code built by g++ (``source_gpu``,
+    tests/cuda_on_cpu.py): same inputs, same tolerances, so a wrong index, a
+    missing barrier or a bad reduction shows in CI, not first on the device."""
+    if request.param == "cupy":
+        return request.getfixturevalue("real_gpu")
+    return request.getfixturevalue("source_gpu")[0]
 
 
 def make_input(kind, shape, dtype, seed=0):
@@ -533,7 +547,6 @@ def to_host(x):
     return x.get() if hasattr(x, "get") else np.asarray(x)
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", ACTS)
@@ -555,7 +568,6 @@ def test_gpu_bias_act_matches_numpy(gpu, act, kind, dtype, shape):
             np.testing.assert_allclose(to_host(y), y_ref, **TOL[dtype])
 
 
-@gpu_mark
 def test_gpu_float32_subnormals_flush_float64_keep(gpu):
     """CuPy compiles with -ftz=true (kernels/README.md): z + 0 of a float32
     subnormal is 0 on the GPU, where NumPy keeps it; float64 keeps it on both."""
@@ -569,7 +581,6 @@ def test_gpu_float32_subnormals_flush_float64_keep(gpu):
     np.testing.assert_array_equal(to_host(z), tiny64)
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 def test_gpu_bias_act_propagates_nan(gpu, dtype):
     x = np.array([[np.nan, 1.0, -1.0]], dtype=dtype)
@@ -578,7 +589,6 @@ def test_gpu_bias_act_propagates_nan(gpu, dtype):
         assert np.isnan(y[0, 0]), act
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("act", ACTS)
@@ -610,7 +620,6 @@ def _bf16_edge_values(shape, seed):
     return x.reshape(shape)
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", ("random", "large"))
 @pytest.mark.parametrize("act", ACTS)
@@ -633,7 +642,6 @@ def test_gpu_act_backward_bias_matches_numpy(gpu, shape, act, kind, dtype):
                                else 1e-12)
 
 
-@gpu_mark
 @pytest.mark.parametrize("act", ACTS)
 def test_gpu_bf16_operand_kernels_write_the_plain_result_and_its_bits(gpu, act):
     """bias_act_bf16 / act_backward_bf16 against bias_act / act_backward and
@@ -665,14 +673,12 @@ def test_gpu_bf16_operand_kernels_write_the_plain_result_and_its_bits(gpu, act):
         np.testing.assert_array_equal(to_host(got.bits), bf16_bits(to_host(plain)))
 
 
-@gpu_mark
 def test_gpu_act_backward_gelu_without_pre_is_an_error(gpu):
     y = gpu.asarray(np.ones((2, 3), np.float32))
     with pytest.raises(ValueError, match="pre-activation"):
         gpu.act_backward(y.copy(), y, "gelu")
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("label_dtype", [np.int32, np.int64])
@@ -698,7 +704,6 @@ def test_gpu_softmax_xent_matches_numpy(gpu, shape, label_dtype, kind, dtype):
 
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(5,), (64, 3), (8192,), (8193,), (1000, 300)])
@@ -717,7 +722,6 @@ def test_gpu_mse_matches_numpy(gpu, shape, kind, dtype):
         np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
 
 
-@gpu_mark
 @pytest.mark.parametrize("with_seen", [False, True])
 @pytest.mark.parametrize("case", ["random", "edges", "out_of_range", "nan"])
 @pytest.mark.parametrize("shape", [(5, 1), (256, 3), (1 << 16,), ((1 << 16) + 1,)])
@@ -729,7 +733,6 @@ def test_gpu_bce_matches_numpy(gpu, dtype, shape, case, with_seen):
     check_bce(gpu, p, t, with_seen, gpu.asarray, to_host)
 
 
-@gpu_mark
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(5, 1), (256, 3), ((1 << 16) + 1,)])
 @pytest.mark.parametrize("dtype", FLOATS)
@@ -742,7 +745,6 @@ def test_gpu_bce_with_logits_matches_numpy(gpu, dtype, shape, kind):
                                atol=TOL[dtype]["atol"])
     np.testing.assert_allclose(to_host(grad), want_grad, **TOL[dtype])
 
-@gpu_mark
 @pytest.mark.parametrize("n_cols", [4, 40])  # softmax_xent_small, softmax_xent + sum_scaled
 def test_gpu_softmax_xent_nan_logit_gives_nan_loss(gpu, n_cols):
     logits = np.zeros((3, n_cols), np.float32)
@@ -751,7 +753,6 @@ def test_gpu_softmax_xent_nan_logit_gives_nan_loss(gpu, n_cols):
     assert np.isnan(float(loss))
 
 
-@gpu_mark
 @pytest.mark.parametrize("n_cols", [4, 40])
 def test_gpu_softmax_xent_label_out_of_range_gives_nan_not_a_bad_read(gpu, n_cols):
     logits = np.random.default_rng(5).standard_normal((3, n_cols)).astype(np.float32)
@@ -764,7 +765,6 @@ def test_gpu_softmax_xent_label_out_of_range_gives_nan_not_a_bad_read(gpu, n_col
     np.testing.assert_allclose(to_host(grad), want, **TOL[np.float32])
 
 
-@gpu_mark
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("kind, hyper", OPTIM_CASES)
 def test_gpu_optimizers_match_numpy_bit_for_bit(gpu, kind, hyper, dtype):
@@ -782,7 +782,8 @@ def test_gpu_optimizers_match_numpy_bit_for_bit(gpu, kind, hyper, dtype):
 
 
 @gpu_mark
-def test_gpu_asarray_accepts_host_device_and_dlpack(gpu):
+def test_gpu_asarray_accepts_host_device_and_dlpack(real_gpu):
+    gpu = real_gpu
     cupy = gpu.xp
     host = np.arange(6, dtype=np.float32).reshape(2, 3)
     dev = gpu.asarray(host)
@@ -803,7 +804,8 @@ def test_gpu_asarray_accepts_host_device_and_dlpack(gpu):
 
 
 @gpu_mark
-def test_gpu_device_string_and_memory_info(gpu):
+def test_gpu_device_string_and_memory_info(real_gpu):
+    gpu = real_gpu
     assert re.fullmatch(r"cuda:\d+ \(.+, \d+\.\d GiB\)", gpu.device), gpu.device
     free, total = gpu.memory_info()
     assert 0 < free <= total
@@ -811,7 +813,8 @@ def test_gpu_device_string_and_memory_info(gpu):
 
 
 @gpu_mark
-def test_gpu_out_of_memory_names_op_and_size(gpu):
+def test_gpu_out_of_memory_names_op_and_size(real_gpu):
+    gpu = real_gpu
     from fastnn.backends.cupy_backend import GPUOutOfMemory
 
     cupy = gpu.xp
@@ -864,7 +867,9 @@ def test_c_contiguous_reads_the_cached_bit_and_falls_back_to_flags():
     assert _c_contiguous(a) and not _c_contiguous(a.T) and not _c_contiguous(a[:, :2])
 
 
-def test_gpu_c_contiguous_bit_agrees_with_flags(gpu):
+@gpu_mark
+def test_gpu_c_contiguous_bit_agrees_with_flags(real_gpu):
+    gpu = real_gpu
     """CuPy's cached ``_c_contiguous`` bit (what the hot path reads instead of
     building ``flags``) says what ``flags.c_contiguous`` says."""
     from fastnn.backends.cupy_support import _c_contiguous

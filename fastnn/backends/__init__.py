@@ -179,10 +179,15 @@ def asarray(x, dtype=None):
 def refuse_foreign(x, backend, who: str, what: str = "input") -> None:
     """TypeError when ``x`` is another array library's array (NumPy on CuPy,
     CuPy on NumPy, a torch tensor): converting it would hide a host/device
-    copy per call. Lists, scalars and the backend's own arrays pass."""
+    copy per call. Lists, scalars and the backend's own arrays pass. An array
+    of strings, objects or complex numbers is named for its dtype first: no
+    conversion would make it usable."""
     if backend.is_array(x) or type(x).__name__ not in ("ndarray", "Tensor"):
         return
     if type(x).__module__.split(".")[0] in ("numpy", "cupy", "torch"):
+        dtype = getattr(x, "dtype", None)
+        if isinstance(dtype, np.dtype) and dtype.kind not in "biuf":
+            refuse_non_real(dtype, who, what)
         raise TypeError(f"{who}: got {what} as a {type(x).__module__}.{type(x).__name__} but "
                         f"the current backend is {backend.name}; convert it with fastnn.asarray(x)")
 
@@ -202,10 +207,15 @@ def float_array(x, who: str = "input", what: str = "input"):
     if kind in "iub":
         return arr.astype(_default_dtype)
     if kind != "f":
-        from ..errors import DTypeError
-
-        raise DTypeError(f"{who}: expected real numbers, got an array of {arr.dtype}")
+        refuse_non_real(arr.dtype, who, what)
     return arr
+
+
+def refuse_non_real(dtype, who: str, what: str = "input"):
+    """DTypeError for an array that does not hold real numbers (strings, objects, complex)."""
+    from ..errors import DTypeError
+
+    raise DTypeError(f"{who}: {what} must be real numbers, got an array of {dtype}")
 
 
 def to_numpy(x) -> np.ndarray:
@@ -233,6 +243,7 @@ __all__ = [
     "asarray",
     "float_array",
     "refuse_foreign",
+    "refuse_non_real",
     "to_numpy",
     "set_default_dtype",
     "get_default_dtype",

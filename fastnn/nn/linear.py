@@ -5,7 +5,7 @@ import numbers
 
 import numpy as np
 
-from ..backends import asarray, get_backend, get_default_dtype, refuse_foreign
+from ..backends import asarray, get_backend, get_default_dtype, refuse_foreign, refuse_non_real
 from ..backends.base import GemmOperand, gemm_array
 from ..backends.activations import get_activation
 from ..errors import DTypeError, ShapeError
@@ -67,7 +67,7 @@ class Linear(Module):
             refuse_foreign(x, backend, self._label())
             x = asarray(x)
         if x.dtype.kind not in "fiub":
-            raise DTypeError(f"{self._label()}: expected real numbers, got an array of {x.dtype}")
+            refuse_non_real(x.dtype, self._label())
         if x.ndim < 1 or x.shape[-1] != self.in_features:
             raise ShapeError(
                 f"{self._label()}: expected input (..., {self.in_features}), got {tuple(x.shape)}"

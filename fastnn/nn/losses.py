@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..backends import asarray, get_backend, host_array, refuse_foreign, value_range
+from ..backends import (asarray, get_backend, host_array, refuse_foreign, refuse_non_real,
+                        value_range)
 from ..errors import CaptureUnsupported, DTypeError, InputError, ShapeError, out_of_memory
 from .module import in_step_mode, known_label_range
 
@@ -76,8 +77,7 @@ class Loss:
             refuse_foreign(target, backend, self.name, "targets")
             target = backend.asarray(target)
         if target.dtype.kind not in "fiub":
-            raise DTypeError(f"{self.name}: targets must be real numbers, got an array of "
-                             f"{target.dtype}")
+            refuse_non_real(target.dtype, self.name, "targets")
         if target.dtype != pred.dtype:
             target = target.astype(pred.dtype)
         if tuple(target.shape) != tuple(pred.shape):

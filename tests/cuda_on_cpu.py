@@ -1,0 +1,166 @@
+"""Run the real kernels/*.cu on the CPU: g++ and ``tests/native/cuda_on_cpu.h``.
+
+``compile_module(source)`` builds the source that CupyBackend hands to
+``cupy.RawModule`` (fastnn_common.cuh already inlined) into a shared library,
+with one launcher per extern "C" kernel, and caches it on disk by the hash of
+what went in. ``CpuModule.launch(name, grid, block, args)`` then runs that
+kernel's own code over the grid (see the header for what is emulated and
+what is refused). tests/fake_cupy.py launches through it when asked for
+``kernels="source"``; its by-name NumPy emulation stays the default.
+
+Needs g++ and nm (``available()`` says why not); the suite skips these tests
+without them.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+
+HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
+# No FMA contraction (the device compiles with --fmad=false), no fast math,
+# and no _FORTIFY_SOURCE checks across the fibers' stacks.
+_CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
+              "-U_FORTIFY_SOURCE", "-w")
+_SIGNATURE = re.compile(
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
+_SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
+            "long long": ctypes.c_longlong}
+_modules: dict[str, "CpuModule"] = {}
+# One launch at a time in the process: each library's scheduler is a single
+# static state (ctypes lets a second Python thread call in meanwhile).
+_launch_lock = threading.Lock()
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "g++"))
+
+
+def available() -> str | None:
+    """None when kernels can run on the CPU here, else why not."""
+    if os.environ.get("FASTNN_TESTS_CUDA_ON_CPU") == "0":
+        return "FASTNN_TESTS_CUDA_ON_CPU=0 (bench/gpu_check.sh: the GPU runs the kernels)"
+    if compiler() is None:
+        return "no C++ compiler (g++) to run the CUDA kernels on the CPU"
+    if shutil.which("nm") is None:
+        return "no nm (binutils) to find the kernels' shared memory"
+    if os.uname().machine not in ("x86_64", "AMD64"):
+        return "the CPU kernel runner sets SSE's MXCSR: x86-64 only"
+    return None
+
+
+def _parameters(params: str) -> list[tuple[str, str]]:
+    """[(C type without const, name), ...] of one kernel's parameter list."""
+    out = []
+    for param in params.split(","):
+        words = param.replace("*", " * ").replace("const", " ").split()
+        out.append((" ".join(words[:-1]).replace(" *", "*"), words[-1]))
+    return out
+
+
+def _launchers(source: str) -> tuple[str, dict]:
+    """C++ of one ``fncpu_launch_<name>(grid, block, ftz, args)`` per kernel, and
+    ``{name: [(C type, name), ...]}``."""
+    lines, kernels = [], {}
+    for name, params in _SIGNATURE.findall(source):
+        parsed = _parameters(params)
+        kernels[name] = parsed
+        call = ", ".join(f"*({ctype}*)args[{i}]" for i, (ctype, _) in enumerate(parsed))
+        lines.append(
+            f'extern "C" int fncpu_launch_{name}(const unsigned* grid, const unsigned* threads, '
+            f"int ftz, void** args) {{\n"
+            f"    return fncpu::launch(grid, threads, ftz, [args]() {{ {name}({call}); }});\n}}")
+    lines.append('extern "C" const char* fncpu_error() { return fncpu::error_text; }')
+    return "\n".join(lines), kernels
+
+
+_SHARED = re.compile(r"__shared__\s+[\w\s]*?(\w+)\s*\[")
+
+
+def _shared_statics(library: Path, source: str) -> list[tuple[str, int, int]]:
+    """[(name, address in the file, bytes), ...] of the source's __shared__
+    arrays: function-local statics, named ``<function>::<name>`` by ``nm -C``."""
+    names = set(_SHARED.findall(source))
+    listing = subprocess.run(["nm", "-S", "-C", "--defined-only", str(library)],
+                             capture_output=True, text=True, check=True).stdout
+    found = []
+    for line in listing.splitlines():
+        parts = line.split(maxsplit=3)
+        if len(parts) == 4 and parts[2] in "bBdDuV" and "::" in parts[3] \
+                and parts[3].rsplit("::", 1)[1] in names:
+            found.append((parts[3], int(parts[0], 16), int(parts[1], 16)))
+    return found
+
+
+class CpuModule:
+    def __init__(self, library: Path, kernels: dict, source: str):
+        self.lib = ctypes.CDLL(str(library))
+        self.lib.fncpu_error.restype = ctypes.c_char_p
+        self.kernels = kernels
+        # Where the library was loaded: fncpu_error's address less its file offset.
+        shared = _shared_statics(library, source)
+        error_in_file = next(int(line.split()[0], 16) for line in subprocess.run(
+            ["nm", "--defined-only", str(library)], capture_output=True, text=True,
+            check=True).stdout.splitlines() if line.endswith(" fncpu_error"))
+        bias = ctypes.cast(self.lib.fncpu_error, ctypes.c_void_p).value - error_in_file
+        at = (ctypes.c_void_p * max(len(shared), 1))(*(bias + a for _, a, _ in shared))
+        size = (ctypes.c_ulonglong * max(len(shared), 1))(*(n for _, _, n in shared))
+        assert self.lib.fncpu_set_shared(at, size, len(shared)) == 0, shared
+        self.shared = [name for name, _, _ in shared]
+
+    def launch(self, name: str, grid, block, args) -> None:
+        """Run kernel ``name`` with numpy arrays (pointers: their data) and
+        numpy scalars, in the order of its C parameters."""
+        params = self.kernels[name]
+        assert len(args) == len(params), (name, len(args), params)
+        keep, pointers = [], (ctypes.c_void_p * len(args))()
+        for i, (value, (ctype, pname)) in enumerate(zip(args, params)):
+            if ctype.endswith("*"):
+                assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, pname)
+                cell = ctypes.c_void_p(value.ctypes.data)
+            else:
+                cell = _SCALARS[ctype](value.item() if hasattr(value, "item") else value)
+            keep.append(cell)
+            pointers[i] = ctypes.cast(ctypes.pointer(cell), ctypes.c_void_p)
+        dims = lambda d: (ctypes.c_uint * 3)(*(tuple(int(v) for v in d) + (1, 1))[:3])  # noqa: E731
+        flush = not re.search(r"_f64(_i(32|64))?$", name)  # -ftz=true: float32 only
+        with _launch_lock:
+            status = getattr(self.lib, f"fncpu_launch_{name}")(dims(grid), dims(block),
+                                                               int(flush), pointers)
+            error = self.lib.fncpu_error().decode() if status else ""
+        if status != 0:
+            raise AssertionError(f"kernel {name} on the CPU: {error}")
+
+
+def compile_module(source: str) -> CpuModule:
+    """The CPU build of one kernel module, compiled once per source (and cached
+    on disk across processes and runs)."""
+    key = hashlib.sha256((source + HEADER.read_text() + " ".join(_CXX_FLAGS)).encode())
+    digest = key.hexdigest()[:20]
+    if digest in _modules:
+        return _modules[digest]
+    launchers, kernels = _launchers(source)
+    cache = Path(tempfile.gettempdir()) / f"fastnn-cuda-on-cpu-{os.getuid()}"
+    cache.mkdir(exist_ok=True)
+    library = cache / f"{digest}.so"
+    if not library.exists():
+        text = f'#include "{HEADER}"\n#line 1 "kernel source"\n{source}\n{launchers}\n'
+        cpp = cache / f"{digest}.{os.getpid()}.cpp"
+        cpp.write_text(text)
+        partial = cache / f"{digest}.{os.getpid()}.so"
+        done = subprocess.run([compiler(), *_CXX_FLAGS, "-o", str(partial), str(cpp)],
+                              capture_output=True, text=True)
+        cpp.unlink()
+        if done.returncode != 0:
+            raise AssertionError(f"g++ could not build the kernels for the CPU:\n{done.stderr}")
+        os.replace(partial, library)  # atomic: a parallel run sees all or nothing
+    _modules[digest] = module = CpuModule(library, kernels, source)
+    return module

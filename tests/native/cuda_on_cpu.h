@@ -1,0 +1,300 @@
+// cuda_on_cpu.h: just enough of CUDA C++ to run fastnn's kernels/*.cu on the CPU.
+//
+// tests/cuda_on_cpu.py compiles a kernel module (the very source NVRTC gets,
+// fastnn_common.cuh inlined) with g++ after this header, plus one launcher per
+// extern "C" kernel. A launch runs the grid's blocks one after another; the
+// threads of a block are fibers on one OS thread, switched only at
+// __syncthreads() and warp shuffles, so every barrier and shuffle is honoured
+// exactly: a block reduction gets the partial sums of its own threads in the
+// kernel's own order. What the device would not forgive is an error here
+// too, reported by the launch instead of hanging or reading garbage:
+//   * a thread leaving the kernel while others wait at a barrier (a
+//     __syncthreads() that not every thread of the block reaches),
+//   * a shuffle that is not a full-warp, full-mask one, or one in a warp with
+//     an exited or missing lane,
+//   * more than 1024 threads in a block.
+// float32 launches run with FTZ|DAZ set (CuPy compiles with -ftz=true; the
+// float64 ones keep subnormals, as the device does). Floating point is
+// IEEE with no contraction (g++ -ffp-contract=off, as --fmad=false); libm's
+// expf/tanhf/... differ from CUDA's by an ulp or two, so results are
+// compared with the GPU tests' tolerances, never bit for bit across libms.
+// Not emulated: inline PTX (kernels/profile.cu), atomics, dynamic shared
+// memory, out-of-bounds detection (the by-name emulation in fake_cupy checks
+// element ranges).
+#pragma once
+
+#include <cmath>
+#include <csignal>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <xmmintrin.h>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+// One block runs at a time: a static is that block's shared memory. Each is
+// filled with 0xff bytes (NaN, -1) before each block (cuda_on_cpu.py finds
+// them in the library's symbol table: fncpu_set_shared), so a read that the
+// kernel's barriers do not order finds poison, not what an earlier block left.
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct uint3 { unsigned int x, y, z; };
+struct dim3 { unsigned int x, y, z; };
+
+// Set by the scheduler before it resumes a fiber; a fiber only reads them.
+static uint3 threadIdx, blockIdx;
+static dim3 blockDim, gridDim;
+
+inline float __int_as_float(int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline float __uint_as_float(unsigned int v) { float f; std::memcpy(&f, &v, 4); return f; }
+inline int __float_as_int(float f) { int v; std::memcpy(&v, &f, 4); return v; }
+inline unsigned int __float_as_uint(float f) { unsigned int v; std::memcpy(&v, &f, 4); return v; }
+inline double __longlong_as_double(long long v) { double d; std::memcpy(&d, &v, 8); return d; }
+inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &d, 8); return v; }
+
+namespace fncpu {
+
+constexpr unsigned kMaxThreads = 1024;
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber; untouched pages cost nothing
+
+// switch_stack(&save, load): push the callee-saved registers and the SSE/x87
+// control words on this stack, store its top in *save, continue on `load`'s.
+// (glibc's swapcontext also saves the signal mask: a system call per switch,
+// and kernels switch a few times per thread per barrier.)
+extern "C" void fncpu_switch_stack(void** save, void* load);
+asm(R"(
+    .text
+    .p2align 4
+    .type fncpu_switch_stack, @function
+fncpu_switch_stack:
+    pushq %rbp
+    pushq %rbx
+    pushq %r12
+    pushq %r13
+    pushq %r14
+    pushq %r15
+    subq $8, %rsp
+    stmxcsr (%rsp)
+    fnstcw 4(%rsp)
+    movq %rsp, (%rdi)
+    movq %rsi, %rsp
+    ldmxcsr (%rsp)
+    fldcw 4(%rsp)
+    addq $8, %rsp
+    popq %r15
+    popq %r14
+    popq %r13
+    popq %r12
+    popq %rbx
+    popq %rbp
+    ret
+    .size fncpu_switch_stack, .-fncpu_switch_stack
+)");
+
+enum Wait : unsigned char { RUNNABLE, AT_BARRIER, AT_WARP, DONE };
+
+struct Block {
+    void* scheduler_sp = nullptr;
+    void* fiber_sp[kMaxThreads];
+    Wait wait[kMaxThreads];
+    unsigned long long slot[kMaxThreads];  // a shuffle's value, per thread
+    unsigned barrier_arrived = 0, barrier_generation = 0;
+    unsigned warp_arrived[kMaxThreads / 32], warp_generation[kMaxThreads / 32];
+    unsigned waited_generation[kMaxThreads];
+    unsigned n_threads = 0, current = 0;
+    char* stacks = nullptr;
+    const std::function<void()>* body = nullptr;
+};
+
+static Block block;
+static char error_text[512];
+static bool failed = false;
+
+inline void fail(const char* what) {
+    if (!failed) {
+        std::snprintf(error_text, sizeof error_text,
+                      "%s (block (%u, %u, %u), thread (%u, %u, %u))", what, blockIdx.x,
+                      blockIdx.y, blockIdx.z, threadIdx.x, threadIdx.y, threadIdx.z);
+        failed = true;
+    }
+}
+
+inline void yield() { fncpu_switch_stack(&block.fiber_sp[block.current], block.scheduler_sp); }
+
+// A fiber's first frame: run the kernel, then hand back for good.
+extern "C" inline void fncpu_fiber_entry() {
+    const unsigned t = block.current;
+    (*block.body)();
+    block.wait[t] = DONE;
+    void* finished;
+    fncpu_switch_stack(&finished, block.scheduler_sp);  // never resumed
+    std::abort();
+}
+
+// A fresh stack whose first switch "returns" into fncpu_fiber_entry.
+inline void* new_fiber(unsigned t) {
+    auto* top = reinterpret_cast<unsigned long long*>(
+        (reinterpret_cast<uintptr_t>(block.stacks + (size_t)(t + 1) * kStackBytes)) & ~uintptr_t(15));
+    *--top = 0;                                                 // keeps the entry's rsp 16n + 8
+    *--top = reinterpret_cast<unsigned long long>(&fncpu_fiber_entry);  // popped by `ret`
+    for (int r = 0; r < 6; ++r) *--top = 0;                     // rbp rbx r12..r15
+    unsigned control[2] = {_mm_getcsr(), 0};
+    unsigned short x87;
+    asm volatile("fnstcw %0" : "=m"(x87));
+    control[1] = x87;
+    *--top = (unsigned long long)control[0] | ((unsigned long long)control[1] << 32);
+    return top;
+}
+
+inline void set_thread_index(unsigned t) {
+    threadIdx.x = t % blockDim.x;
+    threadIdx.y = (t / blockDim.x) % blockDim.y;
+    threadIdx.z = t / (blockDim.x * blockDim.y);
+}
+
+// Whether fiber t may run on: the barrier or warp step it waits at is passed.
+inline bool released(unsigned t) {
+    switch (block.wait[t]) {
+    case AT_BARRIER: return block.barrier_generation != block.waited_generation[t];
+    case AT_WARP: return block.warp_generation[t / 32] != block.waited_generation[t];
+    default: return true;
+    }
+}
+
+constexpr int kMaxShared = 64;
+static void* shared_at[kMaxShared];
+static size_t shared_bytes[kMaxShared];
+static int n_shared = 0;
+
+inline void run_block() {
+    const unsigned n = block.n_threads;
+    for (int i = 0; i < n_shared; ++i) std::memset(shared_at[i], 0xff, shared_bytes[i]);
+    for (unsigned t = 0; t < n; ++t) {
+        block.fiber_sp[t] = new_fiber(t);
+        block.wait[t] = RUNNABLE;
+    }
+    block.barrier_arrived = 0;
+    for (unsigned w = 0; w < (n + 31) / 32; ++w) block.warp_arrived[w] = 0;
+    unsigned live = n;
+    while (live > 0 && !failed) {
+        bool progressed = false;
+        for (unsigned t = 0; t < n && !failed; ++t) {
+            if (block.wait[t] == DONE || !released(t)) continue;
+            block.wait[t] = RUNNABLE;
+            block.current = t;
+            set_thread_index(t);
+            fncpu_switch_stack(&block.scheduler_sp, block.fiber_sp[t]);
+            progressed = true;
+            if (block.wait[t] == DONE) {
+                --live;
+                if (block.barrier_arrived > 0) {
+                    fail("a thread left the kernel while others wait at __syncthreads()");
+                } else if (block.warp_arrived[t / 32] > 0) {
+                    fail("a thread left the kernel while its warp waits in a shuffle");
+                }
+            }
+        }
+        if (!progressed && live > 0) fail("deadlock: every live thread waits");
+    }
+}
+
+inline int launch(const unsigned* grid, const unsigned* threads, int flush_subnormals,
+                  const std::function<void()>& body) {
+    failed = false;
+    error_text[0] = '\0';
+    const unsigned long long n = (unsigned long long)threads[0] * threads[1] * threads[2];
+    if (n == 0 || n > kMaxThreads) {
+        std::snprintf(error_text, sizeof error_text, "block of %llu threads (1..%u)", n,
+                      kMaxThreads);
+        return 1;
+    }
+    if (block.stacks == nullptr) {
+        block.stacks = static_cast<char*>(std::malloc(kMaxThreads * kStackBytes));
+        if (block.stacks == nullptr) {
+            std::snprintf(error_text, sizeof error_text, "no memory for the fiber stacks");
+            return 1;
+        }
+    }
+    block.n_threads = (unsigned)n;
+    block.body = &body;
+    blockDim = {threads[0], threads[1], threads[2]};
+    gridDim = {grid[0], grid[1], grid[2]};
+    const unsigned saved_csr = _mm_getcsr();
+    // FTZ (bit 15) and DAZ (bit 6): -ftz=true for float32 kernels.
+    if (flush_subnormals) _mm_setcsr(saved_csr | 0x8040u);
+    for (unsigned z = 0; z < grid[2] && !failed; ++z)
+        for (unsigned y = 0; y < grid[1] && !failed; ++y)
+            for (unsigned x = 0; x < grid[0] && !failed; ++x) {
+                blockIdx = {x, y, z};
+                run_block();
+            }
+    _mm_setcsr(saved_csr);
+    return failed ? 1 : 0;
+}
+
+}  // namespace fncpu
+
+inline void __syncthreads() {
+    using fncpu::block;
+    const unsigned t = block.current;
+    block.waited_generation[t] = block.barrier_generation;
+    if (++block.barrier_arrived == block.n_threads) {  // the last one in opens it
+        block.barrier_arrived = 0;
+        ++block.barrier_generation;
+        return;
+    }
+    block.wait[t] = fncpu::AT_BARRIER;
+    fncpu::yield();
+}
+
+// All 32 lanes of the warp arrive before any goes on.
+inline void fncpu_warp_step() {
+    using fncpu::block;
+    const unsigned t = block.current, w = t / 32;
+    block.waited_generation[t] = block.warp_generation[w];
+    if (++block.warp_arrived[w] == 32) {
+        block.warp_arrived[w] = 0;
+        ++block.warp_generation[w];
+        return;
+    }
+    block.wait[t] = fncpu::AT_WARP;
+    fncpu::yield();
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
+    using fncpu::block;
+    static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
+    const unsigned t = block.current;
+    if (mask != 0xffffffffu || width != 32 || lane_mask < 0 || lane_mask > 31) {
+        fncpu::fail("__shfl_xor_sync: only full-mask, width-32 shuffles are emulated");
+        return v;
+    }
+    if ((t / 32 + 1) * 32 > block.n_threads) {
+        fncpu::fail("__shfl_xor_sync in a warp of fewer than 32 threads");
+        return v;
+    }
+    block.slot[t] = 0;
+    std::memcpy(&block.slot[t], &v, sizeof(T));
+    fncpu_warp_step();  // every lane has written its value
+    T other;
+    std::memcpy(&other, &block.slot[(t & ~31u) | ((t & 31u) ^ (unsigned)lane_mask)], sizeof(T));
+    fncpu_warp_step();  // every lane has read before a next shuffle overwrites
+    return other;
+}
+
+// The __shared__ statics of the module (addresses in this process, sizes).
+extern "C" int fncpu_set_shared(void** at, const unsigned long long* bytes, int n) {
+    if (n > fncpu::kMaxShared) return 1;
+    for (int i = 0; i < n; ++i) {
+        fncpu::shared_at[i] = at[i];
+        fncpu::shared_bytes[i] = (size_t)bytes[i];
+    }
+    fncpu::n_shared = n;
+    return 0;
+}

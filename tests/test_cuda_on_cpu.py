@@ -1,0 +1,142 @@
+"""tests/cuda_on_cpu.py, the CPU runner of the CUDA kernels, checked on kernels
+written for the purpose: it is only worth the GPU tests it stands in for if
+barriers, shuffles and the thread numbering behave as on the device, and if
+what the device would not forgive is an error here too."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import cuda_on_cpu
+
+pytestmark = pytest.mark.skipif(cuda_on_cpu.available() is not None,
+                                reason=str(cuda_on_cpu.available()))
+
+SOURCE = r"""
+extern "C" __global__ void thread_ids(int* out) {
+    const int t = (threadIdx.z * blockDim.y + threadIdx.y) * blockDim.x + threadIdx.x;
+    const int b = (blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;
+    const int n = blockDim.x * blockDim.y * blockDim.z;
+    out[b * n + t] = b * 1000 + t;
+}
+
+// Each thread writes its id, then reads its right neighbour's.
+extern "C" __global__ void neighbour(int* out, int with_barrier) {
+    __shared__ int s[64];
+    s[threadIdx.x] = (int)threadIdx.x + 1;
+    if (with_barrier) __syncthreads();
+    out[threadIdx.x] = s[(threadIdx.x + 1) % blockDim.x];
+}
+
+// Butterfly sum over a warp, then over the warps through shared memory.
+extern "C" __global__ void warp_sums(const double* x, double* out) {
+    __shared__ double part[32];
+    double v = x[threadIdx.x];
+    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+    if ((threadIdx.x & 31) == 0) part[threadIdx.x >> 5] = v;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double total = 0;
+        for (unsigned w = 0; w < blockDim.x / 32; ++w) total += part[w];
+        out[0] = total;
+    }
+}
+
+extern "C" __global__ void early_exit(int* out) {
+    if (threadIdx.x == 3) return;
+    __syncthreads();
+    out[threadIdx.x] = 1;
+}
+
+extern "C" __global__ void half_mask(float* x) {
+    x[threadIdx.x] = __shfl_xor_sync(0x0000ffffu, x[threadIdx.x], 1);
+}
+
+extern "C" __global__ void shuffle(float* x) {
+    x[threadIdx.x] = __shfl_xor_sync(0xffffffffu, x[threadIdx.x], 1);
+}
+
+extern "C" __global__ void add_f32(const float* a, const float* b, float* out) {
+    out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
+}
+
+extern "C" __global__ void add_f64(const double* a, const double* b, double* out) {
+    out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def module():
+    return cuda_on_cpu.compile_module(SOURCE)
+
+
+def test_every_thread_of_every_block_runs_once_with_its_own_indices(module):
+    grid, block = (3, 2, 1), (4, 2, 2)
+    out = np.full(6 * 16, -1, np.int32)
+    module.launch("thread_ids", grid, block, (out,))
+    want = [b * 1000 + t for b in range(6) for t in range(16)]
+    np.testing.assert_array_equal(out, want)
+
+
+def test_a_barrier_orders_shared_memory_and_a_missing_one_shows(module):
+    out = np.zeros(64, np.int32)
+    module.launch("neighbour", (1,), (64,), (out, np.int32(1)))
+    np.testing.assert_array_equal(out, (np.arange(64) + 1) % 64 + 1)
+    # Without it, thread 0 runs to its end before thread 1 has written: the
+    # threads run one after another between barriers, and shared memory is
+    # poisoned (0xff bytes) before each block, so the unordered read shows.
+    stale = np.zeros(64, np.int32)
+    module.launch("neighbour", (1,), (64,), (stale, np.int32(0)))
+    np.testing.assert_array_equal(stale[:-1], -1)  # the last thread reads thread 0's
+    assert stale[-1] == 1
+
+
+def test_shuffles_give_the_butterfly_sum_of_each_warp(module):
+    x = np.arange(256, dtype=np.float64) ** 2
+    out = np.zeros(1)
+    module.launch("warp_sums", (1,), (256,), (x, out))
+    assert out[0] == x.sum()  # exact: integers well inside float64's mantissa
+    y = np.arange(64, dtype=np.float32)
+    module.launch("shuffle", (1,), (64,), (y,))
+    np.testing.assert_array_equal(y, np.arange(64) ^ 1)
+
+
+@pytest.mark.parametrize("kernel, block, message", [
+    ("early_exit", (32,), "a thread left the kernel while others wait at __syncthreads()"),
+    ("half_mask", (32,), "only full-mask, width-32 shuffles"),
+    ("shuffle", (48,), "__shfl_xor_sync in a warp of fewer than 32 threads"),
+    ("shuffle", (1025,), "block of 1025 threads"),
+])
+def test_what_the_device_would_not_forgive_is_an_error(module, kernel, block, message):
+    arg = np.zeros(2048, np.int32 if kernel == "early_exit" else np.float32)
+    with pytest.raises(AssertionError, match=f"kernel {kernel} on the CPU: .*{message[:30]}"):
+        module.launch(kernel, (1,), block, (arg,))
+
+
+def test_float32_launches_flush_subnormals_float64_ones_keep_them(module):
+    """CuPy compiles every RawModule with -ftz=true: float32 only."""
+    a32 = np.array([1e-40, -1e-40, 2e-38], np.float32)
+    out32 = np.empty_like(a32)
+    module.launch("add_f32", (1,), (3,), (a32, np.zeros(3, np.float32), out32))
+    np.testing.assert_array_equal(out32, [0.0, 0.0, np.float32(2e-38)])
+    a64 = np.array([1e-310, -1e-310, 1.0])
+    out64 = np.empty_like(a64)
+    module.launch("add_f64", (1,), (3,), (a64, np.zeros(3), out64))
+    np.testing.assert_array_equal(out64, a64)
+    # the caller's own floating-point mode is left as it was
+    assert np.float32(1e-40) * np.float32(1) != 0
+
+
+def test_every_shared_array_of_the_kernels_is_poisoned_before_each_block():
+    """The poison reaches template kernels' shared arrays too (the real
+    kernels' block reductions): each is found in the library."""
+    from fastnn.backends import kernel_sources
+
+    for name in ("reduce.cu", "softmax_xent.cu", "bce.cu", "act_backward.cu"):
+        source = kernel_sources.read_kernel(name)
+        found = cuda_on_cpu.compile_module(source).shared
+        declared = cuda_on_cpu._SHARED.findall(source)
+        assert declared and {f.rsplit("::", 1)[1] for f in found} == set(declared), (name, found)
+        assert all("<float>" in f or "<double>" in f or "<float," in f or "<double," in f
+                   for f in found), found

@@ -19,8 +19,8 @@
 // expf/tanhf/... differ from CUDA's by an ulp or two, so results are
 // compared with the GPU tests' tolerances, never bit for bit across libms.
 // Not emulated: inline PTX (kernels/profile.cu), atomics, dynamic shared
-// memory, out-of-bounds detection (the by-name emulation in fake_cupy checks
-// element ranges).
+// memory, out-of-bounds detection (tests/fake_cupy.py runs its by-name
+// emulation, which refuses element ranges past an array's end, on copies first).
 #pragma once
 
 #include <cmath>

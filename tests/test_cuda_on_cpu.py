@@ -42,6 +42,19 @@ extern "C" __global__ void warp_sums(const double* x, double* out) {
     }
 }
 
+// Every thread reads slot 0, then lane 0 of each warp reuses its slot: the
+// read must be over first (block_reduce's leading barrier).
+extern "C" __global__ void reuse(float* out, int with_barrier) {
+    __shared__ float s[32];
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = 1.0f;
+    __syncthreads();
+    const float first = s[0];
+    if (with_barrier) __syncthreads();
+    if ((threadIdx.x & 31) == 0) s[threadIdx.x >> 5] = 2.0f;
+    __syncthreads();
+    out[threadIdx.x] = first;
+}
+
 extern "C" __global__ void early_exit(int* out) {
     if (threadIdx.x == 3) return;
     __syncthreads();
@@ -83,13 +96,27 @@ def test_a_barrier_orders_shared_memory_and_a_missing_one_shows(module):
     out = np.zeros(64, np.int32)
     module.launch("neighbour", (1,), (64,), (out, np.int32(1)))
     np.testing.assert_array_equal(out, (np.arange(64) + 1) % 64 + 1)
-    # Without it, thread 0 runs to its end before thread 1 has written: the
-    # threads run one after another between barriers, and shared memory is
-    # poisoned (0xff bytes) before each block, so the unordered read shows.
-    stale = np.zeros(64, np.int32)
-    module.launch("neighbour", (1,), (64,), (stale, np.int32(0)))
-    np.testing.assert_array_equal(stale[:-1], -1)  # the last thread reads thread 0's
-    assert stale[-1] == 1
+    # Without it, the threads run one after another between barriers (in
+    # ascending order in one block, descending in the next) on shared memory
+    # poisoned with 0xff bytes before each block, so an unordered read shows.
+    stale = [np.zeros(64, np.int32) for _ in range(2)]
+    for got in stale:  # two launches in a row: one of each order
+        module.launch("neighbour", (1,), (64,), (got, np.int32(0)))
+    assert {int((got == -1).sum()) for got in stale} == {1, 63}
+
+
+def test_warps_run_ahead_so_a_slot_reused_before_a_barrier_shows(module):
+    """A warp runs through its shuffles up to the next barrier before the next
+    warp starts, as warps may on the device: one that rewrites shared memory
+    which another warp has yet to read is caught (a missing leading barrier in
+    block_reduce was, in the softmax and BCE parity tests)."""
+    ordered = np.zeros(128, np.float32)
+    module.launch("reuse", (1,), (128,), (ordered, np.int32(1)))
+    np.testing.assert_array_equal(ordered, 1.0)
+    raced = [np.zeros(128, np.float32) for _ in range(2)]
+    for got in raced:  # one launch of each order
+        module.launch("reuse", (1,), (128,), (got, np.int32(0)))
+    assert any((got == 2.0).any() for got in raced)
 
 
 def test_shuffles_give_the_butterfly_sum_of_each_warp(module):

@@ -6,7 +6,11 @@
 // threads of a block are fibers on one OS thread, switched only at
 // __syncthreads() and warp shuffles, so every barrier and shuffle is honoured
 // exactly: a block reduction gets the partial sums of its own threads in the
-// kernel's own order. What the device would not forgive is an error here
+// kernel's own order. Each warp runs ahead to its next barrier before the next
+// warp starts, in ascending order in one block and descending in the next,
+// and shared memory is poisoned before each block: a shared-memory read that
+// only a barrier orders meets poison or another warp's write, so a missing
+// barrier changes the numbers. What the device would not forgive is an error here
 // too, reported by the launch instead of hanging or reading garbage:
 //   * a thread leaving the kernel while others wait at a barrier (a
 //     __syncthreads() that not every thread of the block reaches),
@@ -171,8 +175,14 @@ static void* shared_at[kMaxShared];
 static size_t shared_bytes[kMaxShared];
 static int n_shared = 0;
 
+// Thread and warp order: ascending in one block, descending in the next (and
+// so on across launches), so that a read the barriers do not order finds
+// poison or another warp's value whichever side it reads from.
+static unsigned long long blocks_run = 0;
+
 inline void run_block() {
     const unsigned n = block.n_threads;
+    const bool descending = (blocks_run++ & 1) != 0;
     for (int i = 0; i < n_shared; ++i) std::memset(shared_at[i], 0xff, shared_bytes[i]);
     for (unsigned t = 0; t < n; ++t) {
         block.fiber_sp[t] = new_fiber(t);
@@ -181,21 +191,35 @@ inline void run_block() {
     block.barrier_arrived = 0;
     for (unsigned w = 0; w < (n + 31) / 32; ++w) block.warp_arrived[w] = 0;
     unsigned live = n;
+    const unsigned n_warps = (n + 31) / 32;
     while (live > 0 && !failed) {
         bool progressed = false;
-        for (unsigned t = 0; t < n && !failed; ++t) {
-            if (block.wait[t] == DONE || !released(t)) continue;
-            block.wait[t] = RUNNABLE;
-            block.current = t;
-            set_thread_index(t);
-            fncpu_switch_stack(&block.scheduler_sp, block.fiber_sp[t]);
-            progressed = true;
-            if (block.wait[t] == DONE) {
-                --live;
-                if (block.barrier_arrived > 0) {
-                    fail("a thread left the kernel while others wait at __syncthreads()");
-                } else if (block.warp_arrived[t / 32] > 0) {
-                    fail("a thread left the kernel while its warp waits in a shuffle");
+        // One warp runs as far as it can (through its shuffles, up to a
+        // barrier or its end) before the next starts: warps run ahead of one
+        // another as they may on the device, so a read of shared memory that
+        // only a barrier would keep from being overwritten is exposed.
+        for (unsigned wi = 0; wi < n_warps && !failed; ++wi) {
+            const unsigned w = descending ? n_warps - 1 - wi : wi;
+            const unsigned first = w * 32, last = first + 32 < n ? first + 32 : n;
+            bool warp_progressed = true;
+            while (warp_progressed && !failed) {
+                warp_progressed = false;
+                for (unsigned i = first; i < last && !failed; ++i) {
+                    const unsigned t = descending ? last - 1 - (i - first) : i;
+                    if (block.wait[t] == DONE || !released(t)) continue;
+                    block.wait[t] = RUNNABLE;
+                    block.current = t;
+                    set_thread_index(t);
+                    fncpu_switch_stack(&block.scheduler_sp, block.fiber_sp[t]);
+                    warp_progressed = progressed = true;
+                    if (block.wait[t] == DONE) {
+                        --live;
+                        if (block.barrier_arrived > 0) {
+                            fail("a thread left the kernel while others wait at __syncthreads()");
+                        } else if (block.warp_arrived[t / 32] > 0) {
+                            fail("a thread left the kernel while its warp waits in a shuffle");
+                        }
+                    }
                 }
             }
         }

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import get_backend, host_array
+from .backends import get_backend, host_array, value_range
 from .backends.base import on_host
 from .compiled import run_epochs
 from .errors import DTypeError, InputError, ShapeError, TrainingDiverged, naming_out_of_memory
@@ -93,17 +93,13 @@ def _prepare(X, y, dtype, what: str, loss_fn=None):
         raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {tuple(y.shape)}")
     if X.dtype.kind not in "fiub":
         raise DTypeError(f"{what}: X must be numeric, got dtype {X.dtype}")
-    if X.dtype.kind == "f":
+    if X.dtype.kind == "f" and not _all_finite(X):
         xp = _array_module(backend, X)
-        finite = xp.isfinite(X)
-        if not bool(finite.all()):  # one read of the device, once per fit
-            bad = host_array(xp.argwhere(~finite)[0])
-            raise InputError(f"{what}: X contains NaN or inf "
-                             f"(first at index {tuple(int(i) for i in bad)})")
-        del finite
-    if y.dtype.kind == "f":
-        if not bool(_array_module(backend, y).isfinite(y).all()):
-            raise InputError(f"{what}: y contains NaN or inf")
+        bad = host_array(xp.argwhere(~xp.isfinite(X))[0])
+        raise InputError(f"{what}: X contains NaN or inf "
+                         f"(first at index {tuple(int(i) for i in bad)})")
+    if y.dtype.kind == "f" and not _all_finite(y):
+        raise InputError(f"{what}: y contains NaN or inf")
     # Labels as int32 or int64 (what the loss kernels take): others are cast once here,
     # not in every step.
     labels = y.dtype.kind in "iu" and not getattr(loss_fn, "value_targets", False)
@@ -119,6 +115,16 @@ def _prepare(X, y, dtype, what: str, loss_fn=None):
     if check_targets is not None:
         check_targets(yd)
     return Xd, yd, label_range_of(y) if labels else None
+
+
+def _all_finite(a) -> bool:
+    """Whether a float array holds no NaN or inf: its min and max (a NaN or an
+    inf shows in one of them) in one read of the device, and no temporary of
+    the array's size (isfinite(X).all() made a bool copy of the whole data)."""
+    if a.size == 0:
+        return True
+    low, high = value_range(a)
+    return bool(np.isfinite(low) and np.isfinite(high))
 
 
 def _readable(backend, a, name: str, what: str):

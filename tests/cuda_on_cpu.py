@@ -28,8 +28,11 @@ import numpy as np
 HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
 # No FMA contraction (the device compiles with --fmad=false), no fast math,
 # and no _FORTIFY_SOURCE checks across the fibers' stacks.
+# -fno-gnu-unique: a template's __shared__ static stays this library's own (a
+# "unique" symbol binds process-wide: a second module of the same template
+# would use, and poison, the first one's copy).
 _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
-              "-U_FORTIFY_SOURCE", "-w")
+              "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w")
 _SIGNATURE = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
@@ -57,6 +60,11 @@ def available() -> str | None:
     return None
 
 
+def _compiler_version() -> str:
+    done = subprocess.run([compiler(), "-dumpfullversion"], capture_output=True, text=True)
+    return done.stdout.strip()
+
+
 def _parameters(params: str) -> list[tuple[str, str]]:
     """[(C type without const, name), ...] of one kernel's parameter list."""
     out = []
@@ -76,27 +84,33 @@ def _launchers(source: str) -> tuple[str, dict]:
         call = ", ".join(f"*({ctype}*)args[{i}]" for i, (ctype, _) in enumerate(parsed))
         lines.append(
             f'extern "C" int fncpu_launch_{name}(const unsigned* grid, const unsigned* threads, '
-            f"int ftz, void** args) {{\n"
-            f"    return fncpu::launch(grid, threads, ftz, [args]() {{ {name}({call}); }});\n}}")
+            f"int ftz, int descending, void** args) {{\n"
+            f"    return fncpu::launch(grid, threads, ftz, descending, "
+            f"[args]() {{ {name}({call}); }});\n}}")
     lines.append('extern "C" const char* fncpu_error() { return fncpu::error_text; }')
     return "\n".join(lines), kernels
 
 
-_SHARED = re.compile(r"__shared__\s+[\w\s]*?(\w+)\s*\[")
+_SHARED = re.compile(r"__shared__\s+[\w\s]*?(\w+)\s*[\[;=]")
 
 
 def _shared_statics(library: Path, source: str) -> list[tuple[str, int, int]]:
     """[(name, address in the file, bytes), ...] of the source's __shared__
-    arrays: function-local statics, named ``<function>::<name>`` by ``nm -C``."""
+    variables: statics, named ``<function>::<name>`` (or ``<name>`` at file
+    scope) by ``nm -C``; every declared name must be found."""
     names = set(_SHARED.findall(source))
     listing = subprocess.run(["nm", "-S", "-C", "--defined-only", str(library)],
                              capture_output=True, text=True, check=True).stdout
-    found = []
+    found, seen = [], set()
     for line in listing.splitlines():
         parts = line.split(maxsplit=3)
-        if len(parts) == 4 and parts[2] in "bBdDuV" and "::" in parts[3] \
-                and parts[3].rsplit("::", 1)[1] in names:
+        if len(parts) != 4 or parts[2] not in "bBdDuV" or parts[3].startswith("fncpu::"):
+            continue  # (the runner's own state is no kernel's shared memory)
+        short = parts[3].rsplit("::", 1)[-1]
+        if short in names:
             found.append((parts[3], int(parts[0], 16), int(parts[1], 16)))
+            seen.add(short)
+    assert seen == names, f"__shared__ variables not found in {library.name}: {names - seen}"
     return found
 
 
@@ -118,44 +132,84 @@ class CpuModule:
 
     def launch(self, name: str, grid, block, args) -> None:
         """Run kernel ``name`` with numpy arrays (pointers: their data) and
-        numpy scalars, in the order of its C parameters."""
+        numpy scalars, in the order of its C parameters: first on copies of the
+        arrays with the threads and warps in descending order, then on the
+        arrays themselves in ascending order. Results that differ between the
+        two orders mean a shared-memory read no barrier orders (a race)."""
         params = self.kernels[name]
         assert len(args) == len(params), (name, len(args), params)
+        for value, (ctype, pname) in zip(args, params):
+            if ctype.endswith("*"):
+                assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, pname)
+        copies = _copies_keeping_aliases(args)
+        if copies is not None:
+            self._run(name, grid, block, copies, descending=True)
+        self._run(name, grid, block, args, descending=False)
+        if copies is not None:
+            for value, other, (_, pname) in zip(args, copies, params):
+                if isinstance(value, np.ndarray) and not np.array_equal(
+                        value.reshape(-1).view(np.uint8), other.reshape(-1).view(np.uint8)):
+                    raise AssertionError(
+                        f"kernel {name} on the CPU: {pname} differs between thread orders "
+                        "(a shared-memory read that no barrier orders?)")
+
+    def _run(self, name, grid, block, args, descending: bool) -> None:
+        params = self.kernels[name]
         keep, pointers = [], (ctypes.c_void_p * len(args))()
         for i, (value, (ctype, pname)) in enumerate(zip(args, params)):
             if ctype.endswith("*"):
-                assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, pname)
                 cell = ctypes.c_void_p(value.ctypes.data)
             else:
                 cell = _SCALARS[ctype](value.item() if hasattr(value, "item") else value)
             keep.append(cell)
             pointers[i] = ctypes.cast(ctypes.pointer(cell), ctypes.c_void_p)
         dims = lambda d: (ctypes.c_uint * 3)(*(tuple(int(v) for v in d) + (1, 1))[:3])  # noqa: E731
-        flush = not re.search(r"_f64(_i(32|64))?$", name)  # -ftz=true: float32 only
+        # -ftz=true flushes float32 arithmetic only: a kernel of float parameters
+        flush = any(ctype in ("float", "float*") for ctype, _ in params)
         with _launch_lock:
-            status = getattr(self.lib, f"fncpu_launch_{name}")(dims(grid), dims(block),
-                                                               int(flush), pointers)
+            status = getattr(self.lib, f"fncpu_launch_{name}")(
+                dims(grid), dims(block), int(flush), int(descending), pointers)
             error = self.lib.fncpu_error().decode() if status else ""
         if status != 0:
             raise AssertionError(f"kernel {name} on the CPU: {error}")
 
 
+def _copies_keeping_aliases(args):
+    """``args`` with each array replaced by a copy, one copy per distinct buffer
+    (an in-place kernel gets the same array twice); None when two arrays
+    overlap without being the same memory (no faithful copy then)."""
+    def key(a):
+        return a.ctypes.data, a.nbytes, a.dtype
+
+    arrays = [a for a in args if isinstance(a, np.ndarray)]
+    for i, a in enumerate(arrays):
+        for b in arrays[i + 1:]:
+            if key(a) != key(b) and np.shares_memory(a, b):
+                return None
+    made = {}
+    for a in arrays:
+        made.setdefault(key(a), np.array(a, copy=True))
+    return [made[key(a)] if isinstance(a, np.ndarray) else a for a in args]
+
+
 def compile_module(source: str) -> CpuModule:
     """The CPU build of one kernel module, compiled once per source (and cached
     on disk across processes and runs)."""
-    key = hashlib.sha256((source + HEADER.read_text() + " ".join(_CXX_FLAGS)).encode())
+    launchers, kernels = _launchers(source)
+    text = f'#include "{HEADER}"\n#line 1 "kernel source"\n{source}\n{launchers}\n'
+    key = hashlib.sha256("\0".join((text, HEADER.read_text(), " ".join(_CXX_FLAGS),
+                                     compiler(), _compiler_version())).encode())
     digest = key.hexdigest()[:20]
     if digest in _modules:
         return _modules[digest]
-    launchers, kernels = _launchers(source)
     cache = Path(tempfile.gettempdir()) / f"fastnn-cuda-on-cpu-{os.getuid()}"
     cache.mkdir(exist_ok=True)
     library = cache / f"{digest}.so"
     if not library.exists():
-        text = f'#include "{HEADER}"\n#line 1 "kernel source"\n{source}\n{launchers}\n'
-        cpp = cache / f"{digest}.{os.getpid()}.cpp"
+        mine = f"{digest}.{os.getpid()}.{threading.get_ident()}"
+        cpp = cache / f"{mine}.cpp"
         cpp.write_text(text)
-        partial = cache / f"{digest}.{os.getpid()}.so"
+        partial = cache / f"{mine}.so"
         done = subprocess.run([compiler(), *_CXX_FLAGS, "-o", str(partial), str(cpp)],
                               capture_output=True, text=True)
         cpp.unlink()

@@ -597,7 +597,7 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
             assert "--fmad=false" in options
             self.sigs = kernel_signatures(code)
             self.cpu_module = None
-            if kernels == "source" and "asm" not in code:
+            if kernels == "source" and not re.search(r"\basm\s*(volatile\s*)?\(", code):
                 import cuda_on_cpu  # (tests/cuda_on_cpu.py)
 
                 self.cpu_module = cuda_on_cpu.compile_module(code)

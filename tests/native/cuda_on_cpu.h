@@ -7,10 +7,12 @@
 // __syncthreads() and warp shuffles, so every barrier and shuffle is honoured
 // exactly: a block reduction gets the partial sums of its own threads in the
 // kernel's own order. Each warp runs ahead to its next barrier before the next
-// warp starts, in ascending order in one block and descending in the next,
-// and shared memory is poisoned before each block: a shared-memory read that
-// only a barrier orders meets poison or another warp's write, so a missing
-// barrier changes the numbers. What the device would not forgive is an error here
+// warp starts, and shared memory is poisoned before each block; cuda_on_cpu.py
+// runs every launch twice, warps and threads in descending order on copies of
+// the arguments, then ascending on the arguments, and compares: a
+// shared-memory read that only a barrier orders meets poison or another warp's
+// write, in a different way in each order. What the device would not forgive
+// is an error here
 // too, reported by the launch instead of hanging or reading garbage:
 //   * a thread leaving the kernel while others wait at a barrier (a
 //     __syncthreads() that not every thread of the block reaches),
@@ -22,6 +24,8 @@
 // IEEE with no contraction (g++ -ffp-contract=off, as --fmad=false); libm's
 // expf/tanhf/... differ from CUDA's by an ulp or two, so results are
 // compared with the GPU tests' tolerances, never bit for bit across libms.
+// NaN bit patterns are the CPU's (x86 makes 0xffc00000 of inf - inf, and keeps
+// an input NaN's payload), not necessarily the device's.
 // Not emulated: inline PTX (kernels/profile.cu), atomics, dynamic shared
 // memory, out-of-bounds detection (tests/fake_cupy.py runs its by-name
 // emulation, which refuses element ranges past an array's end, on copies first).
@@ -34,6 +38,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <xmmintrin.h>
 
 #define __global__
@@ -44,7 +50,8 @@
 // filled with 0xff bytes (NaN, -1) before each block (cuda_on_cpu.py finds
 // them in the library's symbol table: fncpu_set_shared), so a read that the
 // kernel's barriers do not order finds poison, not what an earlier block left.
-#define __shared__ static
+// `used`: a static the kernel reads but never writes is otherwise folded to 0.
+#define __shared__ static __attribute__((used))
 #define __launch_bounds__(...)
 
 struct uint3 { unsigned int x, y, z; };
@@ -64,7 +71,7 @@ inline long long __double_as_longlong(double d) { long long v; std::memcpy(&v, &
 namespace fncpu {
 
 constexpr unsigned kMaxThreads = 1024;
-constexpr size_t kStackBytes = 256 * 1024;  // per fiber; untouched pages cost nothing
+constexpr size_t kStackBytes = 256 * 1024;  // per fiber, the lowest page a guard
 
 // switch_stack(&save, load): push the callee-saved registers and the SSE/x87
 // control words on this stack, store its top in *save, continue on `load`'s.
@@ -130,6 +137,15 @@ inline void fail(const char* what) {
 
 inline void yield() { fncpu_switch_stack(&block.fiber_sp[block.current], block.scheduler_sp); }
 
+// A refusal inside a thread: record it and never resume this thread (it
+// must not run on with a made-up value: it could loop forever).
+[[noreturn]] inline void fail_and_stop(const char* what) {
+    fail(what);
+    void* abandoned;
+    fncpu_switch_stack(&abandoned, block.scheduler_sp);
+    std::abort();
+}
+
 // A fiber's first frame: run the kernel, then hand back for good.
 extern "C" inline void fncpu_fiber_entry() {
     const unsigned t = block.current;
@@ -175,14 +191,13 @@ static void* shared_at[kMaxShared];
 static size_t shared_bytes[kMaxShared];
 static int n_shared = 0;
 
-// Thread and warp order: ascending in one block, descending in the next (and
-// so on across launches), so that a read the barriers do not order finds
+// Thread and warp order, set per launch (cuda_on_cpu.py runs each launch in
+// both orders and compares), so that a read the barriers do not order finds
 // poison or another warp's value whichever side it reads from.
-static unsigned long long blocks_run = 0;
+static bool descending = false;
 
 inline void run_block() {
     const unsigned n = block.n_threads;
-    const bool descending = (blocks_run++ & 1) != 0;
     for (int i = 0; i < n_shared; ++i) std::memset(shared_at[i], 0xff, shared_bytes[i]);
     for (unsigned t = 0; t < n; ++t) {
         block.fiber_sp[t] = new_fiber(t);
@@ -228,7 +243,8 @@ inline void run_block() {
 }
 
 inline int launch(const unsigned* grid, const unsigned* threads, int flush_subnormals,
-                  const std::function<void()>& body) {
+                  int descending_order, const std::function<void()>& body) {
+    descending = descending_order != 0;
     failed = false;
     error_text[0] = '\0';
     const unsigned long long n = (unsigned long long)threads[0] * threads[1] * threads[2];
@@ -238,11 +254,18 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
         return 1;
     }
     if (block.stacks == nullptr) {
-        block.stacks = static_cast<char*>(std::malloc(kMaxThreads * kStackBytes));
-        if (block.stacks == nullptr) {
+        // Reserved, not committed (MAP_NORESERVE): a fiber touches a few pages.
+        void* at = mmap(nullptr, kMaxThreads * kStackBytes, PROT_READ | PROT_WRITE,
+                        MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+        if (at == MAP_FAILED) {
             std::snprintf(error_text, sizeof error_text, "no memory for the fiber stacks");
             return 1;
         }
+        block.stacks = static_cast<char*>(at);
+        // A guard page under each stack: an overflow faults at once instead of
+        // writing into the neighbouring fiber's frames.
+        const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+        for (unsigned t = 0; t < kMaxThreads; ++t) mprotect(block.stacks + t * kStackBytes, page, PROT_NONE);
     }
     block.n_threads = (unsigned)n;
     block.body = &body;
@@ -296,12 +319,10 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     static_assert(sizeof(T) <= sizeof(unsigned long long), "shuffle of a wide type");
     const unsigned t = block.current;
     if (mask != 0xffffffffu || width != 32 || lane_mask < 0 || lane_mask > 31) {
-        fncpu::fail("__shfl_xor_sync: only full-mask, width-32 shuffles are emulated");
-        return v;
+        fncpu::fail_and_stop("__shfl_xor_sync: only full-mask, width-32 shuffles are emulated");
     }
     if ((t / 32 + 1) * 32 > block.n_threads) {
-        fncpu::fail("__shfl_xor_sync in a warp of fewer than 32 threads");
-        return v;
+        fncpu::fail_and_stop("__shfl_xor_sync in a warp of fewer than 32 threads");
     }
     block.slot[t] = 0;
     std::memcpy(&block.slot[t], &v, sizeof(T));

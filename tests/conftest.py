@@ -63,6 +63,9 @@ def backend(backend_name, request):
     but for cupy without a GPU: then CupyBackend on the CPU stand-in running
     the kernels' own CUDA code (``source_gpu``)."""
     if backend_name == "cupy" and fastnn.available_backends()["cupy"] is not None:
+        if request.node.get_closest_marker("long_on_stand_in"):
+            pytest.skip("a whole training run: on the GPU only (test_cuda_graph's digits fit "
+                        "covers learning on the CPU stand-in)")
         stand_in = request.getfixturevalue("source_gpu")[0]  # skips without g++
         with fastnn.use_backend("cupy") as active:
             assert active is stand_in

@@ -1076,9 +1076,13 @@ def test_gpu_bf16_and_tf32_gemms_round_their_inputs(gpu):
 
 
 @pytest.mark.parametrize("precision, accuracy", [("float32", 0.95), ("tf32", 0.95), ("bf16", 0.94)])
-def test_gpu_fit_on_digits_replays_its_step_and_learns(gpu, monkeypatch, precision, accuracy):
+def test_gpu_fit_on_digits_replays_its_step_and_learns(gpu, monkeypatch, precision, accuracy,
+                                                       request):
     """End to end, as a user runs it: fit picks the CUDA graph by itself (auto)
     and reaches the CPU's test accuracy at every GEMM precision."""
+    if precision == "tf32" and request.node.callspec.params["gpu"] == "cuda-on-cpu":
+        pytest.skip("tf32 on the CPU stand-in runs float32's kernels (its fake cuBLAS "
+                    "rounds the inputs): float32's case covers it")
     from fastnn import data
     from fastnn.precision import using
 

@@ -256,6 +256,7 @@ def test_predict_returns_numpy_in_eval_mode_in_batches(backend):
 
 
 # --------------------------------------------------------------------------- learning
+@pytest.mark.long_on_stand_in
 def test_xor_relu_adam_learns_on_most_seeds(backend):
     X, y = data.xor()
     learned = 0
@@ -269,6 +270,7 @@ def test_xor_relu_adam_learns_on_most_seeds(backend):
     assert learned >= 8, f"XOR learned on only {learned}/10 seeds"
 
 
+@pytest.mark.long_on_stand_in
 def test_digits_accuracy_with_the_default_mlp_recipe(backend):
     """Linear 64-128-10 ReLU, Adam 1e-3, batch 32, 100 epochs on the bundled digits.
 
@@ -289,6 +291,7 @@ def test_digits_accuracy_with_the_default_mlp_recipe(backend):
     assert min(accuracies) >= 0.95, accuracies
 
 
+@pytest.mark.long_on_stand_in
 def test_fastnn_train_cli_reaches_96_percent_on_digits(backend, capsys):
     from fastnn import cli
 

@@ -33,8 +33,6 @@ HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
 # would use, and poison, the first one's copy).
 _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
               "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w")
-_SIGNATURE = re.compile(
-    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
             "long long": ctypes.c_longlong}
 _modules: dict[str, "CpuModule"] = {}
@@ -65,22 +63,13 @@ def _compiler_version() -> str:
     return done.stdout.strip()
 
 
-def _parameters(params: str) -> list[tuple[str, str]]:
-    """[(C type without const, name), ...] of one kernel's parameter list."""
-    out = []
-    for param in params.split(","):
-        words = param.replace("*", " * ").replace("const", " ").split()
-        out.append((" ".join(words[:-1]).replace(" *", "*"), words[-1]))
-    return out
-
-
 def _launchers(source: str) -> tuple[str, dict]:
     """C++ of one ``fncpu_launch_<name>(grid, block, ftz, args)`` per kernel, and
     ``{name: [(C type, name), ...]}``."""
-    lines, kernels = [], {}
-    for name, params in _SIGNATURE.findall(source):
-        parsed = _parameters(params)
-        kernels[name] = parsed
+    from fake_cupy import kernel_signatures  # (tests/fake_cupy.py: one parser of the signatures)
+
+    lines, kernels = [], kernel_signatures(source)
+    for name, parsed in kernels.items():
         call = ", ".join(f"*({ctype}*)args[{i}]" for i, (ctype, _) in enumerate(parsed))
         lines.append(
             f'extern "C" int fncpu_launch_{name}(const unsigned* grid, const unsigned* threads, '
@@ -94,16 +83,19 @@ def _launchers(source: str) -> tuple[str, dict]:
 _SHARED = re.compile(r"__shared__\s+[\w\s]*?(\w+)\s*[\[;=]")
 
 
-def _shared_statics(library: Path, source: str) -> list[tuple[str, int, int]]:
-    """[(name, address in the file, bytes), ...] of the source's __shared__
-    variables: statics, named ``<function>::<name>`` (or ``<name>`` at file
-    scope) by ``nm -C``; every declared name must be found."""
+def _symbols(library: Path, source: str) -> tuple[list[tuple[str, int, int]], int]:
+    """([(name, address in the file, bytes), ...] of the source's __shared__
+    variables, fncpu_error's address in the file). The shared ones are statics,
+    named ``<function>::<name>`` (or ``<name>`` at file scope) by ``nm -C``;
+    every declared name must be found."""
     names = set(_SHARED.findall(source))
     listing = subprocess.run(["nm", "-S", "-C", "--defined-only", str(library)],
                              capture_output=True, text=True, check=True).stdout
-    found, seen = [], set()
+    found, seen, error_at = [], set(), None
     for line in listing.splitlines():
         parts = line.split(maxsplit=3)
+        if len(parts) == 4 and parts[3] == "fncpu_error":
+            error_at = int(parts[0], 16)
         if len(parts) != 4 or parts[2] not in "bBdDuV" or parts[3].startswith("fncpu::"):
             continue  # (the runner's own state is no kernel's shared memory)
         short = parts[3].rsplit("::", 1)[-1]
@@ -111,7 +103,8 @@ def _shared_statics(library: Path, source: str) -> list[tuple[str, int, int]]:
             found.append((parts[3], int(parts[0], 16), int(parts[1], 16)))
             seen.add(short)
     assert seen == names, f"__shared__ variables not found in {library.name}: {names - seen}"
-    return found
+    assert error_at is not None, f"no fncpu_error in {library.name}"
+    return found, error_at
 
 
 class CpuModule:
@@ -120,10 +113,7 @@ class CpuModule:
         self.lib.fncpu_error.restype = ctypes.c_char_p
         self.kernels = kernels
         # Where the library was loaded: fncpu_error's address less its file offset.
-        shared = _shared_statics(library, source)
-        error_in_file = next(int(line.split()[0], 16) for line in subprocess.run(
-            ["nm", "--defined-only", str(library)], capture_output=True, text=True,
-            check=True).stdout.splitlines() if line.endswith(" fncpu_error"))
+        shared, error_in_file = _symbols(library, source)
         bias = ctypes.cast(self.lib.fncpu_error, ctypes.c_void_p).value - error_in_file
         at = (ctypes.c_void_p * max(len(shared), 1))(*(bias + a for _, a, _ in shared))
         size = (ctypes.c_ulonglong * max(len(shared), 1))(*(n for _, _, n in shared))

@@ -14,6 +14,7 @@ without them.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import re
@@ -35,7 +36,7 @@ _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fn
               "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w")
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
             "long long": ctypes.c_longlong}
-_modules: dict[str, "CpuModule"] = {}
+_modules: dict[str, "CpuModule"] = {}  # by kernel source: each test's backend loads its own
 # One launch at a time in the process: each library's scheduler is a single
 # static state (ctypes lets a second Python thread call in meanwhile).
 _launch_lock = threading.Lock()
@@ -58,6 +59,7 @@ def available() -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=None)
 def _compiler_version() -> str:
     done = subprocess.run([compiler(), "-dumpfullversion"], capture_output=True, text=True)
     return done.stdout.strip()
@@ -174,7 +176,7 @@ def _copies_keeping_aliases(args):
     arrays = [a for a in args if isinstance(a, np.ndarray)]
     for i, a in enumerate(arrays):
         for b in arrays[i + 1:]:
-            if key(a) != key(b) and np.shares_memory(a, b):
+            if key(a) != key(b) and np.may_share_memory(a, b):  # exact for contiguous arrays
                 return None
     made = {}
     for a in arrays:
@@ -185,13 +187,13 @@ def _copies_keeping_aliases(args):
 def compile_module(source: str) -> CpuModule:
     """The CPU build of one kernel module, compiled once per source (and cached
     on disk across processes and runs)."""
+    if source in _modules:
+        return _modules[source]
     launchers, kernels = _launchers(source)
     text = f'#include "{HEADER}"\n#line 1 "kernel source"\n{source}\n{launchers}\n'
     key = hashlib.sha256("\0".join((text, HEADER.read_text(), " ".join(_CXX_FLAGS),
                                      compiler(), _compiler_version())).encode())
     digest = key.hexdigest()[:20]
-    if digest in _modules:
-        return _modules[digest]
     cache = Path(tempfile.gettempdir()) / f"fastnn-cuda-on-cpu-{os.getuid()}"
     cache.mkdir(exist_ok=True)
     library = cache / f"{digest}.so"
@@ -206,5 +208,5 @@ def compile_module(source: str) -> CpuModule:
         if done.returncode != 0:
             raise AssertionError(f"g++ could not build the kernels for the CPU:\n{done.stderr}")
         os.replace(partial, library)  # atomic: a parallel run sees all or nothing
-    _modules[digest] = module = CpuModule(library, kernels, source)
+    _modules[source] = module = CpuModule(library, kernels, source)
     return module

@@ -5,7 +5,7 @@
 with one launcher per extern "C" kernel, and caches it on disk by the hash of
 what went in. ``CpuModule.launch(name, grid, block, args)`` then runs that
 kernel's own code over the grid (see the header for what is emulated and
-what is refused). tests/fake_cupy.py launches through it when asked for
+what is refused; an access outside an array argument is one). tests/fake_cupy.py launches through it when asked for
 ``kernels="source"``; its by-name NumPy emulation stays the default.
 
 Needs g++ and nm (``available()`` says why not); the suite skips these tests
@@ -16,10 +16,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -113,6 +115,7 @@ class CpuModule:
     def __init__(self, library: Path, kernels: dict, source: str):
         self.lib = ctypes.CDLL(str(library))
         self.lib.fncpu_error.restype = ctypes.c_char_p
+        self.lib.fncpu_fault.restype = ctypes.POINTER(ctypes.c_longlong)
         self.kernels = kernels
         # Where the library was loaded: fncpu_error's address less its file offset.
         shared, error_in_file = _symbols(library, source)
@@ -125,27 +128,33 @@ class CpuModule:
     def launch(self, name: str, grid, block, args) -> None:
         """Run kernel ``name`` with numpy arrays (pointers: their data) and
         numpy scalars, in the order of its C parameters: first on copies of the
-        arrays with the threads and warps in descending order, then on the
-        arrays themselves in ascending order. Results that differ between the
-        two orders mean a shared-memory read no barrier orders (a race)."""
+        arrays with the threads and warps in descending order, then on other
+        copies in ascending order, whose results are copied into the arrays.
+        Results that differ between the two orders mean a shared-memory read no
+        barrier orders (a race). Each copy lies between two inaccessible guard
+        regions, its end flush against the one after it in the first run, its
+        start against the one before it in the second: an access outside an
+        array faults in a guard, and the launch fails naming the element."""
         params = self.kernels[name]
         assert len(args) == len(params), (name, len(args), params)
         for value, (ctype, pname) in zip(args, params):
             if ctype.endswith("*"):
                 assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, pname)
-        copies = _copies_keeping_aliases(args)
-        if copies is not None:
-            self._run(name, grid, block, copies, descending=True)
-        self._run(name, grid, block, args, descending=False)
-        if copies is not None:
-            for value, other, (_, pname) in zip(args, copies, params):
-                if isinstance(value, np.ndarray) and not np.array_equal(
-                        value.reshape(-1).view(np.uint8), other.reshape(-1).view(np.uint8)):
-                    raise AssertionError(
-                        f"kernel {name} on the CPU: {pname} differs between thread orders "
-                        "(a shared-memory read that no barrier orders?)")
+        if _overlap_partly(args):  # no faithful copy: unguarded, one order
+            self._run(name, grid, block, args, descending=False)
+            return
+        with _GuardedCopies(args, flush_end=True) as ending, \
+                _GuardedCopies(args, flush_end=False) as starting:
+            self._run(name, grid, block, ending.args, descending=True, guards=ending.guards)
+            self._run(name, grid, block, starting.args, descending=False,
+                      guards=starting.guards)
+            _copy_into(args, starting.args)
+            differs = _first_difference(args, ending.args, params)
+        if differs is not None:
+            raise AssertionError(f"kernel {name} on the CPU: {differs} differs between thread "
+                                 "orders (a shared-memory read that no barrier orders?)")
 
-    def _run(self, name, grid, block, args, descending: bool) -> None:
+    def _run(self, name, grid, block, args, descending: bool, guards=()) -> None:
         params = self.kernels[name]
         keep, pointers = [], (ctypes.c_void_p * len(args))()
         for i, (value, (ctype, pname)) in enumerate(zip(args, params)):
@@ -156,32 +165,124 @@ class CpuModule:
             keep.append(cell)
             pointers[i] = ctypes.cast(ctypes.pointer(cell), ctypes.c_void_p)
         dims = lambda d: (ctypes.c_uint * 3)(*(tuple(int(v) for v in d) + (1, 1))[:3])  # noqa: E731
+        table = [(ctypes.c_ulonglong * max(len(guards), 1))(*column) for column in
+                 list(zip(*guards))[:3]] if guards else [(ctypes.c_ulonglong * 1)()] * 3
+        argument = (ctypes.c_int * max(len(guards), 1))(*(g[3] for g in guards))
         # -ftz=true flushes float32 arithmetic only: a kernel of float parameters
         flush = any(ctype in ("float", "float*") for ctype, _ in params)
         with _launch_lock:
+            assert self.lib.fncpu_set_guards(*table, argument, len(guards)) == 0, len(guards)
             status = getattr(self.lib, f"fncpu_launch_{name}")(
                 dims(grid), dims(block), int(flush), int(descending), pointers)
             error = self.lib.fncpu_error().decode() if status else ""
+            at, offset, wrote = self.lib.fncpu_fault()[:3]
+            self.lib.fncpu_set_guards(*table, argument, 0)
         if status != 0:
+            if at >= 0:  # an access in a guard: name the element
+                array, pname = args[at], params[at][1]
+                what = "write" if wrote else "read"
+                error = error.replace(
+                    f"out-of-bounds {what}",
+                    f"out-of-bounds {what} of {pname}[{offset // array.itemsize}] "
+                    f"(an array of {array.size} elements)", 1)
             raise AssertionError(f"kernel {name} on the CPU: {error}")
 
 
-def _copies_keeping_aliases(args):
-    """``args`` with each array replaced by a copy, one copy per distinct buffer
-    (an in-place kernel gets the same array twice); None when two arrays
-    overlap without being the same memory (no faithful copy then)."""
-    def key(a):
-        return a.ctypes.data, a.nbytes, a.dtype
+def _copy_into(arrays, results) -> None:
+    for value, result in zip(arrays, results):
+        if isinstance(value, np.ndarray):
+            value[...] = result
 
+
+def _first_difference(arrays, others, params) -> str | None:
+    """The name of the first array whose bits differ from its other result."""
+    for value, other, (_, pname) in zip(arrays, others, params):
+        if isinstance(value, np.ndarray) and not np.array_equal(
+                value.reshape(-1).view(np.uint8), other.reshape(-1).view(np.uint8)):
+            return pname
+    return None
+
+
+def _key(array: np.ndarray):
+    return array.ctypes.data, array.nbytes, array.dtype
+
+
+def _overlap_partly(args) -> bool:
+    """Whether two of the arrays overlap without being the same memory (an
+    in-place kernel gets the same array twice, which copies keep)."""
     arrays = [a for a in args if isinstance(a, np.ndarray)]
-    for i, a in enumerate(arrays):
-        for b in arrays[i + 1:]:
-            if key(a) != key(b) and np.may_share_memory(a, b):  # exact for contiguous arrays
-                return None
-    made = {}
-    for a in arrays:
-        made.setdefault(key(a), np.array(a, copy=True))
-    return [made[key(a)] if isinstance(a, np.ndarray) else a for a in args]
+    return any(_key(a) != _key(b) and np.may_share_memory(a, b)  # exact for contiguous arrays
+               for i, a in enumerate(arrays) for b in arrays[i + 1:])
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_GUARD_BYTES = 64 * 1024  # each side of an array: a reach further out is not seen
+
+
+class _Region:
+    """Anonymous memory: a guard, ``span`` bytes of data pages, a guard. The
+    copies are views of ``pages`` (numpy makes every view's base that array),
+    so while one lives ``pages`` has more references than the region's own and
+    the region is not reused; the map is unmapped only once nothing views it."""
+
+    def __init__(self, span: int):
+        self.span = span
+        self.map = mmap.mmap(-1, span + 2 * _GUARD_BYTES,
+                             flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.pages = np.frombuffer(self.map, np.uint8)
+        self.base = self.pages.ctypes.data
+        for lo in (self.base, self.base + _GUARD_BYTES + span):
+            if _libc.mprotect(lo, _GUARD_BYTES, 0) != 0:  # PROT_NONE
+                raise OSError(ctypes.get_errno(), "mprotect of a guard region")
+
+    def unused(self) -> bool:
+        return sys.getrefcount(self.pages) <= 2  # the region's and the call's own
+
+
+_free_regions: dict[int, list[_Region]] = {}  # by span: mapping anew is ~50 us an array
+
+
+class _GuardedCopies:
+    """``args`` with each array replaced by a copy (one per distinct buffer)
+    in memory of its own, between two inaccessible guard regions, its last
+    byte just before the guard after it (``flush_end``) or its first byte just
+    after the guard before it. ``guards``: (first, past the last inaccessible
+    address, the array's first byte, argument position) per guard, for the
+    launch (fncpu_set_guards). On leaving the ``with`` the memory is kept for
+    the next launch, unless a copy is still referenced (a failed launch's
+    traceback): that region is left to go with its last view."""
+
+    def __init__(self, args, flush_end: bool):
+        self._regions, self.guards, made = [], [], {}
+        for position, a in enumerate(args):
+            if not isinstance(a, np.ndarray) or _key(a) in made:
+                continue
+            span = -(-max(a.nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
+            free = _free_regions.setdefault(span, [])
+            region = free.pop() if free else _Region(span)
+            self._regions.append(region)
+            start = _GUARD_BYTES + (span - a.nbytes if flush_end else 0)
+            # (not a slice: an empty one would point at the region's start)
+            copy = np.ndarray(a.shape, a.dtype, buffer=region.pages, offset=start)
+            copy[...] = a
+            made[_key(a)] = copy
+            data, base = region.base + start, region.base
+            self.guards += [(base, base + _GUARD_BYTES, data, position),
+                            (base + _GUARD_BYTES + span, base + span + 2 * _GUARD_BYTES,
+                             data, position)]
+        self.args = [made[_key(a)] if isinstance(a, np.ndarray) else a for a in args]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.args = None  # the copies go first
+        for region in self._regions:
+            free = _free_regions[region.span]
+            if region.unused() and len(free) < 8:
+                free.append(region)
+        self._regions = []
 
 
 def compile_module(source: str) -> CpuModule:

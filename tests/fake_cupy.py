@@ -545,9 +545,10 @@ class _FakeFunction:
         launch_shapes.append((self.name, tuple(grid), tuple(block)))
         if self.cpu_module is not None:
             def run_source():
-                # The by-name emulation on copies first, for its refusals only
-                # (a range past an array's end): the kernel's own code on the
-                # CPU would read past it unseen.
+                # The by-name emulation on copies first, for its refusals only:
+                # they name the host's side of the contract (an element count
+                # past an array's end, a batch row outside the data), which
+                # the runner's guards see only within 64 KiB of an array.
                 try:
                     _emulate(self.name, {k: v.copy() if isinstance(v, np.ndarray) else v
                                          for k, v in named.items()})

@@ -4,6 +4,8 @@ barriers, shuffles and the thread numbering behave as on the device, and if
 what the device would not forgive is an error here too."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -86,6 +88,38 @@ extern "C" __global__ void scalar_and_file_scope(float* out) {
 
 extern "C" __global__ void add_f32(const float* a, const float* b, float* out) {
     out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
+}
+
+// The tail check forgotten when `checked` is 0: the last block's threads
+// past n read x and write y outside them.
+extern "C" __global__ void doubled(const float* x, float* y, int n, int checked) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (checked && i >= n) return;
+    y[i] = 2.0f * x[i];
+}
+
+extern "C" __global__ void filled(float* y, int n) {
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    y[i] = (float)n;
+}
+
+extern "C" __global__ void shifted(const float* x, float* y) {
+    y[threadIdx.x] = x[(int)threadIdx.x - 1];
+}
+
+extern "C" __global__ void wild_write(int* out) {
+    out[0] = 1;
+    *(volatile int*)(16) = 1;  // no array's guard: the process's own fault handler
+}
+
+__device__ float recursed(int depth) {
+    volatile float frame[1024];
+    frame[depth % 1024] = (float)depth;
+    return depth == 0 ? 0.0f : recursed(depth - 1) + frame[depth % 1024];
+}
+
+extern "C" __global__ void deep(float* out, int depth) {
+    out[threadIdx.x] = recursed(depth);
 }
 
 extern "C" __global__ void add_f64(const double* a, const double* b, double* out) {
@@ -210,3 +244,59 @@ def test_two_modules_of_one_template_each_poison_their_own_shared_memory():
         out = np.zeros(2, np.float32)
         mod.launch("first_f32", (1,), (1,), (out,))  # thread 0 of 1: no race, s is poison
         assert np.isnan(out[0])
+
+
+@pytest.mark.parametrize("kernel, args, message", [
+    # the end of each copy is flush against a guard in the descending run
+    ("doubled", lambda: (np.ones(100, np.float32), np.zeros(100, np.float32), np.int32(100),
+                         np.int32(0)),
+     r"out-of-bounds read of x\[127\] \(an array of 100 elements\) "
+     r"\(block \(1, 0, 0\), thread \(63, 0, 0\)\)"),
+    ("filled", lambda: (np.zeros(100, np.float32), np.int32(100)),
+     r"out-of-bounds write of y\[127\] \(an array of 100 elements\)"),
+    # and its start flush against one in the ascending run
+    ("shifted", lambda: (np.ones(64, np.float32), np.zeros(64, np.float32)),
+     r"out-of-bounds read of x\[-1\] \(an array of 64 elements\) "
+     r"\(block \(0, 0, 0\), thread \(0, 0, 0\)\)"),
+    ("deep", lambda: (np.zeros(64, np.float32), np.int32(1000)),
+     "a thread overflowed its 256 KiB stack"),
+])
+def test_an_access_outside_an_array_is_an_error_naming_the_element(module, kernel, args,
+                                                                   message):
+    """What the device answers with an illegal-address error, or with
+    another array's memory: each array runs between inaccessible guards."""
+    grid = (1,) if kernel in ("shifted", "deep") else (2,)
+    with pytest.raises(AssertionError, match=f"kernel {kernel} on the CPU: {message}"):
+        module.launch(kernel, grid, (64,), args())
+    # and the next launch runs as before, the fault handler put back
+    x, y = np.arange(100, dtype=np.float32), np.zeros(100, np.float32)
+    module.launch("doubled", (2,), (64,), (x, y, np.int32(100), np.int32(1)))
+    np.testing.assert_array_equal(y, 2 * x)
+
+
+def test_an_array_of_nothing_is_all_guard(module):
+    with pytest.raises(AssertionError, match=r"out-of-bounds read of x\[0\] \(an array of 0"):
+        module.launch("doubled", (1,), (1,), (np.ones(0, np.float32), np.zeros(1, np.float32),
+                                              np.int32(1), np.int32(1)))
+
+
+def test_a_fault_outside_the_guards_still_reaches_the_process_handler(tmp_path):
+    """The runner's SIGSEGV handler takes the guards' faults only: any other
+    (a wild pointer) goes on to the handler it replaced, here faulthandler's,
+    instead of being swallowed or looping."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "wild.py"
+    script.write_text(
+        "import faulthandler, sys\n"
+        "import numpy as np\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "import cuda_on_cpu, test_cuda_on_cpu\n"
+        "faulthandler.enable()\n"
+        "module = cuda_on_cpu.compile_module(test_cuda_on_cpu.SOURCE)\n"
+        "module.launch('wild_write', (1,), (1,), (np.zeros(1, np.int32),))\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == -11, (done.returncode, done.stderr[-2000:])
+    assert "Segmentation fault" in done.stderr

@@ -9,7 +9,7 @@
 // kernel's own order. Each warp runs ahead to its next barrier before the next
 // warp starts, and shared memory is poisoned before each block; cuda_on_cpu.py
 // runs every launch twice, warps and threads in descending order on copies of
-// the arguments, then ascending on the arguments, and compares: a
+// the arguments, then ascending on other copies, and compares: a
 // shared-memory read that only a barrier orders meets poison or another warp's
 // write, in a different way in each order. What the device would not forgive
 // is an error here
@@ -26,12 +26,19 @@
 // compared with the GPU tests' tolerances, never bit for bit across libms.
 // NaN bit patterns are the CPU's (x86 makes 0xffc00000 of inf - inf, and keeps
 // an input NaN's payload), not necessarily the device's.
+//   * an access outside an array argument: cuda_on_cpu.py runs each launch
+//     on copies of the arrays placed between inaccessible guard regions
+//     (64 KiB each side), once with each array's end flush against the
+//     guard after it (the descending run), once with its start flush
+//     against the guard before it (the ascending run); a touch of a guard
+//     stops the launch with the argument, the element and read or write
+//     (fncpu_fault). A stack overflow of a thread is caught the same way.
 // Not emulated: inline PTX (kernels/profile.cu), atomics, dynamic shared
-// memory, out-of-bounds detection (tests/fake_cupy.py runs its by-name
-// emulation, which refuses element ranges past an array's end, on copies first).
+// memory.
 #pragma once
 
 #include <cmath>
+#include <csetjmp>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
@@ -39,6 +46,7 @@
 #include <cstring>
 #include <functional>
 #include <sys/mman.h>
+#include <ucontext.h>
 #include <unistd.h>
 #include <xmmintrin.h>
 
@@ -242,6 +250,42 @@ inline void run_block() {
     }
 }
 
+// Guard regions around the array arguments' copies (cuda_on_cpu.py maps
+// them; fncpu_set_guards): a fault inside one is an out-of-bounds access of
+// that argument, reported relative to the argument's first byte.
+struct Guard { uintptr_t lo, hi, data; int argument; };
+constexpr int kMaxGuards = 64;
+static Guard guards[kMaxGuards];
+static int n_guards = 0;
+static long long fault_info[3] = {-1, 0, 0};  // argument, byte offset, 1 when a write
+static sigjmp_buf fault_exit;
+static struct sigaction previous_segv;
+
+inline void on_segv(int signal, siginfo_t* info, void* context) {
+    const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
+    // x86-64 page-fault error code: bit 1 set for a write
+    const long long wrote = (static_cast<ucontext_t*>(context)->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;
+    for (int i = 0; i < n_guards; ++i) {
+        if (at >= guards[i].lo && at < guards[i].hi) {
+            fault_info[0] = guards[i].argument;
+            fault_info[1] = (long long)(at - guards[i].data);
+            fault_info[2] = wrote;
+            fail(wrote ? "out-of-bounds write" : "out-of-bounds read");
+            siglongjmp(fault_exit, 1);
+        }
+    }
+    const size_t page = (size_t)sysconf(_SC_PAGESIZE);
+    const uintptr_t stacks = reinterpret_cast<uintptr_t>(block.stacks);
+    if (stacks != 0 && at >= stacks && at < stacks + kMaxThreads * kStackBytes &&
+        (at - stacks) % kStackBytes < page) {
+        fail("a thread overflowed its 256 KiB stack");
+        siglongjmp(fault_exit, 1);
+    }
+    // Not the kernel's: the previous handler (pytest's faulthandler) gets the
+    // fault when the instruction runs again.
+    sigaction(signal, &previous_segv, nullptr);
+}
+
 inline int launch(const unsigned* grid, const unsigned* threads, int flush_subnormals,
                   int descending_order, const std::function<void()>& body) {
     descending = descending_order != 0;
@@ -271,16 +315,33 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     block.body = &body;
     blockDim = {threads[0], threads[1], threads[2]};
     gridDim = {grid[0], grid[1], grid[2]};
+    fault_info[0] = -1;
+    // The handler runs on a stack of its own: a fiber's may be the one that
+    // overflowed. Both are put back as they were after the launch.
+    static char handler_stack[64 * 1024];
+    stack_t ours{}, previous_stack;
+    ours.ss_sp = handler_stack;
+    ours.ss_size = sizeof handler_stack;
+    sigaltstack(&ours, &previous_stack);
+    struct sigaction on_fault{};
+    on_fault.sa_sigaction = on_segv;
+    on_fault.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&on_fault.sa_mask);
+    sigaction(SIGSEGV, &on_fault, &previous_segv);
     const unsigned saved_csr = _mm_getcsr();
     // FTZ (bit 15) and DAZ (bit 6): -ftz=true for float32 kernels.
     if (flush_subnormals) _mm_setcsr(saved_csr | 0x8040u);
-    for (unsigned z = 0; z < grid[2] && !failed; ++z)
-        for (unsigned y = 0; y < grid[1] && !failed; ++y)
-            for (unsigned x = 0; x < grid[0] && !failed; ++x) {
-                blockIdx = {x, y, z};
-                run_block();
-            }
+    if (sigsetjmp(fault_exit, 1) == 0) {  // (a fault in a guard comes back here, failed)
+        for (unsigned z = 0; z < grid[2] && !failed; ++z)
+            for (unsigned y = 0; y < grid[1] && !failed; ++y)
+                for (unsigned x = 0; x < grid[0] && !failed; ++x) {
+                    blockIdx = {x, y, z};
+                    run_block();
+                }
+    }
     _mm_setcsr(saved_csr);
+    sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaltstack(&previous_stack, nullptr);
     return failed ? 1 : 0;
 }
 
@@ -332,6 +393,20 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     fncpu_warp_step();  // every lane has read before a next shuffle overwrites
     return other;
 }
+
+// The guard regions of this launch's array arguments: [lo, hi) inaccessible,
+// `data` the argument's first byte, `argument` its position.
+extern "C" int fncpu_set_guards(const unsigned long long* lo, const unsigned long long* hi,
+                                const unsigned long long* data, const int* argument, int n) {
+    if (n > fncpu::kMaxGuards) return 1;
+    for (int i = 0; i < n; ++i) fncpu::guards[i] = {lo[i], hi[i], data[i], argument[i]};
+    fncpu::n_guards = n;
+    return 0;
+}
+
+// After a failed launch: {argument, byte offset from its start, 1 if a write},
+// argument -1 when the failure was no out-of-bounds access.
+extern "C" const long long* fncpu_fault() { return fncpu::fault_info; }
 
 // The __shared__ statics of the module (addresses in this process, sizes).
 extern "C" int fncpu_set_shared(void** at, const unsigned long long* bytes, int n) {

@@ -128,10 +128,10 @@ class CpuModule:
     def launch(self, name: str, grid, block, args) -> None:
         """Run kernel ``name`` with numpy arrays (pointers: their data) and
         numpy scalars, in the order of its C parameters: first on copies of the
-        arrays with the threads and warps in descending order, then on other
-        copies in ascending order, whose results are copied into the arrays.
-        Results that differ between the two orders mean a shared-memory read no
-        barrier orders (a race). Each copy lies between two inaccessible guard
+        arrays with the blocks, warps and threads in descending order, then on
+        other copies in ascending order, whose results are copied into the
+        arrays. Results that differ between the two orders mean a shared-memory
+        read no barrier orders (a race), or blocks that depend on one another. Each copy lies between two inaccessible guard
         regions, its end flush against the one after it in the first run, its
         start against the one before it in the second: an access outside an
         array faults in a guard, and the launch fails naming the element."""
@@ -151,8 +151,10 @@ class CpuModule:
             _copy_into(args, starting.args)
             differs = _first_difference(args, ending.args, params)
         if differs is not None:
-            raise AssertionError(f"kernel {name} on the CPU: {differs} differs between thread "
-                                 "orders (a shared-memory read that no barrier orders?)")
+            raise AssertionError(
+                f"kernel {name} on the CPU: {differs} differs between thread orders "
+                "(a shared-memory read that no barrier orders, or blocks that depend on "
+                "one another's order?)")
 
     def _run(self, name, grid, block, args, descending: bool, guards=()) -> None:
         params = self.kernels[name]

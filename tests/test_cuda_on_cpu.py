@@ -122,6 +122,16 @@ extern "C" __global__ void deep(float* out, int depth) {
     out[threadIdx.x] = recursed(depth);
 }
 
+// Every block writes one element: the last block to run wins.
+extern "C" __global__ void last_block_wins(int* out) {
+    if (threadIdx.x == 0) out[0] = (int)blockIdx.x;
+}
+
+// Block b reads what block b - 1 wrote: no order between blocks promises that.
+extern "C" __global__ void chained(int* out) {
+    if (threadIdx.x == 0) out[blockIdx.x + 1] = out[blockIdx.x] + 1;
+}
+
 extern "C" __global__ void add_f64(const double* a, const double* b, double* out) {
     out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
 }
@@ -167,6 +177,15 @@ def test_warps_run_ahead_so_a_slot_reused_before_a_barrier_shows(module):
     with pytest.raises(AssertionError, match="out differs between thread orders"):
         module.launch("reuse", (1,), (128,), (raced, np.int32(0)))
     assert (raced == 2.0).any()  # ascending: warp 0 rewrote slot 0 before the others read it
+
+
+@pytest.mark.parametrize("kernel", ["last_block_wins", "chained"])
+def test_a_result_that_depends_on_the_order_of_blocks_shows(module, kernel):
+    """Blocks run in descending order in the first run and ascending in the
+    second, as the device promises no order at all."""
+    out = np.zeros(9, np.int32)
+    with pytest.raises(AssertionError, match=f"kernel {kernel} on the CPU: out differs between thread orders .*blocks that depend"):
+        module.launch(kernel, (8,), (32,), (out,))
 
 
 def test_shuffles_give_the_butterfly_sum_of_each_warp(module):

@@ -8,7 +8,7 @@
 // exactly: a block reduction gets the partial sums of its own threads in the
 // kernel's own order. Each warp runs ahead to its next barrier before the next
 // warp starts, and shared memory is poisoned before each block; cuda_on_cpu.py
-// runs every launch twice, warps and threads in descending order on copies of
+// runs every launch twice, blocks, warps and threads in descending order on copies of
 // the arguments, then ascending on other copies, and compares: a
 // shared-memory read that only a barrier orders meets poison or another warp's
 // write, in a different way in each order. What the device would not forgive
@@ -331,11 +331,15 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     const unsigned saved_csr = _mm_getcsr();
     // FTZ (bit 15) and DAZ (bit 6): -ftz=true for float32 kernels.
     if (flush_subnormals) _mm_setcsr(saved_csr | 0x8040u);
+    // Blocks in descending order too in that run: the device runs them in any
+    // order, so a result that depends on it (two blocks writing one element,
+    // a block reading what another wrote) differs between the two runs.
+    const auto in_order = [](unsigned i, unsigned n) { return descending ? n - 1 - i : i; };
     if (sigsetjmp(fault_exit, 1) == 0) {  // (a fault in a guard comes back here, failed)
         for (unsigned z = 0; z < grid[2] && !failed; ++z)
             for (unsigned y = 0; y < grid[1] && !failed; ++y)
                 for (unsigned x = 0; x < grid[0] && !failed; ++x) {
-                    blockIdx = {x, y, z};
+                    blockIdx = {in_order(x, grid[0]), in_order(y, grid[1]), in_order(z, grid[2])};
                     run_block();
                 }
     }

@@ -140,11 +140,12 @@ class CpuModule:
         for value, (ctype, pname) in zip(args, params):
             if ctype.endswith("*"):
                 assert isinstance(value, np.ndarray) and value.flags.c_contiguous, (name, pname)
-        if _overlap_partly(args):  # no faithful copy: unguarded, one order
+        keys = [_key(a) if isinstance(a, np.ndarray) else None for a in args]
+        if _overlap_partly(args, keys):  # no faithful copy: unguarded, one order
             self._run(name, grid, block, args, descending=False)
             return
-        with _GuardedCopies(args, flush_end=True) as ending, \
-                _GuardedCopies(args, flush_end=False) as starting:
+        with _GuardedCopies(args, keys, flush_end=True) as ending, \
+                _GuardedCopies(args, keys, flush_end=False) as starting:
             self._run(name, grid, block, ending.args, descending=True, guards=ending.guards)
             self._run(name, grid, block, starting.args, descending=False,
                       guards=starting.guards)
@@ -206,15 +207,15 @@ def _first_difference(arrays, others, params) -> str | None:
 
 
 def _key(array: np.ndarray):
-    return array.ctypes.data, array.nbytes, array.dtype
+    """The buffer an array is (an in-place kernel gets the same one twice)."""
+    return array.__array_interface__["data"][0], array.nbytes, array.dtype
 
 
-def _overlap_partly(args) -> bool:
-    """Whether two of the arrays overlap without being the same memory (an
-    in-place kernel gets the same array twice, which copies keep)."""
-    arrays = [a for a in args if isinstance(a, np.ndarray)]
-    return any(_key(a) != _key(b) and np.may_share_memory(a, b)  # exact for contiguous arrays
-               for i, a in enumerate(arrays) for b in arrays[i + 1:])
+def _overlap_partly(args, keys) -> bool:
+    """Whether two of the arrays overlap without being the same memory."""
+    arrays = [(a, k) for a, k in zip(args, keys) if k is not None]
+    return any(k != other and np.may_share_memory(a, b)  # exact for contiguous arrays
+               for i, (a, k) in enumerate(arrays) for b, other in arrays[i + 1:])
 
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -255,10 +256,10 @@ class _GuardedCopies:
     the next launch, unless a copy is still referenced (a failed launch's
     traceback): that region is left to go with its last view."""
 
-    def __init__(self, args, flush_end: bool):
+    def __init__(self, args, keys, flush_end: bool):
         self._regions, self.guards, made = [], [], {}
-        for position, a in enumerate(args):
-            if not isinstance(a, np.ndarray) or _key(a) in made:
+        for position, (a, key) in enumerate(zip(args, keys)):
+            if key is None or key in made:
                 continue
             span = -(-max(a.nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
             free = _free_regions.setdefault(span, [])
@@ -268,12 +269,12 @@ class _GuardedCopies:
             # (not a slice: an empty one would point at the region's start)
             copy = np.ndarray(a.shape, a.dtype, buffer=region.pages, offset=start)
             copy[...] = a
-            made[_key(a)] = copy
+            made[key] = copy
             data, base = region.base + start, region.base
             self.guards += [(base, base + _GUARD_BYTES, data, position),
                             (base + _GUARD_BYTES + span, base + span + 2 * _GUARD_BYTES,
                              data, position)]
-        self.args = [made[_key(a)] if isinstance(a, np.ndarray) else a for a in args]
+        self.args = [a if key is None else made[key] for a, key in zip(args, keys)]
 
     def __enter__(self):
         return self

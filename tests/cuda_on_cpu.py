@@ -73,15 +73,39 @@ def _launchers(source: str) -> tuple[str, dict]:
     from fake_cupy import kernel_signatures  # (tests/fake_cupy.py: one parser of the signatures)
 
     lines, kernels = [], kernel_signatures(source)
+    bounds = _launch_bounds(source)
     for name, parsed in kernels.items():
         call = ", ".join(f"*({ctype}*)args[{i}]" for i, (ctype, _) in enumerate(parsed))
+        most = bounds.get(name, "0")  # (0: the device's 1024)
         lines.append(
             f'extern "C" int fncpu_launch_{name}(const unsigned* grid, const unsigned* threads, '
             f"int ftz, int descending, void** args) {{\n"
-            f"    return fncpu::launch(grid, threads, ftz, descending, "
+            f"    return fncpu::launch(grid, threads, ftz, descending, (unsigned)({most}), "
             f"[args]() {{ {name}({call}); }});\n}}")
     lines.append('extern "C" const char* fncpu_error() { return fncpu::error_text; }')
     return "\n".join(lines), kernels
+
+
+def _launch_bounds(source: str) -> dict[str, str]:
+    """{kernel: the C expression of its __launch_bounds__' most threads per
+    block}: a launch of more fails on the device, so it does here."""
+    found = {}
+    for match in re.finditer(r"__launch_bounds__\s*\(", source):
+        depth, at = 1, match.end()
+        while depth:  # to the closing parenthesis: the expression may have its own
+            depth += {"(": 1, ")": -1}.get(source[at], 0)
+            at += 1
+        expression = source[match.end():at - 1]
+        name = re.match(r"\s*(\w+)\s*\(", source[at:])
+        level, cut = 0, len(expression)
+        for i, c in enumerate(expression):  # only the first argument: most threads
+            level += {"(": 1, ")": -1}.get(c, 0)
+            if c == "," and level == 0:
+                cut = i
+                break
+        if name:
+            found[name.group(1)] = expression[:cut].strip()
+    return found
 
 
 _SHARED = re.compile(r"__shared__\s+[\w\s]*?(\w+)\s*[\[;=]")

@@ -38,7 +38,7 @@ from fastnn.backends.activations import ACTIVATIONS
 from fastnn.precision import bf16_bits as _bf16_bits
 
 _SIGNATURE = re.compile(
-    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\([^)]*\)\s+)?(\w+)\s*\(([^)]*)\)')
+    r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s+)?(\w+)\s*\(([^)]*)\)')
 _C_TYPES = {  # C parameter type -> (is_pointer, numpy dtype)
     "float*": (True, np.float32), "double*": (True, np.float64),
     "int*": (True, np.int32), "long long*": (True, np.int64),

@@ -4,6 +4,7 @@ barriers, shuffles and the thread numbering behave as on the device, and if
 what the device would not forgive is an error here too."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -132,6 +133,11 @@ extern "C" __global__ void chained(int* out) {
     if (threadIdx.x == 0) out[blockIdx.x + 1] = out[blockIdx.x] + 1;
 }
 
+#define TWO_WARPS (2 * 32)
+extern "C" __global__ void __launch_bounds__((TWO_WARPS), 4) bounded(float* x) {
+    x[threadIdx.x] = 1.0f;
+}
+
 extern "C" __global__ void add_f64(const double* a, const double* b, double* out) {
     out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
 }
@@ -203,11 +209,13 @@ def test_shuffles_give_the_butterfly_sum_of_each_warp(module):
     ("half_mask", (32,), "only full-mask, width-32 shuffles"),
     ("shuffle", (48,), "__shfl_xor_sync in a warp of fewer than 32 threads"),
     ("shuffle", (1025,), "block of 1025 threads"),
+    ("shuffle", (1, 1, 65), "blockDim of at most (1024, 1024, 64)"),
+    ("bounded", (96,), "block within the kernel's __launch_bounds__"),
     ("refused_in_a_loop", (32,), "only full-mask, width-32 shuffles"),
 ])
 def test_what_the_device_would_not_forgive_is_an_error(module, kernel, block, message):
     arg = np.zeros(2048, np.int32 if kernel == "early_exit" else np.float32)
-    with pytest.raises(AssertionError, match=f"kernel {kernel} on the CPU: .*{message[:30]}"):
+    with pytest.raises(AssertionError, match=f"kernel {kernel} on the CPU: .*{re.escape(message[:30])}"):
         module.launch(kernel, (1,), block, (arg,))
 
 
@@ -319,3 +327,17 @@ def test_a_fault_outside_the_guards_still_reaches_the_process_handler(tmp_path):
                           timeout=120)
     assert done.returncode == -11, (done.returncode, done.stderr[-2000:])
     assert "Segmentation fault" in done.stderr
+
+
+def test_launch_bounds_are_read_from_the_source_and_a_grid_past_the_limits_is_refused(module):
+    assert cuda_on_cpu._launch_bounds(SOURCE) == {"bounded": "(TWO_WARPS)"}
+    from fastnn.backends import kernel_sources
+
+    bounds = cuda_on_cpu._launch_bounds(kernel_sources.read_kernel("act_backward.cu"))
+    assert bounds == {"act_backward_bias_f32": "32 * FN_BIAS_ROWS",
+                      "act_backward_bias_f64": "32 * FN_BIAS_ROWS"}
+    x = np.zeros(64, np.float32)
+    module.launch("bounded", (1,), (64,), (x,))  # at the bound: runs
+    assert (x == 1).all()
+    with pytest.raises(AssertionError, match=r"gridDim of 1..\(2\^31 - 1, 65535, 65535\)"):
+        module.launch("bounded", (1, 65536), (32,), (x,))

@@ -18,7 +18,9 @@
 //     __syncthreads() that not every thread of the block reaches),
 //   * a shuffle that is not a full-warp, full-mask one, or one in a warp with
 //     an exited or missing lane,
-//   * more than 1024 threads in a block.
+//   * a launch shape the device refuses: more than 1024 threads in a block,
+//     or more than the kernel's __launch_bounds__, blockDim.z over 64,
+//     gridDim.y or .z over 65535.
 // float32 launches run with FTZ|DAZ set (CuPy compiles with -ftz=true; the
 // float64 ones keep subnormals, as the device does). Floating point is
 // IEEE with no contraction (g++ -ffp-contract=off, as --fmad=false); libm's
@@ -286,17 +288,32 @@ inline void on_segv(int signal, siginfo_t* info, void* context) {
     sigaction(signal, &previous_segv, nullptr);
 }
 
+// The device's limits on a launch's shape (any compute capability since 3.0),
+// and the kernel's own __launch_bounds__ (`bound`, 0 when it has none).
+inline bool shape_refused(const unsigned* grid, const unsigned* threads, unsigned bound) {
+    const unsigned long long n = (unsigned long long)threads[0] * threads[1] * threads[2];
+    const char* why = nullptr;
+    if (n == 0 || n > kMaxThreads) why = "a block of 1..1024 threads";
+    else if (threads[0] > 1024 || threads[1] > 1024 || threads[2] > 64) why = "blockDim of at most (1024, 1024, 64)";
+    else if (bound != 0 && n > bound) why = "a block within the kernel's __launch_bounds__";
+    else if (grid[0] == 0 || grid[1] == 0 || grid[2] == 0 || grid[0] > 0x7fffffffu ||
+             grid[1] > 65535 || grid[2] > 65535) why = "gridDim of 1..(2^31 - 1, 65535, 65535)";
+    if (why == nullptr) return false;
+    std::snprintf(error_text, sizeof error_text,
+                  "launch of grid (%u, %u, %u), block (%u, %u, %u) (block of %llu threads; "
+                  "bound %u): the device takes only %s", grid[0], grid[1], grid[2],
+                  threads[0], threads[1], threads[2], n, bound ? bound : kMaxThreads, why);
+    return true;
+}
+
 inline int launch(const unsigned* grid, const unsigned* threads, int flush_subnormals,
-                  int descending_order, const std::function<void()>& body) {
+                  int descending_order, unsigned bound, const std::function<void()>& body) {
     descending = descending_order != 0;
     failed = false;
     error_text[0] = '\0';
+    fault_info[0] = -1;
+    if (shape_refused(grid, threads, bound)) return 1;
     const unsigned long long n = (unsigned long long)threads[0] * threads[1] * threads[2];
-    if (n == 0 || n > kMaxThreads) {
-        std::snprintf(error_text, sizeof error_text, "block of %llu threads (1..%u)", n,
-                      kMaxThreads);
-        return 1;
-    }
     if (block.stacks == nullptr) {
         // Reserved, not committed (MAP_NORESERVE): a fiber touches a few pages.
         void* at = mmap(nullptr, kMaxThreads * kStackBytes, PROT_READ | PROT_WRITE,
@@ -315,7 +332,6 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     block.body = &body;
     blockDim = {threads[0], threads[1], threads[2]};
     gridDim = {grid[0], grid[1], grid[2]};
-    fault_info[0] = -1;
     // The handler runs on a stack of its own: a fiber's may be the one that
     // overflowed. Both are put back as they were after the launch.
     static char handler_stack[64 * 1024];

@@ -34,8 +34,12 @@ HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
 # -fno-gnu-unique: a template's __shared__ static stays this library's own (a
 # "unique" symbol binds process-wide: a second module of the same template
 # would use, and poison, the first one's copy).
+# -fsanitize=bounds, trapping (ud2, no runtime library): an index outside a
+# fixed-size array (the __shared__ ones, a thread's local arrays) stops the
+# launch; no cross-jumping keeps one trap per check, so its line is known (-g1).
 _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
-              "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w")
+              "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w", "-fsanitize=bounds",
+              "-fsanitize-undefined-trap-on-error", "-fno-crossjumping", "-g1")
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
             "long long": ctypes.c_longlong}
 _modules: dict[str, "CpuModule"] = {}  # by kernel source: each test's backend loads its own
@@ -143,7 +147,8 @@ class CpuModule:
         self.kernels = kernels
         # Where the library was loaded: fncpu_error's address less its file offset.
         shared, error_in_file = _symbols(library, source)
-        bias = ctypes.cast(self.lib.fncpu_error, ctypes.c_void_p).value - error_in_file
+        self.library, self.source = library, source
+        self.bias = bias = ctypes.cast(self.lib.fncpu_error, ctypes.c_void_p).value - error_in_file
         at = (ctypes.c_void_p * max(len(shared), 1))(*(bias + a for _, a, _ in shared))
         size = (ctypes.c_ulonglong * max(len(shared), 1))(*(n for _, _, n in shared))
         assert self.lib.fncpu_set_shared(at, size, len(shared)) == 0, shared
@@ -205,6 +210,9 @@ class CpuModule:
             at, offset, wrote = self.lib.fncpu_fault()[:3]
             self.lib.fncpu_set_guards(*table, argument, 0)
         if status != 0:
+            if at == -2:  # a bounds trap: its line of the source
+                error = error.replace("an index outside a fixed-size array",
+                                      self._trapped_at(offset), 1)
             if at >= 0:  # an access in a guard: name the element
                 array, pname = args[at], params[at][1]
                 what = "write" if wrote else "read"
@@ -213,6 +221,18 @@ class CpuModule:
                     f"out-of-bounds {what} of {pname}[{offset // array.itemsize}] "
                     f"(an array of {array.size} elements)", 1)
             raise AssertionError(f"kernel {name} on the CPU: {error}")
+
+
+    def _trapped_at(self, pc: int) -> str:
+        """The bounds check that trapped at ``pc``, named by its source line."""
+        done = subprocess.run(["addr2line", "-e", str(self.library), hex(pc - self.bias)],
+                              capture_output=True, text=True)
+        where = re.search(r"kernel source:(\d+)", done.stdout)  # (after the build's folder)
+        if where is None:
+            return f"an index outside a fixed-size array (at {done.stdout.strip() or hex(pc)})"
+        line = int(where.group(1))
+        text = self.source.splitlines()[line - 1].strip()
+        return f"an index outside a fixed-size array at line {line} of the kernel source ({text})"
 
 
 def _copy_into(arrays, results) -> None:

@@ -138,6 +138,16 @@ extern "C" __global__ void __launch_bounds__((TWO_WARPS), 4) bounded(float* x) {
     x[threadIdx.x] = 1.0f;
 }
 
+// One slot too far in shared memory (the warp count rounded up, not down).
+extern "C" __global__ void shared_overrun(float* out, int n_warps) {
+    __shared__ float per_warp[2];
+    if ((threadIdx.x & 31) == 0) per_warp[threadIdx.x >> 5] = 1.0f;
+    __syncthreads();
+    float total = 0;
+    for (int w = 0; w < n_warps; ++w) total += per_warp[w];
+    out[threadIdx.x] = total;
+}
+
 extern "C" __global__ void add_f64(const double* a, const double* b, double* out) {
     out[threadIdx.x] = a[threadIdx.x] + b[threadIdx.x];
 }
@@ -341,3 +351,18 @@ def test_launch_bounds_are_read_from_the_source_and_a_grid_past_the_limits_is_re
     assert (x == 1).all()
     with pytest.raises(AssertionError, match=r"gridDim of 1..\(2\^31 - 1, 65535, 65535\)"):
         module.launch("bounded", (1, 65536), (32,), (x,))
+
+
+def test_an_index_outside_a_shared_array_stops_at_its_line(module):
+    """Neighbouring shared arrays are statics side by side: without the check
+    a read one slot too far would find another array's poison or values."""
+    out = np.zeros(64, np.float32)
+    module.launch("shared_overrun", (1,), (64,), (out, np.int32(2)))
+    assert (out == 2).all()
+    line = next(i for i, text in enumerate(SOURCE.splitlines(), 1)
+                if "total += per_warp[w]" in text)
+    with pytest.raises(AssertionError, match=(
+            f"an index outside a fixed-size array at line {line} of the kernel source "
+            r"\(for \(int w = 0; w < n_warps; \+\+w\) total \+= per_warp\[w\];\) "
+            r"\(block \(0, 0, 0\), thread ")):
+        module.launch("shared_overrun", (1,), (64,), (out, np.int32(3)))

@@ -34,7 +34,9 @@
 //     guard after it (the descending run), once with its start flush
 //     against the guard before it (the ascending run); a touch of a guard
 //     stops the launch with the argument, the element and read or write
-//     (fncpu_fault). A stack overflow of a thread is caught the same way.
+//     (fncpu_fault). A stack overflow of a thread is caught the same way,
+//   * an index outside a fixed-size array (a __shared__ one, a thread's
+//     local one): g++'s -fsanitize=bounds traps, reported with the line.
 // Not emulated: inline PTX (kernels/profile.cu), atomics, dynamic shared
 // memory.
 #pragma once
@@ -259,12 +261,20 @@ struct Guard { uintptr_t lo, hi, data; int argument; };
 constexpr int kMaxGuards = 64;
 static Guard guards[kMaxGuards];
 static int n_guards = 0;
-static long long fault_info[3] = {-1, 0, 0};  // argument, byte offset, 1 when a write
+// {argument, byte offset, 1 when a write}, or {-2, the trap's address, 0}
+static long long fault_info[3] = {-1, 0, 0};
 static sigjmp_buf fault_exit;
-static struct sigaction previous_segv;
+static struct sigaction previous_segv, previous_sigill;
 
-inline void on_segv(int signal, siginfo_t* info, void* context) {
+inline void on_fault(int signal, siginfo_t* info, void* context) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
+    if (signal == SIGILL) {  // -fsanitize=bounds' trap (ud2): si_addr is its address
+        fault_info[0] = -2;
+        fault_info[1] = (long long)at;
+        fault_info[2] = 0;
+        fail("an index outside a fixed-size array");
+        siglongjmp(fault_exit, 1);
+    }
     // x86-64 page-fault error code: bit 1 set for a write
     const long long wrote = (static_cast<ucontext_t*>(context)->uc_mcontext.gregs[REG_ERR] & 2) ? 1 : 0;
     for (int i = 0; i < n_guards; ++i) {
@@ -339,11 +349,12 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     ours.ss_sp = handler_stack;
     ours.ss_size = sizeof handler_stack;
     sigaltstack(&ours, &previous_stack);
-    struct sigaction on_fault{};
-    on_fault.sa_sigaction = on_segv;
-    on_fault.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&on_fault.sa_mask);
-    sigaction(SIGSEGV, &on_fault, &previous_segv);
+    struct sigaction handler{};
+    handler.sa_sigaction = on_fault;
+    handler.sa_flags = SA_SIGINFO | SA_ONSTACK;
+    sigemptyset(&handler.sa_mask);
+    sigaction(SIGSEGV, &handler, &previous_segv);
+    sigaction(SIGILL, &handler, &previous_sigill);
     const unsigned saved_csr = _mm_getcsr();
     // FTZ (bit 15) and DAZ (bit 6): -ftz=true for float32 kernels.
     if (flush_subnormals) _mm_setcsr(saved_csr | 0x8040u);
@@ -361,6 +372,7 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     }
     _mm_setcsr(saved_csr);
     sigaction(SIGSEGV, &previous_segv, nullptr);
+    sigaction(SIGILL, &previous_sigill, nullptr);
     sigaltstack(&previous_stack, nullptr);
     return failed ? 1 : 0;
 }

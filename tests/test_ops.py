@@ -338,7 +338,9 @@ def test_ops_are_safe_to_call_from_several_threads(backend):
                                           act, pre=to_backend(backend, x), alpha=0.01)
                 backend.synchronize()
                 for got, want in ((y, y_ref), (dz, dz_ref)):
-                    if not np.allclose(fastnn.to_numpy(got), want, rtol=1e-5, atol=1e-6):
+                    # (a race gives gross errors; atol 1e-5 leaves CUDA's tanhf,
+                    # 2 ulps off, its GELU derivative's few 1e-6: test_cuda_kernels)
+                    if not np.allclose(fastnn.to_numpy(got), want, rtol=1e-5, atol=1e-5):
                         errors.append(f"thread {seed}: {act}")
                         return
 

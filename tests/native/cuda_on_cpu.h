@@ -23,9 +23,10 @@
 //     gridDim.y or .z over 65535.
 // float32 launches run with FTZ|DAZ set (CuPy compiles with -ftz=true; the
 // float64 ones keep subnormals, as the device does). Floating point is
-// IEEE with no contraction (g++ -ffp-contract=off, as --fmad=false); libm's
-// expf/tanhf/... differ from CUDA's by an ulp or two, so results are
-// compared with the GPU tests' tolerances, never bit for bit across libms.
+// IEEE with no contraction (g++ -ffp-contract=off, as --fmad=false); expf,
+// tanhf, ... are glibc's moved by CUDA's documented maximum ulp error (see
+// fncpu_expf below), so results are compared with the GPU tests'
+// tolerances, never bit for bit across libms.
 // NaN bit patterns are the CPU's (x86 makes 0xffc00000 of inf - inf, and keeps
 // an input NaN's payload), not necessarily the device's.
 //   * an access outside an array argument: cuda_on_cpu.py runs each launch
@@ -425,6 +426,59 @@ inline T __shfl_xor_sync(unsigned mask, T v, int lane_mask, int width = 32) {
     fncpu_warp_step();  // every lane has read before a next shuffle overwrites
     return other;
 }
+
+// CUDA's libm is not glibc's, which is near correctly rounded: the CUDA C++
+// Programming Guide's table of maximum ulp errors gives expf 2, tanhf 2,
+// logf 1, log1pf 1, and exp, log, log1p, tanh 1 (sqrt and division are IEEE).
+// Each result of these is moved by that many ulps, up or down by a hash of
+// the argument (fixed per argument, as a libm's error is), so the tests'
+// tolerances meet the device's error bound (plus glibc's own, up to 2 ulps
+// for tanhf), not glibc's near-exact results. Kept exact: zero,
+// inf and NaN results, exp(0) = 1, tanh's +-1.
+namespace fncpu {
+
+template <typename T>
+inline T at_cuda_error(T result, T argument, int ulps, unsigned salt) {
+    if (!std::isfinite(result) || result == T(0)) return result;
+    unsigned long long h = 0;
+    std::memcpy(&h, &argument, sizeof(T));
+    h += 0x9e3779b97f4a7c15ull * (salt + 1);  // splitmix64's finalizer: the sign of the error
+    h = (h ^ (h >> 30)) * 0xbf58476d1ce4e5b9ull;
+    h = (h ^ (h >> 27)) * 0x94d049bb133111ebull;
+    h ^= h >> 31;
+    const T toward = (h & 1) ? T(INFINITY) : T(-INFINITY);
+    for (int i = 0; i < ulps; ++i) result = std::nextafter(result, toward);
+    return result;
+}
+
+}  // namespace fncpu
+
+inline float fncpu_expf(float x) { return x == 0.0f ? 1.0f : fncpu::at_cuda_error(::expf(x), x, 2, 1); }
+inline double fncpu_exp(double x) { return x == 0.0 ? 1.0 : fncpu::at_cuda_error(::exp(x), x, 1, 2); }
+inline float fncpu_logf(float x) { return fncpu::at_cuda_error(::logf(x), x, 1, 3); }
+inline double fncpu_log(double x) { return fncpu::at_cuda_error(::log(x), x, 1, 4); }
+inline float fncpu_log1pf(float x) { return fncpu::at_cuda_error(::log1pf(x), x, 1, 5); }
+inline double fncpu_log1p(double x) { return fncpu::at_cuda_error(::log1p(x), x, 1, 6); }
+// tanh where it rounds to +-1 stays there: CUDA's saturates to copysign(1, x).
+inline float fncpu_tanhf(float x) {
+    const float t = ::tanhf(x);
+    if (!std::isfinite(t) || std::fabs(t) == 1.0f) return t;  // (fmin would eat a NaN)
+    return std::fmin(1.0f, std::fmax(-1.0f, fncpu::at_cuda_error(t, x, 2, 7)));
+}
+inline double fncpu_tanh(double x) {
+    const double t = ::tanh(x);
+    if (!std::isfinite(t) || std::fabs(t) == 1.0) return t;
+    return std::fmin(1.0, std::fmax(-1.0, fncpu::at_cuda_error(t, x, 1, 8)));
+}
+// (the kernels call them by these plain names, in fastnn_common.cuh)
+#define expf fncpu_expf
+#define exp fncpu_exp
+#define logf fncpu_logf
+#define log fncpu_log
+#define log1pf fncpu_log1pf
+#define log1p fncpu_log1p
+#define tanhf fncpu_tanhf
+#define tanh fncpu_tanh
 
 // The guard regions of this launch's array arguments: [lo, hi) inaccessible,
 // `data` the argument's first byte, `argument` its position.

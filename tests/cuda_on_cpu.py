@@ -39,7 +39,8 @@ HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
 # launch; no cross-jumping keeps one trap per check, so its line is known (-g1).
 _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
               "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w", "-fsanitize=bounds",
-              "-fsanitize-undefined-trap-on-error", "-fno-crossjumping", "-g1")
+              "-fsanitize-undefined-trap-on-error", "-fno-crossjumping", "-g1",
+              "-fstack-clash-protection")  # (a frame larger than a stack's guard page still faults in it)
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
             "long long": ctypes.c_longlong}
 _modules: dict[str, "CpuModule"] = {}  # by kernel source: each test's backend loads its own
@@ -178,7 +179,7 @@ class CpuModule:
             self._run(name, grid, block, ending.args, descending=True, guards=ending.guards)
             self._run(name, grid, block, starting.args, descending=False,
                       guards=starting.guards)
-            _copy_into(args, starting.args)
+            _copy_into(args, starting.args, params, name)
             differs = _first_difference(args, ending.args, params)
         if differs is not None:
             raise AssertionError(
@@ -237,10 +238,16 @@ class CpuModule:
         return f"an index outside a fixed-size array at line {line} of the kernel source ({text})"
 
 
-def _copy_into(arrays, results) -> None:
-    for value, result in zip(arrays, results):
-        if isinstance(value, np.ndarray):
-            value[...] = result
+def _copy_into(arrays, results, params, name) -> None:
+    """The results into the caller's arrays (flat: one buffer may come as two
+    shapes); a read-only one must have been left as it was."""
+    for value, result, (_, pname) in zip(arrays, results, params):
+        if not isinstance(value, np.ndarray):
+            continue
+        if value.flags.writeable:
+            value.reshape(-1)[...] = result.reshape(-1)
+        elif not np.array_equal(value.reshape(-1).view(np.uint8), result.reshape(-1).view(np.uint8)):
+            raise AssertionError(f"kernel {name} on the CPU: wrote {pname}, a read-only array")
 
 
 def _first_difference(arrays, others, params) -> str | None:
@@ -289,6 +296,7 @@ class _Region:
         return sys.getrefcount(self.pages) <= 2  # the region's and the call's own
 
 
+_pool_lock = threading.Lock()
 _free_regions: dict[int, list[_Region]] = {}  # by span: mapping anew is ~50 us an array
 
 
@@ -309,28 +317,31 @@ class _GuardedCopies:
                 continue
             span = -(-max(a.nbytes, 1) // mmap.PAGESIZE) * mmap.PAGESIZE
             free = _free_regions.setdefault(span, [])
-            region = free.pop() if free else _Region(span)
+            with _pool_lock:  # (launches may come from several threads)
+                region = free.pop() if free else None
+            region = region or _Region(span)
             self._regions.append(region)
             start = _GUARD_BYTES + (span - a.nbytes if flush_end else 0)
             # (not a slice: an empty one would point at the region's start)
-            copy = np.ndarray(a.shape, a.dtype, buffer=region.pages, offset=start)
-            copy[...] = a
-            made[key] = copy
+            copy = np.ndarray(a.size, a.dtype, buffer=region.pages, offset=start)
+            copy[...] = a.reshape(-1)
+            made[key] = copy  # flat: each argument gets its own shape of it
             data, base = region.base + start, region.base
             self.guards += [(base, base + _GUARD_BYTES, data, position),
                             (base + _GUARD_BYTES + span, base + span + 2 * _GUARD_BYTES,
                              data, position)]
-        self.args = [a if key is None else made[key] for a, key in zip(args, keys)]
+        self.args = [a if key is None else made[key].reshape(a.shape) for a, key in zip(args, keys)]
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.args = None  # the copies go first
-        for region in self._regions:
-            free = _free_regions[region.span]
-            if region.unused() and len(free) < 8:
-                free.append(region)
+        with _pool_lock:
+            for region in self._regions:
+                free = _free_regions[region.span]
+                if region.unused() and len(free) < 8:
+                    free.append(region)
         self._regions = []
 
 

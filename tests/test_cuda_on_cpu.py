@@ -401,3 +401,19 @@ def test_libm_results_carry_cudas_documented_error():
     assert e[997] == 1 and t[997] == 0 and lp[997] == 0
     assert t[998] == 1 and t[999] == -1 and e[999] > 0
     assert np.isnan([e[1000], t[1000], lp[1000]]).all() and e[1001] == np.inf and t[1001] == 1
+
+
+def test_one_buffer_as_two_shapes_and_a_read_only_input(module):
+    """Legal on the device: the copies keep one buffer per memory, each
+    argument its own shape of it; an input the caller made read-only is not
+    written back (and a kernel that writes one is an error)."""
+    d = np.arange(64, dtype=np.float32).reshape(8, 8)
+    module.launch("add_f32", (1,), (64,), (d, d.reshape(-1), d))
+    np.testing.assert_array_equal(d.reshape(-1), 2 * np.arange(64))
+    a = np.ones(64, np.float32)
+    a.flags.writeable = False
+    out = np.zeros(64, np.float32)
+    module.launch("add_f32", (1,), (64,), (a, a, out))
+    assert (out == 2).all()
+    with pytest.raises(AssertionError, match="wrote b, a read-only array"):
+        module.launch("add_f32", (1,), (64,), (np.ones(64, np.float32), a, a))

@@ -265,11 +265,17 @@ static int n_guards = 0;
 // {argument, byte offset, 1 when a write}, or {-2, the trap's address, 0}
 static long long fault_info[3] = {-1, 0, 0};
 static sigjmp_buf fault_exit;
+static thread_local bool in_launch = false;  // this thread runs a launch: its faults are ours
 static struct sigaction previous_segv, previous_sigill;
 
 inline void on_fault(int signal, siginfo_t* info, void* context) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
-    if (signal == SIGILL) {  // -fsanitize=bounds' trap (ud2): si_addr is its address
+    if (!in_launch) {  // another thread's fault: the previous handler's
+        sigaction(signal, signal == SIGILL ? &previous_sigill : &previous_segv, nullptr);
+        return;
+    }
+    // -fsanitize=bounds' trap: a ud2 (0f 0b) at si_addr, in the launching thread
+    if (signal == SIGILL && std::memcmp(info->si_addr, "\x0f\x0b", 2) == 0) {
         fault_info[0] = -2;
         fault_info[1] = (long long)at;
         fault_info[2] = 0;
@@ -296,7 +302,7 @@ inline void on_fault(int signal, siginfo_t* info, void* context) {
     }
     // Not the kernel's: the previous handler (pytest's faulthandler) gets the
     // fault when the instruction runs again.
-    sigaction(signal, &previous_segv, nullptr);
+    sigaction(signal, signal == SIGILL ? &previous_sigill : &previous_segv, nullptr);
 }
 
 // The device's limits on a launch's shape (any compute capability since 3.0),
@@ -363,6 +369,7 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
     // order, so a result that depends on it (two blocks writing one element,
     // a block reading what another wrote) differs between the two runs.
     const auto in_order = [](unsigned i, unsigned n) { return descending ? n - 1 - i : i; };
+    in_launch = true;
     if (sigsetjmp(fault_exit, 1) == 0) {  // (a fault in a guard comes back here, failed)
         for (unsigned z = 0; z < grid[2] && !failed; ++z)
             for (unsigned y = 0; y < grid[1] && !failed; ++y)
@@ -371,6 +378,7 @@ inline int launch(const unsigned* grid, const unsigned* threads, int flush_subno
                     run_block();
                 }
     }
+    in_launch = false;
     _mm_setcsr(saved_csr);
     sigaction(SIGSEGV, &previous_segv, nullptr);
     sigaction(SIGILL, &previous_sigill, nullptr);

@@ -5,8 +5,9 @@
 with one launcher per extern "C" kernel, and caches it on disk by the hash of
 what went in. ``CpuModule.launch(name, grid, block, args)`` then runs that
 kernel's own code over the grid (see the header for what is emulated and
-what is refused; an access outside an array argument is one). tests/fake_cupy.py launches through it when asked for
-``kernels="source"``; its by-name NumPy emulation stays the default.
+what is refused; an access outside an array argument is one).
+tests/fake_cupy.py launches through it when asked for ``kernels="source"``;
+its by-name NumPy emulation stays the default.
 
 Needs g++ and nm (``available()`` says why not); the suite skips these tests
 without them.
@@ -40,7 +41,7 @@ HEADER = Path(__file__).resolve().parent / "native" / "cuda_on_cpu.h"
 _CXX_FLAGS = ("-std=c++17", "-O2", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math",
               "-U_FORTIFY_SOURCE", "-fno-gnu-unique", "-w", "-fsanitize=bounds",
               "-fsanitize-undefined-trap-on-error", "-fno-crossjumping", "-g1",
-              "-fstack-clash-protection")  # (a frame larger than a stack's guard page still faults in it)
+              "-fstack-clash-protection")  # (a frame over a guard page still touches it)
 _SCALARS = {"float": ctypes.c_float, "double": ctypes.c_double, "int": ctypes.c_int,
             "long long": ctypes.c_longlong}
 _modules: dict[str, "CpuModule"] = {}  # by kernel source: each test's backend loads its own
@@ -161,10 +162,11 @@ class CpuModule:
         arrays with the blocks, warps and threads in descending order, then on
         other copies in ascending order, whose results are copied into the
         arrays. Results that differ between the two orders mean a shared-memory
-        read no barrier orders (a race), or blocks that depend on one another. Each copy lies between two inaccessible guard
-        regions, its end flush against the one after it in the first run, its
-        start against the one before it in the second: an access outside an
-        array faults in a guard, and the launch fails naming the element."""
+        read no barrier orders (a race), or blocks that depend on one another.
+        Each copy lies between two inaccessible guard regions, its end flush
+        against the one after it in the first run, its start against the one
+        before it in the second: an access outside an array faults in a guard,
+        and the launch fails naming the element."""
         params = self.kernels[name]
         assert len(args) == len(params), (name, len(args), params)
         for value, (ctype, pname) in zip(args, params):
@@ -246,17 +248,20 @@ def _copy_into(arrays, results, params, name) -> None:
             continue
         if value.flags.writeable:
             value.reshape(-1)[...] = result.reshape(-1)
-        elif not np.array_equal(value.reshape(-1).view(np.uint8), result.reshape(-1).view(np.uint8)):
+        elif not _same_bits(value, result):
             raise AssertionError(f"kernel {name} on the CPU: wrote {pname}, a read-only array")
 
 
 def _first_difference(arrays, others, params) -> str | None:
     """The name of the first array whose bits differ from its other result."""
     for value, other, (_, pname) in zip(arrays, others, params):
-        if isinstance(value, np.ndarray) and not np.array_equal(
-                value.reshape(-1).view(np.uint8), other.reshape(-1).view(np.uint8)):
+        if isinstance(value, np.ndarray) and not _same_bits(value, other):
             return pname
     return None
+
+
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8))
 
 
 def _key(array: np.ndarray):

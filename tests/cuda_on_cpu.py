@@ -211,7 +211,6 @@ class CpuModule:
                 dims(grid), dims(block), int(flush), int(descending), pointers)
             error = self.lib.fncpu_error().decode() if status else ""
             at, offset, wrote = self.lib.fncpu_fault()[:3]
-            self.lib.fncpu_set_guards(*table, argument, 0)
         if status != 0:
             if at == -2:  # a bounds trap: its line of the source
                 error = error.replace("an index outside a fixed-size array",

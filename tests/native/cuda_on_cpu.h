@@ -268,12 +268,15 @@ static sigjmp_buf fault_exit;
 static thread_local bool in_launch = false;  // this thread runs a launch: its faults are ours
 static struct sigaction previous_segv, previous_sigill;
 
+// A fault that is not the kernel's: the previous handler (pytest's
+// faulthandler) gets it when the instruction runs again.
+inline void pass_on(int signal) {
+    sigaction(signal, signal == SIGILL ? &previous_sigill : &previous_segv, nullptr);
+}
+
 inline void on_fault(int signal, siginfo_t* info, void* context) {
     const uintptr_t at = reinterpret_cast<uintptr_t>(info->si_addr);
-    if (!in_launch) {  // another thread's fault: the previous handler's
-        sigaction(signal, signal == SIGILL ? &previous_sigill : &previous_segv, nullptr);
-        return;
-    }
+    if (!in_launch) return pass_on(signal);  // another thread's
     // -fsanitize=bounds' trap: a ud2 (0f 0b) at si_addr, in the launching thread
     if (signal == SIGILL && std::memcmp(info->si_addr, "\x0f\x0b", 2) == 0) {
         fault_info[0] = -2;
@@ -300,9 +303,7 @@ inline void on_fault(int signal, siginfo_t* info, void* context) {
         fail("a thread overflowed its 256 KiB stack");
         siglongjmp(fault_exit, 1);
     }
-    // Not the kernel's: the previous handler (pytest's faulthandler) gets the
-    // fault when the instruction runs again.
-    sigaction(signal, signal == SIGILL ? &previous_sigill : &previous_segv, nullptr);
+    pass_on(signal);
 }
 
 // The device's limits on a launch's shape (any compute capability since 3.0),

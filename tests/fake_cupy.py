@@ -279,6 +279,20 @@ class DeviceArray(np.ndarray):
         """cupy.ndarray.get: the host copy."""
         return np.array(self._host_read(".get()"))
 
+    def set(self, arr, stream=None):
+        """cupy.ndarray.set: a host -> device copy in place, with CuPy's checks
+        (and none while a stream records: a capture refuses a host copy)."""
+        if not isinstance(arr, np.ndarray) or isinstance(arr, DeviceArray):
+            raise TypeError("Only numpy.ndarray can be set to cupy.ndarray")
+        if self.dtype != arr.dtype:
+            raise TypeError(f"{arr.dtype} array cannot be set to {self.dtype} array")
+        if self.shape != arr.shape:
+            raise ValueError(f"Shape mismatch. Old shape: {self.shape}, new shape: {arr.shape}")
+        if not (self.flags.c_contiguous or self.flags.f_contiguous):
+            raise RuntimeError("Cannot set to non-contiguous array")
+        assert not _recording(), "ndarray.set (a host -> device copy) while a CUDA graph records"
+        self.view(np.ndarray)[...] = arr
+
 
 host_reads = [0]  # device -> host reads so far (each a device sync on a GPU)
 launch_shapes: list = []  # (kernel, grid, block) of every launch so far
@@ -712,15 +726,6 @@ def _fake_gpu(monkeypatch, kernels):
     backend = cupy_backend.CupyBackend()
     assert backend._blas is not None, backend.blas_status
     launches.clear()  # the start-up probes': a test counts its own
-    # NumPy arrays have no ``.set`` (CuPy's host -> device copy): the generic copy.
-    def upload(dst, host):  # ndarray.set: same shape, contiguous target, not while recording
-        host = np.ascontiguousarray(host, dtype=dst.dtype)
-        assert host.shape == dst.shape, ("ndarray.set shape mismatch", host.shape, dst.shape)
-        assert dst.flags.c_contiguous, "ndarray.set into a non-contiguous array"
-        assert not _recording(), "ndarray.set (a host -> device copy) while a CUDA graph records"
-        dst.view(np.ndarray)[...] = host
-
-    monkeypatch.setattr(backend, "upload", upload)
     from fastnn import backends as registry
     from fastnn import precision
 

@@ -691,6 +691,15 @@ def test_steps_the_graph_cannot_hold_stay_per_op(fake_gpu, monkeypatch):
         model[0].weight.grad = backend.asarray(np.ones((6, 4), np.float32))
         adam.step()  # the bias had no gradient: it sat this step out (its own Adam count)
         assert "missed steps" in reason(backend, model, fn.CrossEntropyLoss(), adam, Xd, yd, 100)
+        wide = backend.asarray(X.astype(np.float64))  # 48-byte rows: copyable, wrong dtype
+        assert reason(backend, model, fn.CrossEntropyLoss(), opt, wide, yd, 100) \
+            == "X is not in the model's dtype"
+        mixed = fn.Sequential(fn.Linear(6, 4), fn.Linear(4, 4).astype(np.float64))
+        mixed_opt = fn.SGD(mixed.parameters(), lr=0.1)
+        assert reason(backend, mixed, fn.CrossEntropyLoss(), mixed_opt, Xd, yd, 100) \
+            == "parameters of several dtypes"
+    with fn.use_backend("numpy") as cpu:
+        assert reason(cpu, model, fn.CrossEntropyLoss(), opt, X, y, 100) == "not on the CuPy backend"
 
 
 @pytest.mark.parametrize("precision", ["float32", "tf32", "bf16"])

@@ -882,6 +882,43 @@ def test_gpu_out_of_memory_names_op_and_size(real_gpu):
     assert "softmax_xent" in str(info.value) and "bytes" in str(info.value)
 
 
+def test_cupys_out_of_memory_becomes_one_naming_the_op_the_bytes_and_the_free_memory(
+        fake_gpu, monkeypatch):
+    """CuPy's OutOfMemoryError inside a fused op: the backend names the op, the
+    bytes CuPy asked for (else its own estimate) and the device's free memory;
+    the layer around it adds its name (the real-GPU twin above runs the pool dry)."""
+    gpu, _ = fake_gpu
+    oom = sys.modules["cupy"].cuda.memory.OutOfMemoryError
+    message = {"text": "Out of memory allocating 2,048 bytes (allocated so far: 0 bytes)."}
+
+    def full(*args, **kwargs):
+        raise oom(message["text"])
+
+    monkeypatch.setattr(gpu, "_launch_bias_act", full)
+    x = gpu.asarray(np.ones((5, 3), np.float32))
+    with fastnn.use_backend(gpu):
+        layer = fastnn.Sequential(fastnn.Linear(3, 4), fastnn.ReLU())
+        with pytest.raises(fastnn.OutOfMemory) as info:
+            layer(x)
+    text = str(info.value)
+    assert text.startswith("Linear(3 -> 4): out of memory in forward (bias + relu): "), text
+    assert ("cupy bias_act: out of GPU memory requesting 2,048 bytes "
+            "(1.00 GiB free of 80.0 GiB on cuda:0 (Fake GPU, 80.0 GiB)); "
+            "use a smaller batch or model") in text, text
+    assert isinstance(info.value.__cause__, MemoryError)
+
+    z = gpu.asarray(np.ones((5, 4), np.float32))
+    message["text"] = "out of memory"  # no size in the message: the op's estimate (z's 80 bytes)
+
+    def device_gone():
+        raise RuntimeError("cudaErrorIllegalAddress")
+
+    monkeypatch.setattr(gpu, "memory_info", device_gone)
+    with pytest.raises(MemoryError, match=re.escape(
+            "cupy bias_act: out of GPU memory requesting 80 bytes (cuda:0 (Fake GPU, 80.0 GiB)); ")):
+        gpu.bias_act(z, None, "relu")
+
+
 def test_the_fake_knows_every_kernel_that_calls_block_reduce():
     """tests/fake_cupy.py refuses a block of part-warps for the kernels in
     _BLOCK_REDUCE_KERNELS: every kernel of a file that calls block_reduce."""

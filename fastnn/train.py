@@ -1,212 +1,23 @@
-"""fit, predict and History."""
+"""fit, evaluate and predict: the training loop and its fast paths.
+
+Input checks live in inputs.py, History and the progress bar in history.py.
+"""
 from __future__ import annotations
 
 import math
-import sys
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backends import get_backend, host_array, value_range
-from .backends.base import on_host
+from .backends import get_backend, host_array
 from .compiled import run_epochs
 from .errors import DTypeError, InputError, ShapeError, TrainingDiverged, naming_out_of_memory
-from .nn.module import Module, label_range_of, training_step_mode
+from .history import History, Progress
+from .inputs import check_positive_int, check_step_objects, model_dtype, prepare, readable
+from .nn.module import Module, training_step_mode
 from .random import generator
 
-
-@dataclass
-class History:
-    """What ``fit`` measured, one entry per epoch."""
-
-    loss: list = field(default_factory=list)
-    val_loss: list = field(default_factory=list)
-    epochs_run: int = 0
-    samples_per_second: float = 0.0
-    seconds: float = 0.0
-    # Training seconds of each epoch (validation not counted); epochs run in
-    # one compiled call share its time evenly.
-    epoch_seconds: list = field(default_factory=list)
-    samples_per_epoch: int = 0
-    # How the steps ran: "per-op", "compiled" (CPU, whole epochs per call),
-    # "cuda-kernel" (tiny nets, one launch) or "cuda-graph"; "per-op (...)"
-    # says why no faster path applied.
-    step_path: str = ""
-
-    @property
-    def steady_samples_per_second(self) -> float:
-        """Throughput after the first epoch: without the one-time costs it
-        carries (loading or compiling JIT kernels, a GPU's warm-up and graph
-        recording). With one epoch, ``samples_per_second``."""
-        later = sum(self.epoch_seconds[1:])
-        if len(self.epoch_seconds) < 2 or later <= 0:
-            return self.samples_per_second
-        return self.samples_per_epoch * (len(self.epoch_seconds) - 1) / later
-
-    def plot(self, path) -> None:
-        """Write the loss curve(s) as a PNG (needs matplotlib: ``pip install 'fastnn[plot]'``)."""
-        try:
-            import matplotlib
-
-            matplotlib.use("Agg")
-            import matplotlib.pyplot as plt
-        except ImportError as exc:
-            raise ImportError("History.plot needs matplotlib: pip install 'fastnn[plot]'") from exc
-        fig, ax = plt.subplots(figsize=(6, 4))
-        epochs = range(1, len(self.loss) + 1)
-        ax.plot(epochs, self.loss, label="training loss")
-        if self.val_loss:
-            ax.plot(range(1, len(self.val_loss) + 1), self.val_loss, label="validation loss")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("loss")
-        if self.loss and min(self.loss) > 0 and max(self.loss) / min(self.loss) > 50:
-            ax.set_yscale("log")
-        ax.legend()
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        fig.savefig(path, format="png")
-        plt.close(fig)
-
-
-def _model_dtype(model: Module):
-    params = model.parameters()
-    return params[0].data.dtype if params else np.dtype(np.float32)
-
-
-def _prepare(X, y, dtype, what: str, loss_fn=None):
-    """Validate (X, y) where they live and put them on the device once: arrays
-    already there (CuPy arrays, torch CUDA tensors on the CuPy backend) are
-    checked and cast on the device, not copied to the host and back. Returns
-    (X, y, label range): the range of integer labels is read once here (a
-    loop reading it per batch would sync the device each time). Integer y are
-    labels unless ``loss_fn.value_targets`` (MSE, BCE), then cast once; the loss
-    checks the whole y once (``check_targets``: BCE's range)."""
-    backend = get_backend()
-    X, y = _readable(backend, X, "X", what), _readable(backend, y, "y", what)
-    if X.ndim == 0 or len(X) == 0:
-        raise InputError(f"{what}: X is empty (shape {tuple(X.shape)})")
-    if X.ndim == 1:
-        raise ShapeError(f"{what}: X has shape {tuple(X.shape)}, expected a batch (N, features); "
-                         "for one feature per sample pass X[:, None]")
-    if y.ndim == 0 or len(y) != len(X):
-        raise ShapeError(f"{what}: X has {len(X)} samples but y has shape {tuple(y.shape)}")
-    if X.dtype.kind not in "fiub":
-        raise DTypeError(f"{what}: X must be numeric, got dtype {X.dtype}")
-    if X.dtype.kind == "f" and not _all_finite(X):
-        xp = _array_module(backend, X)
-        bad = host_array(xp.argwhere(~xp.isfinite(X))[0])
-        raise InputError(f"{what}: X contains NaN or inf "
-                         f"(first at index {tuple(int(i) for i in bad)})")
-    if y.dtype.kind == "f" and not _all_finite(y):
-        raise InputError(f"{what}: y contains NaN or inf")
-    # Labels as int32 or int64 (what the loss kernels take): others are cast once here,
-    # not in every step.
-    labels = y.dtype.kind in "iu" and not getattr(loss_fn, "value_targets", False)
-    y_dtype = np.dtype(dtype) if not labels else \
-        y.dtype if y.dtype in (np.int32, np.int64) else np.dtype(np.int64)
-    nbytes = X.size * np.dtype(dtype).itemsize + y.size * y_dtype.itemsize
-    with naming_out_of_memory(what, f"X {tuple(X.shape)} {np.dtype(dtype)} and y "
-                              f"{tuple(y.shape)} {y_dtype}",
-                              nbytes, backend.device, "pass fewer samples at a time"):
-        Xd = backend.asarray(_array_module(backend, X).ascontiguousarray(X), dtype=dtype)
-        yd = backend.asarray(_array_module(backend, y).ascontiguousarray(y), dtype=y_dtype)
-    check_targets = getattr(loss_fn, "check_targets", None)
-    if check_targets is not None:
-        check_targets(yd)
-    return Xd, yd, label_range_of(y) if labels else None
-
-
-def _all_finite(a) -> bool:
-    """Whether a float array holds no NaN or inf: its min and max (a NaN or an
-    inf shows in one of them) in one read of the device, and no temporary of
-    the array's size (isfinite(X).all() made a bool copy of the whole data)."""
-    if a.size == 0:
-        return True
-    low, high = value_range(a)
-    return bool(np.isfinite(low) and np.isfinite(high))
-
-
-def _readable(backend, a, name: str, what: str):
-    """``backend.resident(a)``, or an InputError naming ``name`` when ``a`` is no
-    array at all (ragged nested lists, say)."""
-    try:
-        return backend.resident(a)
-    except (ValueError, TypeError) as exc:
-        lines = str(exc).strip().splitlines()
-        raise InputError(f"{what}: {name} cannot be read as an array "
-                         f"({lines[0] if lines else type(exc).__name__})") from exc
-
-
-def _check_step_objects(model, loss_fn, optimizer) -> None:
-    """Clear errors for the usual slips: a class where an instance belongs
-    (``fn.Adam`` for ``fn.Adam(model.parameters())``), another library's loss,
-    an optimizer made for another model's parameters."""
-    for role, obj, needs, example in (
-            ("loss_fn", loss_fn, ("forward", "backward"), "fn.CrossEntropyLoss()"),
-            ("optimizer", optimizer, ("step", "zero_grad"), "fn.Adam(model.parameters())")):
-        if isinstance(obj, type):
-            raise TypeError(f"fit: {role} is the class {obj.__name__}, not an instance; "
-                            f"pass e.g. {example}")
-        if not all(callable(getattr(obj, n, None)) for n in needs):
-            library = type(obj).__module__.split(".")[0]
-            hint = f" (a {library} object: use fastnn's own, e.g. {example})" \
-                if library != "fastnn" else f", e.g. {example}"
-            raise TypeError(f"fit: {role} must have {' and '.join(needs)} methods, got a "
-                            f"{type(obj).__name__}{hint}")
-    groups = getattr(optimizer, "groups", None)
-    params = model.parameters()
-    if groups is not None and params:
-        held = {id(p) for g in groups for p in g.params}
-        if not any(id(p) in held for p in params):
-            raise InputError(f"fit: the optimizer holds none of the model's {len(params)} "
-                             "parameters (made for another model?); create it with "
-                             "model.parameters()")
-
-
-def _array_module(backend, a):
-    """The array API ``a`` lives in: the backend's, or NumPy for a host array."""
-    return np if on_host(a) else backend.xp
-
-
-def _check_positive_int(name, value, minimum=1, where="fit"):
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InputError(f"{where}: {name} must be an int >= {minimum}, got {value!r}")
-
-
-class _Progress:
-    """tqdm bar on a terminal only; loss read from the device at most ~5x/s."""
-
-    def __init__(self, enabled: bool, total: int, epochs: int):
-        self.bar = None
-        if enabled and sys.stderr.isatty():
-            from tqdm.auto import tqdm
-
-            self.bar = tqdm(total=total, unit="sample", unit_scale=True, dynamic_ncols=True,
-                            leave=True, file=sys.stderr)
-        self.epochs = epochs
-        self.last = 0.0
-
-    def update(self, epoch: int, n: int, mean_loss) -> None:
-        """``mean_loss()`` is called only when the bar refreshes (a device read)."""
-        if self.bar is None:
-            return
-        self.bar.update(n)
-        self.latest = (epoch, mean_loss)
-        now = time.perf_counter()
-        if now - self.last > 0.2:
-            self.last = now
-            self._describe(epoch, mean_loss)
-
-    def _describe(self, epoch: int, mean_loss) -> None:
-        self.bar.set_description(f"epoch {epoch + 1}/{self.epochs}", refresh=False)
-        self.bar.set_postfix(loss=f"{mean_loss():.4g}", refresh=False)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            if getattr(self, "latest", None) is not None:
-                self._describe(*self.latest)  # the bar's last line shows the last epoch
-            self.bar.close()
+__all__ = ["History", "evaluate", "fit", "predict"]
 
 
 def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: int = 32,
@@ -231,22 +42,22 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     """
     if not isinstance(model, Module):
         raise TypeError(f"fit: model must be a fastnn Module, got {type(model).__name__}")
-    _check_positive_int("epochs", epochs, 0)
-    _check_positive_int("batch_size", batch_size)
-    _check_positive_int("initial_epoch", initial_epoch, 0)
+    check_positive_int("epochs", epochs, 0)
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("initial_epoch", initial_epoch, 0)
     if stop_when is not None and not callable(stop_when):
         raise TypeError("fit: stop_when must be a callable history -> bool")
     if seed is not None:
-        _check_positive_int("seed", seed, 0)
-    _check_step_objects(model, loss_fn, optimizer)
+        check_positive_int("seed", seed, 0)
+    check_step_objects(model, loss_fn, optimizer)
     backend = get_backend()
-    dtype = _model_dtype(model)
-    Xd, yd, label_range = _prepare(X, y, dtype, "fit", loss_fn)
+    dtype = model_dtype(model)
+    Xd, yd, label_range = prepare(X, y, dtype, "fit", loss_fn)
     val = None
     if validation_data is not None:
         if len(validation_data) != 2:
             raise InputError("fit: validation_data must be a pair (X_val, y_val)")
-        *val, val_labels = _prepare(*validation_data, dtype, "fit(validation_data)", loss_fn)
+        *val, val_labels = prepare(*validation_data, dtype, "fit(validation_data)", loss_fn)
     if seed is None:
         seed = int(generator().integers(2**63))
     n = len(Xd)
@@ -260,7 +71,7 @@ def fit(model: Module, loss_fn, optimizer, X, y, epochs: int = 10, batch_size: i
     xp = backend.xp
 
     history = History(samples_per_epoch=n)
-    bar = _Progress(progress, n * epochs, initial_epoch + epochs)
+    bar = Progress(progress, n * epochs, initial_epoch + epochs)
     # Epoch e's batch order is the e-th permutation drawn from (seed): a
     # resumed run (initial_epoch > 0) skips the ones already used.
     shuffler = np.random.default_rng(seed)
@@ -480,9 +291,9 @@ def _compiled_plan(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: in
 
 def evaluate(model: Module, loss_fn, X, y, batch_size: int = 1024) -> float:
     """Mean loss over (X, y) in eval mode (weighted by samples)."""
-    _check_positive_int("batch_size", batch_size, where="evaluate")
+    check_positive_int("batch_size", batch_size, where="evaluate")
     # Device arrays are checked and cast where they are (no copy when already right).
-    Xd, yd, label_range = _prepare(X, y, _model_dtype(model), "evaluate", loss_fn)
+    Xd, yd, label_range = prepare(X, y, model_dtype(model), "evaluate", loss_fn)
     return _evaluate(model, loss_fn, Xd, yd, batch_size, label_range)
 
 
@@ -523,9 +334,9 @@ def _raise_deferred_input_error(loss_fn) -> None:
 
 def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
     """Run ``model`` in eval mode over X in batches; returns a NumPy array."""
-    _check_positive_int("batch_size", batch_size, where="predict")
+    check_positive_int("batch_size", batch_size, where="predict")
     backend = get_backend()
-    X = _readable(backend, X, "X", "predict")
+    X = readable(backend, X, "X", "predict")
     if X.ndim == 0 or len(X) == 0:
         raise InputError(f"predict: X is empty (shape {tuple(X.shape)})")
     if X.dtype.kind not in "fiub":
@@ -535,7 +346,7 @@ def predict(model: Module, X, batch_size: int = 1024) -> np.ndarray:
             f"predict: expected a batch (N, ...), got shape {tuple(X.shape)}; "
             "for one sample pass X[None, :]"
         )
-    Xd = backend.asarray(X, dtype=_model_dtype(model))  # no copy when already the model's
+    Xd = backend.asarray(X, dtype=model_dtype(model))  # no copy when already the model's
     was_training = model.training
     model.eval()
     out = None

@@ -832,7 +832,7 @@ def test_fit_keeps_device_data_on_the_device(fake_gpu, monkeypatch):
     copies them to the host (no .get() of the data), and a NaN in them is
     still found, by index."""
     import fake_cupy
-    from fastnn import train
+    from fastnn import inputs
 
     backend = fake_gpu[0]
     rng = np.random.default_rng(3)
@@ -848,7 +848,7 @@ def test_fit_keeps_device_data_on_the_device(fake_gpu, monkeypatch):
 
     monkeypatch.setattr(fake_cupy.DeviceArray, "get", get)
     with fn.use_backend(backend):
-        Xd, yd, labels = train._prepare(X, y, np.float32, "fit")
+        Xd, yd, labels = inputs.prepare(X, y, np.float32, "fit")
         assert Xd.dtype == np.float32 and isinstance(Xd, fake_cupy.DeviceArray)
         assert np.shares_memory(yd, y) and labels == (0, 2)  # int64 labels: no copy
         model = fn.Sequential(fn.Linear(5, 8), fn.Tanh(), fn.Linear(8, 3))

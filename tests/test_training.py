@@ -557,12 +557,12 @@ def test_fit_evaluate_and_predict_take_torch_tensors():
 def test_integer_targets_of_a_value_loss_are_cast_once_by_fit(loss_cls, backend):
     """0/1 integer targets for MSE/BCE are values, not labels: fit casts them to
     the model's dtype once (not per step) and trains exactly as on float targets."""
-    from fastnn import train
+    from fastnn import inputs
 
     rng = np.random.default_rng(2)
     X = rng.standard_normal((24, 3)).astype(np.float32)
     y = rng.integers(0, 2, (24, 1))
-    _, yd, labels = train._prepare(X, y, np.float32, "fit", loss_cls())
+    _, yd, labels = inputs.prepare(X, y, np.float32, "fit", loss_cls())
     assert yd.dtype == np.float32 and labels is None
 
     def run(targets):

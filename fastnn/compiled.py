@@ -42,7 +42,7 @@ class FastPlan:
     alphas: np.ndarray  # (L,) param dtype
     loss_kind: int
     opt_kind: int
-    group: object  # the optimizer's _FlatGroup
+    group: object  # the optimizer's FlatGroup (flat_buffers.py)
 
 
 def worth_compiling(steps: int) -> bool:

@@ -5,8 +5,9 @@ Each optimizer packs its parameters into one flat buffer per dtype (each
 single backend op over contiguous memory; ``zero_grad`` sets the gradients to
 None and the next backward writes straight into the flat gradient buffer.
 State buffers exist only when the hyper-parameters need them (no momentum
-buffer for plain SGD), created on first use. If a user rebinds ``p.data`` or ``p.grad`` to a new array, ``step`` copies it
-back into the buffer first, so the views never go stale silently.
+buffer for plain SGD), created on first use. If a user rebinds ``p.data`` or
+``p.grad`` to a new array, ``step`` copies it back into the buffer first, so
+the views never go stale silently. The buffers themselves: flat_buffers.py.
 """
 from __future__ import annotations
 
@@ -15,126 +16,10 @@ import numbers
 
 import numpy as np
 
-from .backends import get_backend, host_array, refuse_foreign
-from .errors import CaptureUnsupported, DTypeError, InputError, ShapeError, naming_out_of_memory
+from .backends import get_backend, host_array
+from .errors import CaptureUnsupported, DTypeError, InputError
+from .flat_buffers import FlatGroup
 from .nn.parameter import Parameter
-
-_ALIGN = 16  # elements: keeps every view 64-byte aligned for SIMD
-
-
-class _FlatGroup:
-    """The parameters of one dtype, packed into flat data/grad buffers."""
-
-    def __init__(self, params: list[Parameter], backend, state_names: tuple):
-        self.backend = backend
-        self.params = params
-        self.dtype = params[0].data.dtype
-        offsets, total = [], 0
-        for p in params:
-            offsets.append(total)
-            total += -(-p.size // _ALIGN) * _ALIGN
-        self.size = total
-        self.offsets = offsets
-        nbytes = total * self.dtype.itemsize * (2 + len(state_names))
-        with naming_out_of_memory("optimizer", f"flat parameter, gradient and {len(state_names)} "
-                                  f"state buffers of {total:,} {self.dtype}", nbytes,
-                                  backend.device):
-            self.data = backend.zeros((total,), self.dtype)
-            self.grad = backend.zeros((total,), self.dtype)
-            self.state = {name: backend.zeros((total,), self.dtype) for name in state_names}
-        self.data_views, self.grad_views = [], []
-        for p, off in zip(params, offsets):
-            dv = self.data[off:off + p.size].reshape(p.shape)
-            gv = self.grad[off:off + p.size].reshape(p.shape)
-            dv[...] = p.data
-            if p.grad is not None:
-                gv[...] = p.grad
-                p.grad = gv
-            p.data = dv
-            p._grad_view = gv
-            self.data_views.append(dv)
-            self.grad_views.append(gv)
-        # Steps each parameter sat out (no gradient), as torch skips a parameter
-        # whose grad is None: its own step count is step_count - skipped.
-        self.skipped = [0] * len(params)  # a list: checked every step, any() is cheapest
-        self._whole: dict = {}  # state names -> (data, grad, *state buffers), see arrays()
-
-    def buffer(self, name: str):
-        """The flat state buffer ``name``, created (zeros) on first use."""
-        buf = self.state.get(name)
-        if buf is None:
-            if self.backend.capturing:  # the zero fill would be recorded and rerun every replay
-                raise CaptureUnsupported(f"optimizer state {name!r} first needed while a CUDA "
-                                         "graph records (run one ordinary step first)")
-            with naming_out_of_memory("optimizer", f"its {name!r} buffer of {self.size:,} "
-                                      f"{self.dtype}", self.size * self.dtype.itemsize,
-                                      self.backend.device):
-                buf = self.state[name] = self.backend.zeros((self.size,), self.dtype)
-        return buf
-
-    def arrays(self, span, *state_names):
-        """data, grad and the named state buffers (None for a None name), all
-        cut to ``span`` (a slice; None: the whole flat buffers)."""
-        if span is None:  # every step: the tuple is kept (buffers are only written in place)
-            whole = self._whole.get(state_names)
-            if whole is None:
-                whole = self._whole[state_names] = (
-                    self.data, self.grad,
-                    *[None if name is None else self.buffer(name) for name in state_names])
-            return whole
-        return [self.data[span], self.grad[span]] + [
-            None if name is None else self.buffer(name)[span] for name in state_names]
-
-    def sync(self):
-        """Copy back any data/grad array a user rebound since the last step;
-        returns None when every parameter has a gradient, else which ones do
-        (torch skips the others)."""
-        missing = False
-        for p, dv, gv in zip(self.params, self.data_views, self.grad_views):
-            if p.data is not dv:
-                if not self.backend.is_array(p.data):
-                    raise TypeError(
-                        f"optimizer: parameter {p.name or ''} {p.shape} is no longer on the "
-                        f"{self.backend.name} backend; create the optimizer after moving the model"
-                    )
-                _check_slot("data", p, p.data, dv)
-                dv[...] = p.data
-                p.data = dv
-            grad = p.grad
-            if grad is not gv:  # the usual case is one identity check: backward wrote the slot
-                if grad is None:
-                    missing = True
-                else:
-                    refuse_foreign(grad, self.backend, "optimizer",
-                                   f"the gradient of parameter {p.name or ''} {p.shape}")
-                    if not self.backend.is_array(grad):  # a list or a scalar
-                        grad = self.backend.asarray(grad, dtype=gv.dtype)
-                    _check_slot("grad", p, grad, gv)
-                    gv[...] = grad
-                    p.grad = gv
-            p._grad_view = gv
-        return [p.grad is not None for p in self.params] if missing else None
-
-    def spans(self, active: list):
-        """``(lo, hi, i)``: flat ranges of consecutive parameters that have a
-        gradient and the same step count (parameter i's), padding included."""
-        ends = self.offsets[1:] + [self.size]
-        i, n = 0, len(self.params)
-        while i < n:
-            if not active[i]:
-                i += 1
-                continue
-            j = i + 1
-            while j < n and active[j] and self.skipped[j] == self.skipped[i]:
-                j += 1
-            yield self.offsets[i], ends[j - 1], i
-            i = j
-
-    def zero_grad(self) -> None:
-        """Clear the gradients (``grad = None``, as torch's default). The next
-        backward writes straight into the flat buffer, so no fill pass is needed."""
-        for p in self.params:
-            p.grad = None
 
 
 def _check_on(backend, p: Parameter, who: str) -> None:
@@ -147,24 +32,6 @@ def _check_on(backend, p: Parameter, who: str) -> None:
                 f"{backend.name}; create the optimizer under the model's backend, or move the "
                 f"model first with model.to({backend.name!r})"
             )
-
-
-def _check_slot(what: str, p: Parameter, arr, slot) -> None:
-    """A rebound data/grad array must still fit its slot: copying it in would
-    silently cast it (after ``model.astype``) or broadcast it."""
-    if tuple(arr.shape) != tuple(slot.shape):
-        raise ShapeError(
-            f"optimizer: parameter {p.name or ''} {what} has shape {tuple(arr.shape)}, the "
-            f"parameter {tuple(slot.shape)}; assign an array of the parameter's shape (or create "
-            "the optimizer after changing the model's shapes)"
-        )
-    if arr.dtype != slot.dtype:
-        advice = (f"assign a gradient of the parameter's dtype (.astype({slot.dtype.name!r}))"
-                  if what == "grad" else "create the optimizer after changing the model's dtype")
-        raise TypeError(
-            f"optimizer: parameter {p.name or ''} {tuple(slot.shape)} {what} is now {arr.dtype}, "
-            f"its slot {slot.dtype}; {advice}"
-        )
 
 
 def _shapes(params) -> str:
@@ -208,7 +75,7 @@ class Optimizer:
         by_dtype: dict = {}
         for p in unique:
             by_dtype.setdefault(np.dtype(p.data.dtype).str, []).append(p)
-        self.groups = [_FlatGroup(ps, backend, self._needed_state()) for ps in by_dtype.values()]
+        self.groups = [FlatGroup(ps, backend, self._needed_state()) for ps in by_dtype.values()]
         self.step_count = 0
 
     def _check_hyper(self, **values) -> None:
@@ -270,7 +137,7 @@ class Optimizer:
         paths update all of them with one step count)."""
         return not any(any(g.skipped) for g in self.groups)
 
-    def _update(self, group: _FlatGroup, span, step: int) -> None:
+    def _update(self, group: FlatGroup, span, step: int) -> None:
         """Update ``group``'s flat range ``span`` (a slice; None: all of it) at
         the parameters' own step number ``step`` (1 on their first)."""
         raise NotImplementedError
@@ -333,7 +200,7 @@ class Optimizer:
                 buf = g.buffer(name)
                 buf[...] = g.backend.asarray(host_array(state[f"{name}.{gi}"]), dtype=buf.dtype)
 
-    def _loaded_names(self, state: dict, group: _FlatGroup, gi: int) -> list:
+    def _loaded_names(self, state: dict, group: FlatGroup, gi: int) -> list:
         """The buffers a state dict restores: those this optimizer holds now
         (they must be there) and any other one it can use that was saved."""
         return [name for name in self.state_names

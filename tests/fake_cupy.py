@@ -305,6 +305,25 @@ def on_device(x, dtype=None):
     return np.array(x, dtype=dtype, order="C").view(DeviceArray)
 
 
+class _SeenAsHost:
+    """A device array of another library (a DLPack producer on "CUDA", or one
+    with ``__cuda_array_interface__``) as NumPy may read it here, where device
+    memory is host memory."""
+
+    def __init__(self, x):
+        self._x = x
+        cai = getattr(x, "__cuda_array_interface__", None)
+        if cai is not None:
+            self.__array_interface__ = {k: cai[k] for k in ("shape", "typestr", "data", "strides")
+                                        if k in cai} | {"version": 3}
+
+    def __dlpack__(self, **kwargs):
+        return self._x.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (1, 0)  # kDLCPU
+
+
 def _plain(x):
     """A DeviceArray as the NumPy array it is (kernels "run on the device")."""
     return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
@@ -640,9 +659,21 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
         # the device, so writing to the result never changes the host value.
         if isinstance(a, DeviceArray):
             return copy_in(a, dtype=dtype, order=order)
+        if hasattr(a, "__cuda_array_interface__"):  # another library's device array: a view
+            view = np.asarray(_SeenAsHost(a)).view(DeviceArray)
+            return view if dtype is None else view.astype(dtype, copy=False)
         return copy_in(np.array(a, dtype=dtype, order=order or "K"))
 
     fake.asarray = asarray
+
+    def from_dlpack(x):
+        # cupy.from_dlpack of a producer in device memory: a view, no copy. The
+        # stand-in's "device" is the host, so NumPy reads the capsule.
+        kind = int(x.__dlpack_device__()[0])
+        assert kind in (2, 13), f"cupy.from_dlpack of a producer on DLPack device {kind}, not CUDA"
+        return np.from_dlpack(_SeenAsHost(x)).view(DeviceArray)
+
+    fake.from_dlpack = from_dlpack
 
     def empty(shape, dtype=float, order="C"):
         # Not zeros: a GPU's fresh memory holds whatever was there, so a read

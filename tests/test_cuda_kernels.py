@@ -882,6 +882,72 @@ def test_gpu_out_of_memory_names_op_and_size(real_gpu):
     assert "softmax_xent" in str(info.value) and "bytes" in str(info.value)
 
 
+class _OnCuda:
+    """A DLPack producer in CUDA memory, as a torch CUDA tensor is (here over a
+    stand-in device array)."""
+
+    def __init__(self, device_array):
+        self.device_array = device_array
+
+    def __dlpack__(self, **kwargs):
+        return self.device_array.view(np.ndarray).__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return (2, 0)  # kDLCUDA, device 0
+
+
+class _RequiresGrad(_OnCuda):
+    """A torch CUDA tensor that requires grad: it refuses to export until detached."""
+
+    __module__ = "torch"
+
+    def __dlpack__(self, **kwargs):
+        raise RuntimeError("Can't export tensors that require gradient, use tensor.detach()")
+
+    def detach(self):
+        return _OnCuda(self.device_array)
+
+
+class _CudaArrayInterface:
+    """Another library's device array by ``__cuda_array_interface__`` (numba.cuda's)."""
+
+    def __init__(self, device_array):
+        self.device_array = device_array
+
+    @property
+    def __cuda_array_interface__(self):
+        a = self.device_array
+        return {"shape": a.shape, "typestr": a.dtype.str, "data": (a.ctypes.data, False),
+                "strides": None, "version": 3}
+
+
+def test_device_arrays_of_other_libraries_are_taken_without_a_host_copy(fake_gpu):
+    """torch CUDA tensors (DLPack), requires_grad or not, and numba.cuda arrays
+    (__cuda_array_interface__): the backend wraps their memory, and fit's input
+    check keeps them there, with no read back to the host."""
+    import fake_cupy
+    from fastnn import inputs
+
+    gpu, _ = fake_gpu
+    X = fake_cupy.on_device(np.arange(12, dtype=np.float32).reshape(4, 3))
+    y = fake_cupy.on_device(np.array([0, 1, 1, 0]))
+    reads = fake_cupy.host_reads[0]
+    for wrap in (_OnCuda, _RequiresGrad, _CudaArrayInterface):
+        for a in (gpu.resident(wrap(X)), gpu.asarray(wrap(X))):
+            assert isinstance(a, fake_cupy.DeviceArray) and np.shares_memory(a, X), wrap
+        wide = gpu.asarray(wrap(X), dtype=np.float64)  # a cast on the device
+        assert isinstance(wide, fake_cupy.DeviceArray) and wide.dtype == np.float64
+        np.testing.assert_array_equal(wide.view(np.ndarray), X.view(np.ndarray))
+        assert fake_cupy.host_reads[0] == reads, wrap
+        with fastnn.use_backend(gpu):
+            Xd, yd, labels = inputs.prepare(wrap(X), wrap(y), np.float32, "fit")
+        assert np.shares_memory(Xd, X) and np.shares_memory(yd, y) and labels == (0, 1), wrap
+        # Two small reads, no copy of the data: X's (min, max) for the NaN
+        # check and the labels' range.
+        assert fake_cupy.host_reads[0] == reads + 2, wrap
+        reads = fake_cupy.host_reads[0]
+
+
 def test_cupys_out_of_memory_becomes_one_naming_the_op_the_bytes_and_the_free_memory(
         fake_gpu, monkeypatch):
     """CuPy's OutOfMemoryError inside a fused op: the backend names the op, the

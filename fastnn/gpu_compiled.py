@@ -11,7 +11,9 @@ on the optimizer's own flat device buffers, with the same math as
 Nothing here raises because CUDA is unusable for Numba: when numba.cuda cannot
 import, finds no driver/NVVM, is the simulator, or the kernel fails to compile
 or to give the right answer on a tiny probe, ``plan_fast_path`` / ``ready``
-say no (the reason is cached: ``unavailable_reason()``) and fit takes the
+say no (the reason is cached: ``unavailable_reason(dtype)``) and fit takes the
+ordinary path; any other exception in ``plan_for_fit`` (a bug) is warned once
+as a RuntimeWarning and kept in ``last_error()``, and fit still takes the
 ordinary path. Importing this module imports neither numba.cuda nor CuPy.
 
 Interface as compiled.py: ``plan_fast_path(model, loss_fn, optimizer)``,
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +41,8 @@ COLD_COMPILE_S = 3.0
 
 _lock = threading.Lock()
 _status: dict = {}  # "cuda" -> reason or None; dtype str -> reason or None (probe);
-# "shared <dtype>" -> why the shared-memory layout failed its probe (then plans use global)
+# "shared <dtype>" -> why the shared-memory layout failed its probe (then plans use global);
+# "error" -> plan_for_fit's last unexpected failure (warned once per message)
 
 
 @dataclass
@@ -154,10 +158,21 @@ def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int,
         if not compiled.fits_data(plan.base, Xd, yd, label_range):
             return None
         return plan if ready(plan) else None
-    except Exception as exc:  # never fail fit because of the fast path
+    except Exception as exc:  # never fail fit because of the fast path, but say why
+        reason = f"gpu_compiled: {type(exc).__name__}: {exc}".splitlines()[0]
         with _lock:
-            _status["error"] = f"gpu_compiled: {type(exc).__name__}: {exc}".splitlines()[0]
+            new = _status.get("error") != reason
+            _status["error"] = reason
+        if new:
+            warnings.warn(f"fastnn: the one-launch CUDA kernel for narrow MLPs failed, fit "
+                          f"runs the ordinary path ({reason})", RuntimeWarning, stacklevel=3)
         return None
+
+
+def last_error() -> str | None:
+    """plan_for_fit's last unexpected failure (a bug, not a missing GPU), or None."""
+    with _lock:
+        return _status.get("error")
 
 
 PROBE_WANT = (0.125, 0.55, 0.05)  # the probe's loss, w and b after its one step

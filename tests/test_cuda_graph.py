@@ -10,6 +10,7 @@ difference. The ``gpu`` tests do the same on a real device.
 """
 from __future__ import annotations
 
+import re
 import sys
 import warnings
 
@@ -962,6 +963,41 @@ def test_bench_kernel_contender_says_why_it_cannot_run(fake_gpu, monkeypatch, fa
     if fast_path is None:
         monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
     with pytest.raises(RuntimeError, match=f"one-launch kernel does not apply here: {why}"):
+        bm.make_step(bm.WORKLOADS["x"], "fastnn-cupy-kernel")
+
+
+def test_a_kernel_that_failed_its_probe_or_raised_is_named_not_hidden(fake_gpu, monkeypatch):
+    """On a GPU the one-launch kernel may fail its probe (a wrong answer) or
+    plan_for_fit may hit a bug: fit still trains on the ordinary path, but the
+    bug is warned once, and the benchmark row says which of the two it was
+    (not "not a narrow MLP")."""
+    from fastnn import benchmarking as bm
+    from fastnn import gpu_compiled
+
+    monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+    probe = "numba.cuda kernel probe gave loss 0.5, w 0.5, b 0 (want 0.125, 0.55, 0.05)"
+    monkeypatch.setattr(gpu_compiled, "_status", {"cuda": None, "float32": probe})
+    with pytest.raises(RuntimeError, match=re.escape(probe)):
+        bm.make_step(bm.WORKLOADS["x"], "fastnn-cupy-kernel")
+
+    def broken(*args, **kwargs):
+        raise IndexError("layout row 3 out of range")
+
+    monkeypatch.setattr(gpu_compiled, "plan_fast_path", broken)
+    X, y = _data("xent")
+    with fn.use_backend(fake_gpu[0]):
+        model = fn.Sequential(fn.Linear(6, 4))
+        with pytest.warns(RuntimeWarning, match="one-launch CUDA kernel .* failed, fit runs the "
+                          "ordinary path .*IndexError: layout row 3 out of range"):
+            history = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
+                             X, y, epochs=1, batch_size=8, progress=False)
+        assert history.loss and np.isfinite(history.loss[-1])
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the same failure again: no second warning
+            fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1), X, y,
+                   epochs=1, batch_size=8, progress=False)
+    assert gpu_compiled.last_error() == "gpu_compiled: IndexError: layout row 3 out of range"
+    with pytest.raises(RuntimeError, match="does not apply here: gpu_compiled: IndexError"):
         bm.make_step(bm.WORKLOADS["x"], "fastnn-cupy-kernel")
 
 

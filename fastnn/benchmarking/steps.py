@@ -176,7 +176,9 @@ def fastnn_kernel_step(w: Workload, seed: int = 0, shared_memory: bool = True):
                                          label_range_of(y))
         if plan is None:
             why = ("FASTNN_FAST_PATH=0" if os.environ.get("FASTNN_FAST_PATH") == "0"
-                   else gpu_compiled.unavailable_reason() or "not a narrow MLP")
+                   else gpu_compiled.last_error()
+                   or gpu_compiled.unavailable_reason(opt.groups[0].dtype)
+                   or f"not a narrow MLP of batch <= {gpu_compiled.MAX_BATCH}")
             raise RuntimeError(f"fastnn-cupy-kernel: the one-launch kernel does not apply here: {why}")
         if shared_memory and not plan.shared_memory:
             raise RuntimeError(f"fastnn-cupy-kernel: {gpu_compiled.shared_memory_reason(plan.group.dtype)}")

@@ -116,6 +116,46 @@ def test_main_writes_json_and_table(fake_gpu, tmp_path, capsys, monkeypatch):
     assert doc["command"].endswith("--json " + str(out))
 
 
+def test_main_keeps_the_other_workloads_when_one_fails(fake_gpu, tmp_path, capsys, monkeypatch):
+    """A workload whose profile raises is recorded with its error (exit status
+    1), the others are profiled and written; a step that cannot be recorded as
+    a CUDA graph is reported as such, its op-by-op figures kept."""
+    from fastnn.benchmarking import steps, workloads
+
+    monkeypatch.setitem(workloads.ALL_WORKLOADS, "s", SMALL)
+    monkeypatch.setitem(workloads.ALL_WORKLOADS, "t", Workload("t", (12, 16, 4), 8))
+    monkeypatch.setattr(fn, "available_backends", lambda: {"cupy": None})
+    monkeypatch.setattr("fastnn.benchmarking.report.gpu_environment", lambda: {"cupy": "fake"})
+
+    def no_graph(*args, **kwargs):
+        raise RuntimeError("capture refused")
+
+    monkeypatch.setattr(steps, "fastnn_graph_step", no_graph)
+    profile = gpu_profile.profile_workload
+
+    def failing_t(w, *args, **kwargs):
+        if w.name == "t":
+            raise MemoryError("out of GPU memory")
+        return profile(w, *args, **kwargs)
+
+    monkeypatch.setattr(gpu_profile, "profile_workload", failing_t)
+    out = tmp_path / "profile.json"
+    assert gpu_profile.main(["--workloads", "t,s", "--peak-size", "16", "--json", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert "t: failed: MemoryError: out of GPU memory" in text
+    assert "CUDA graph: not recorded (RuntimeError: capture refused)" in text
+    t, small = json.loads(out.read_text())["results"]
+    assert t == {"workload": "t", "error": "MemoryError: out of GPU memory"}
+    assert small["workload"] == "s" and small["device_ms"] > 0
+    assert small["graph"] == {"error": "RuntimeError: capture refused"}
+
+
+def test_main_without_a_usable_cupy_says_why(monkeypatch, capsys):
+    monkeypatch.setattr(fn, "available_backends", lambda: {"cupy": "cupy: no CUDA device found"})
+    assert gpu_profile.main(["--workloads", "c"]) == 2
+    assert "the CuPy backend is unusable (cupy: no CUDA device found)" in capsys.readouterr().err
+
+
 def test_main_rejects_unknown_workloads(capsys):
     with pytest.raises(SystemExit):
         gpu_profile.main(["--workloads", "nope"])

@@ -1,7 +1,11 @@
-"""Exceptions users can catch. Bad input is a ValueError/TypeError as well."""
+"""Exceptions users can catch. Bad input is a ValueError/TypeError as well.
+Also ``warn_at_caller``: fastnn's warnings name the user's line."""
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
+import warnings
 
 
 class FastnnError(Exception):
@@ -63,3 +67,17 @@ def out_of_memory(who: str, what: str, nbytes: int, device: str,
     cost more than a small layer's whole step)."""
     return OutOfMemory(f"{who}: out of memory allocating {what} ({nbytes:,} bytes) "
                        f"on {device}; {advice}")
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def warn_at_caller(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """warnings.warn attributed to the first frame outside fastnn (the user's
+    ``fit(...)`` line, say), however deep inside fastnn the cause was found: a
+    fixed stacklevel names a different internal line on each path. With no
+    frame outside fastnn, the outermost one is named."""
+    frame, level = sys._getframe(1), 2  # stacklevel 2 = whoever called this helper
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE_DIR):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

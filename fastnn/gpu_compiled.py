@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import os
 import threading
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import compiled
 from .backends import get_backend
+from .errors import warn_at_caller
 
 MAX_BATCH = 256  # cuda_mlp.MAX_BATCH (not imported: that module imports numba.cuda)
 # One plain CuPy step of a small net (issue 6: 0.18-0.39 ms) and a cold NVVM compile.
@@ -164,8 +164,8 @@ def plan_for_fit(model, loss_fn, optimizer, Xd, yd, steps: int, batch_size: int,
             new = _status.get("error") != reason
             _status["error"] = reason
         if new:
-            warnings.warn(f"fastnn: the one-launch CUDA kernel for narrow MLPs failed, fit "
-                          f"runs the ordinary path ({reason})", RuntimeWarning, stacklevel=3)
+            warn_at_caller(f"fastnn: the one-launch CUDA kernel for narrow MLPs failed, fit "
+                           f"runs the ordinary path ({reason})")
         return None
 
 

@@ -300,8 +300,10 @@ def test_a_gemm_failing_mid_training_falls_back_to_cupy_with_a_warning(monkeypat
     assert backend._blas_refused == set()
     lib.fail_all = True
     a = np.arange(6, dtype=np.float32).reshape(2, 3)
-    with pytest.warns(RuntimeWarning, match="cuBLAS GEMM failed .*cublasStatus 13.*float32 GEMMs"):
+    failed = "cuBLAS GEMM failed .*cublasStatus 13.*float32 GEMMs"
+    with pytest.warns(RuntimeWarning, match=failed) as seen:
         got = backend.gemm(on_device(a), on_device(a.T))
+    assert [w.filename for w in seen] == [__file__]  # the caller's line, not fastnn's
     np.testing.assert_array_equal(got, a @ a.T)
     assert backend._blas_refused == {"float32"}
     assert "float32 GEMMs on CuPy's matmul since: CublasError" in backend.blas_status
@@ -988,10 +990,11 @@ def test_a_kernel_that_failed_its_probe_or_raised_is_named_not_hidden(fake_gpu, 
     with fn.use_backend(fake_gpu[0]):
         model = fn.Sequential(fn.Linear(6, 4))
         with pytest.warns(RuntimeWarning, match="one-launch CUDA kernel .* failed, fit runs the "
-                          "ordinary path .*IndexError: layout row 3 out of range"):
+                          "ordinary path .*IndexError: layout row 3 out of range") as seen:
             history = fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1),
                              X, y, epochs=1, batch_size=8, progress=False)
         assert history.loss and np.isfinite(history.loss[-1])
+        assert [w.filename for w in seen] == [__file__]  # names the fit(...) line
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # the same failure again: no second warning
             fn.fit(model, fn.CrossEntropyLoss(), fn.SGD(model.parameters(), lr=0.1), X, y,

@@ -772,3 +772,22 @@ def test_string_targets_and_string_data_for_predict_are_named(backend):
         fn.MSELoss()(pred, np.array([["a"], ["b"]]))
     with pytest.raises(TypeError, match="predict: X must be numeric, got dtype <U1"):
         fn.predict(fn.Sequential(fn.Linear(3, 1)), np.array([["a", "b", "c"]]))
+
+
+
+def test_warnings_name_the_first_line_outside_fastnn():
+    """However deep in fastnn a warning starts, it is attributed to the caller's
+    line (a fixed stacklevel would name one of fastnn's own lines)."""
+    import linecache
+
+    from fastnn import errors
+
+    inside = errors._PACKAGE_DIR + "deep_inside.py"  # code that claims to be fastnn's
+    code = compile("def deep():\n    warn_at_caller('from deep inside')\n"
+                   "def middle():\n    deep()\n", inside, "exec")
+    scope = {"warn_at_caller": errors.warn_at_caller}
+    exec(code, scope)
+    with pytest.warns(RuntimeWarning, match="from deep inside") as seen:
+        scope["middle"]()
+    assert [w.filename for w in seen] == [__file__]
+    assert linecache.getline(__file__, seen[0].lineno).strip() == 'scope["middle"]()'

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import CaptureUnsupported
+from ..errors import CaptureUnsupported, warn_at_caller
 from ..precision import get_precision
 from . import cublas
 from .base import GemmOperand, gemm_array, host_array
@@ -87,13 +87,10 @@ class CupyGemmOps:
     def _blas_failed(self, precision: str, exc) -> None:
         """A GEMM on the own handle failed outside a recording: say so once, and
         leave this precision's GEMMs to CuPy from now on (the fit goes on)."""
-        import warnings
-
         self._blas_refused.add(precision)
         self.blas_status += f"; {precision} GEMMs on CuPy's matmul since: {_one_line(exc)}"
-        warnings.warn(f"fastnn: cuBLAS GEMM failed ({_one_line(exc)}); {precision} GEMMs "
-                      "now run on CuPy's matmul, and new CUDA-graph recordings of them fail",
-                      RuntimeWarning, stacklevel=3)
+        warn_at_caller(f"fastnn: cuBLAS GEMM failed ({_one_line(exc)}); {precision} GEMMs "
+                       "now run on CuPy's matmul, and new CUDA-graph recordings of them fail")
 
     def _blas_operands(self, a, b, out, precision: str) -> bool:
         nd = self.xp.ndarray

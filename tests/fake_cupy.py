@@ -462,6 +462,25 @@ def get_elapsed_time(start, end) -> float:
     return float(end.time - start.time)
 
 
+def time_by_host_clock(monkeypatch, fake) -> None:
+    """CUDA events of the ``fake`` cupy read the host clock instead of the launch
+    count (a timing of a plain device copy, which launches nothing, is then not
+    zero), and the version queries answer: enough for the GPU benchmarks' mains."""
+    import time
+
+    class HostClockEvent(FakeEvent):
+        def record(self, stream=None):
+            super().record(stream)
+            self.t = time.perf_counter()
+
+    monkeypatch.setattr(fake.cuda, "Event", HostClockEvent, raising=False)
+    monkeypatch.setattr(fake.cuda, "get_elapsed_time", lambda a, b: (b.t - a.t) * 1e3,
+                        raising=False)
+    monkeypatch.setattr(fake.cuda.runtime, "runtimeGetVersion", lambda: 12040, raising=False)
+    monkeypatch.setattr(fake.cuda.runtime, "driverGetVersion", lambda: 12080, raising=False)
+    monkeypatch.setattr(fake, "__version__", "0.0-fake", raising=False)
+
+
 class FakeCublas:
     """libcublas's calls fastnn makes, on host memory: a column-major GEMM
     reading the operands at the addresses it is given (cuBLAS's own contract)."""

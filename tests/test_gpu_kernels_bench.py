@@ -12,14 +12,13 @@ import dataclasses
 import functools
 import json
 import sys
-import time
 import types
 
 import numpy as np
 import pytest
 
 import fastnn as fn
-from fake_cupy import FakeCublas, _fake_cupy, on_device
+from fake_cupy import FakeCublas, _fake_cupy, on_device, time_by_host_clock
 from fastnn.backends import cublas
 from fastnn.backends.numpy_backend import NumpyBackend
 from fastnn.benchmarking import gpu_kernels
@@ -197,19 +196,7 @@ def fake_gpu_main(fake_gpu, monkeypatch):
 
     monkeypatch.setitem(registry._instances, "cupy", backend)  # available_backends finds it
 
-    class Event:
-        def record(self, stream=None):
-            self.t = time.perf_counter()
-
-        def synchronize(self):
-            pass
-
-    monkeypatch.setattr(fake.cuda, "Event", Event, raising=False)
-    monkeypatch.setattr(fake.cuda, "get_elapsed_time", lambda a, b: (b.t - a.t) * 1e3,
-                        raising=False)
-    monkeypatch.setattr(fake.cuda.runtime, "runtimeGetVersion", lambda: 12040, raising=False)
-    monkeypatch.setattr(fake.cuda.runtime, "driverGetVersion", lambda: 12080, raising=False)
-    monkeypatch.setattr(fake, "__version__", "0.0-fake", raising=False)
+    time_by_host_clock(monkeypatch, fake)
     return fake_gpu
 
 

@@ -1,9 +1,13 @@
-"""The issue-6 target check (fastnn/benchmarking/targets.py) on hand-made results."""
+"""The issue-6 target check (fastnn/benchmarking/targets.py) on hand-made results,
+and on the files gpu-check's producers write on the CPU stand-in for CuPy."""
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+
+from fake_cupy import time_by_host_clock
 
 from fastnn.benchmarking import targets
 
@@ -155,3 +159,73 @@ def test_a_row_whose_gemms_ran_on_cupy_says_so_even_when_met():
     text = targets.format_rows(list(got.values()))
     assert "- d tf32 >= 1.0x PyTorch eager TF32: its GEMMs ran on CuPy's matmul" in text
     assert "- d float32" not in text
+
+
+# Each target workload of gpu-check, kept by name and precision but CPU-sized.
+_TINY = {"a": ((24, 32, 32, 10), 32), "c": ((24, 16, 10), 16), "x": (None, None),
+         **{f"{base}{tag}": ((24, 32, 32, 32, 10), 32)
+            for base in ("d", "e") for tag in ("", "-tf32", "-bf16")}}
+
+
+@pytest.mark.slow
+def test_the_files_gpu_check_writes_give_every_target_a_figure(emulated_gpu, tmp_path, capsys,
+                                                              monkeypatch):
+    """The producers and this reader agree: ``fastnn bench --device gpu``,
+    gpu_kernels and gpu_profile run on the CPU stand-in for CuPy, with PyTorch
+    on the CPU standing in for its CUDA rows, and the target table read from
+    their files has a figure, a verdict and (where missed) the profile line for
+    every target; only x's, whose one-launch kernel needs numba.cuda, is not
+    measured, and says so. A renamed key in any of the files fails here, not in
+    the first GPU session's only run."""
+    pytest.importorskip("torch")
+    import dataclasses
+
+    import fastnn as fn
+    from fastnn import benchmarking as bm
+    from fastnn import gpu_compiled
+    from fastnn.benchmarking import gpu_kernels, gpu_profile, runner, torch_steps, workloads
+    from fastnn.cli import main as cli_main
+
+    for name, (sizes, batch) in _TINY.items():
+        w = workloads.ALL_WORKLOADS[name]
+        if sizes is not None:
+            w = dataclasses.replace(w, sizes=sizes, batch=batch)
+        monkeypatch.setitem(workloads.ALL_WORKLOADS, name, w)
+        monkeypatch.setitem(workloads.WORKLOADS if name in workloads.WORKLOADS
+                            else workloads.GPU_WORKLOADS, name, w)
+    monkeypatch.setattr(bm, "resolve_device", lambda requested="auto": ("gpu", None))
+    monkeypatch.setattr(bm, "probe_torch_cuda", lambda: (True, {"torch": "cpu stand-in"}))
+    real_torch_step = torch_steps.torch_cuda_step
+    monkeypatch.setattr(torch_steps, "torch_cuda_step",  # both torch rows: CPU eager steps
+                        lambda w, threads=1, seed=0, graph=False: real_torch_step(
+                            w, threads, seed, graph=False, device="cpu"))
+    monkeypatch.setattr(runner, "CHILD_CONTENDERS", ())  # in this process, with the stand-ins
+    monkeypatch.setitem(gpu_compiled._status, "cuda", "numba.cuda: no usable CUDA driver or device")
+    monkeypatch.delenv("FASTNN_FAST_PATH", raising=False)
+    monkeypatch.setattr(fn, "available_backends", lambda: {"cupy": None})  # for the two tools
+    time_by_host_clock(monkeypatch, sys.modules["cupy"])
+
+    bench, kernels, profile = (tmp_path / f"{n}.json" for n in ("bench", "kernels", "profile"))
+    assert cli_main(["bench", "--device", "gpu", "--workloads", ",".join(_TINY), "--rounds", "1",
+                     "--samples", "1", "--json", str(bench)]) == 0
+    assert gpu_kernels.main(["--elements", "4096", "--repeats", "1", "--json", str(kernels)]) == 0
+    assert gpu_profile.main(["--workloads", gpu_profile.DEFAULT_WORKLOADS, "--peak-size", "16",
+                             "--json", str(profile)]) == 0
+    capsys.readouterr()
+    assert targets.main([str(bench), "--kernels", str(kernels), "--profile", str(profile)]) == 0
+    table = capsys.readouterr().out
+
+    docs = [json.loads(p.read_text()) for p in (bench, kernels, profile)]
+    entries = targets.check(*docs)
+    assert len(entries) == len(targets.TARGETS) + len(docs[1]["ops"]) - 1  # one row per op but copy
+    for e in entries:
+        if e["workload"] == "x":
+            assert e["met"] is None and "numba.cuda" in e["not_measured"], e
+            continue
+        assert e["measured"] is not None and e["met"] in (True, False), e
+        if not e["met"] and e["workload"] != "kernels":
+            assert e["why"].startswith("op by op: host "), e  # the workload's profile line
+    ratios = [e for e in entries if e["metric"] in ("x_torch", "x_graph")]
+    assert {e["workload"] for e in ratios} == {t.workload for t in targets.TARGETS
+                                                if t.metric != "ms"}
+    assert "x >= 2x PyTorch's CUDA-graph steps/s" in table and "not measured" in table

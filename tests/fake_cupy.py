@@ -19,6 +19,12 @@ Events read a clock that counts the launches run (``_clock``), so a timing
 taken between two events says how many kernels and GEMMs ran in between.
 Anything else done while recording (a NumPy op standing in for a CuPy one)
 runs once, at once: a step that leans on one does not replay correctly here.
+
+The stand-in offers no more than CuPy (14.2, tests/cupy_api.json): a NumPy name
+CuPy lacks (``cupy.errstate``), a keyword its function or ufunc lacks
+(``where=``), an argument passed by position that CuPy takes by keyword only,
+or, from fastnn's own code, an ``ndarray`` attribute CuPy's arrays lack
+(``.ctypes``) is refused here as it would be on a GPU.
 """
 from __future__ import annotations
 
@@ -32,10 +38,13 @@ import sys
 import numpy as np
 import pytest
 
+import cupy_api  # (tests/cupy_api.py) CuPy's names and calls, all the stand-in offers
 import fastnn as fn
 from fastnn.backends import cublas
 from fastnn.backends.activations import ACTIVATIONS
 from fastnn.precision import bf16_bits as _bf16_bits
+
+CUPY_API = cupy_api.load()
 
 _SIGNATURE = re.compile(
     r'extern\s+"C"\s+__global__\s+void\s+(?:__launch_bounds__\s*\((?:[^()]|\([^()]*\))*\)\s+)?(\w+)\s*\(([^)]*)\)')
@@ -244,6 +253,19 @@ class DeviceArray(np.ndarray):
 
     __module__ = "cupy"
 
+    def __getattribute__(self, name):
+        value = super().__getattribute__(name)
+        # Only fastnn's own accesses: NumPy's functions, called on these arrays,
+        # use NumPy's methods (np.take passes mode=), as do the tests.
+        if name[0] != "_" and sys._getframe(1).f_globals.get("__name__", "").startswith("fastnn"):
+            return _as_cupy_attribute(name, value)
+        return value
+
+    @property
+    def data(self):
+        """cupy.ndarray.data: a MemoryPointer, whose ``ptr`` is the first element's address."""
+        return types.SimpleNamespace(ptr=self.ctypes.data)
+
     def __array_wrap__(self, array, context=None, return_scalar=False):
         return super().__array_wrap__(array, context, False)
 
@@ -269,8 +291,8 @@ class DeviceArray(np.ndarray):
     def __index__(self):
         return self._host_read("an index").__index__()
 
-    def item(self, *args):
-        return self._host_read(".item()").item(*args)
+    def item(self):
+        return self._host_read(".item()").item()
 
     def tolist(self):
         return self._host_read(".tolist()").tolist()
@@ -327,6 +349,65 @@ class _SeenAsHost:
 def _plain(x):
     """A DeviceArray as the NumPy array it is (kernels "run on the device")."""
     return x.view(np.ndarray) if isinstance(x, DeviceArray) else x
+
+
+def _refuse_call(what: str, spec, args, kwargs) -> None:
+    why = None if spec is None else spec.refusal(len(args), kwargs)
+    if why is not None:
+        raise TypeError(f"{what} {why} in CuPy {CUPY_API.version}: the stand-in "
+                        "takes what a GPU's CuPy takes, no more")
+
+
+class _CupyUfunc:
+    """A NumPy ufunc as CuPy's: CuPy's keywords (out, dtype, casting; no where=,
+    order=, subok=) and CuPy's methods (reduce, at, ...; no identity) only, and
+    no floating-point warnings."""
+
+    def __init__(self, name, ufunc):
+        self._name, self._ufunc, self._spec = name, ufunc, CUPY_API.module[name]
+
+    def __call__(self, *args, **kwargs):
+        _refuse_call(f"cupy.{self._name}", self._spec, args, kwargs)
+        with np.errstate(all="ignore"):  # CuPy's kernels never warn (log(0) is just -inf)
+            return self._ufunc(*args, **kwargs)
+
+    def __getattr__(self, attr):
+        if attr not in CUPY_API.ufunc_methods:
+            raise AttributeError(f"cupy.{self._name} (a ufunc) has no attribute {attr!r} "
+                                 f"in CuPy {CUPY_API.version}")
+        return getattr(self._ufunc, attr)
+
+
+def _checked(what: str, spec, function):
+    if spec is None:
+        return function
+
+    def cupy_function(*args, **kwargs):
+        _refuse_call(what, spec, args, kwargs)
+        return function(*args, **kwargs)
+
+    cupy_function.checks_calls_as_cupy = True
+    return cupy_function
+
+
+def _as_cupy(name: str, obj):
+    """NumPy's ``obj`` as ``cupy.<name>``: refused if CuPy has no such name,
+    called only as CuPy's may be, and returning DeviceArrays."""
+    if name not in CUPY_API.module:
+        raise AttributeError(f"module 'cupy' has no attribute {name!r} in CuPy "
+                             f"{CUPY_API.version} (NumPy's would pass here and fail on a GPU)")
+    if isinstance(obj, np.ufunc):
+        return _CupyUfunc(name, obj)
+    function = _on_device(obj)
+    return obj if function is obj else _checked(f"cupy.{name}", CUPY_API.module[name], function)
+
+
+def _as_cupy_attribute(name: str, value):
+    """A DeviceArray's attribute as fastnn may use it on a cupy.ndarray."""
+    if name not in CUPY_API.ndarray:
+        raise AttributeError(f"'cupy.ndarray' object has no attribute {name!r} in CuPy "
+                             f"{CUPY_API.version} (NumPy's arrays have it)")
+    return _checked(f"cupy.ndarray.{name}", CUPY_API.ndarray[name], value) if callable(value) else value
 
 
 def _on_device(obj):
@@ -429,7 +510,7 @@ class FakeEvent:
     """A CUDA event: its time is read only once it is known to have completed
     (its own synchronize, or the device's); a real one gives cudaErrorNotReady."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
         self.time = None
         self.done = False
 
@@ -456,7 +537,8 @@ def _device_synchronized() -> None:
     _recorded_events.clear()
 
 
-def get_elapsed_time(start, end) -> float:
+def get_elapsed_time(start_event, end_event) -> float:
+    start, end = start_event, end_event
     assert start.time is not None and end.time is not None, "elapsed time of an unrecorded event"
     assert end.done, "elapsed time before the end event completed (cudaErrorNotReady on a GPU)"
     return float(end.time - start.time)
@@ -474,7 +556,8 @@ def time_by_host_clock(monkeypatch, fake) -> None:
             self.t = time.perf_counter()
 
     monkeypatch.setattr(fake.cuda, "Event", HostClockEvent, raising=False)
-    monkeypatch.setattr(fake.cuda, "get_elapsed_time", lambda a, b: (b.t - a.t) * 1e3,
+    monkeypatch.setattr(fake.cuda, "get_elapsed_time",
+                        lambda start_event, end_event: (end_event.t - start_event.t) * 1e3,
                         raising=False)
     monkeypatch.setattr(fake.cuda.runtime, "runtimeGetVersion", lambda: 12040, raising=False)
     monkeypatch.setattr(fake.cuda.runtime, "driverGetVersion", lambda: 12080, raising=False)
@@ -625,12 +708,14 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
     for a module of inline PTX (the profiling aid), which stays emulated."""
     assert kernels in ("emulated", "source"), kernels
     fake = types.ModuleType("cupy")
-    fake.__getattr__ = lambda name: _on_device(getattr(np, name))  # the array API is NumPy's
+    fake.__getattr__ = lambda name: _as_cupy(name, getattr(np, name))  # the array API is NumPy's
 
     def arange(*args, **kwargs):
         if probe_error is not None:
             raise probe_error
-        return _on_device(np.arange)(*args, **kwargs)
+        return _as_cupy("arange", np.arange)(*args, **kwargs)
+
+    arange.checks_calls_as_cupy = True
 
     def get_device_count():
         if count_error is not None:
@@ -638,14 +723,14 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
         return device_count
 
     class Device:
-        def __init__(self, device_id=0):
-            self.id = device_id
+        def __init__(self, device=None):
+            self.id = 0 if device is None else int(device)
 
         def synchronize(self):
             _device_synchronized()
 
     class RawModule:
-        def __init__(self, code, options=()):
+        def __init__(self, code=None, *, options=()):
             assert not _recording(), "a module compiled while a CUDA graph records"
             assert "--fmad=false" in options
             self.sigs = kernel_signatures(code)
@@ -660,13 +745,14 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
             return _FakeFunction(name, self.sigs[name], launches, self.cpu_module)
 
     def refused_in_capture(name, why):
-        function = _on_device(getattr(np, name))
+        function = _as_cupy(name, getattr(np, name))
 
         def checked(*args, **kwargs):
             if _recording() and (name != "asarray" or not isinstance(args[0], DeviceArray)):
                 raise AssertionError(f"cupy.{name} while a CUDA graph records: {why}")
             return function(*args, **kwargs)
 
+        checked.checks_calls_as_cupy = True  # (function does)
         return checked
 
     for name in ("matmul", "dot", "tensordot", "inner", "vdot", "einsum"):
@@ -685,12 +771,12 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
 
     fake.asarray = asarray
 
-    def from_dlpack(x):
+    def from_dlpack(array):
         # cupy.from_dlpack of a producer in device memory: a view, no copy. The
         # stand-in's "device" is the host, so NumPy reads the capsule.
-        kind = int(x.__dlpack_device__()[0])
+        kind = int(array.__dlpack_device__()[0])
         assert kind in (2, 13), f"cupy.from_dlpack of a producer on DLPack device {kind}, not CUDA"
-        return np.from_dlpack(_SeenAsHost(x)).view(DeviceArray)
+        return np.from_dlpack(_SeenAsHost(array)).view(DeviceArray)
 
     fake.from_dlpack = from_dlpack
 
@@ -705,7 +791,8 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
         return out
 
     fake.empty = empty
-    fake.empty_like = lambda a, dtype=None, **kw: empty(np.shape(a), dtype or a.dtype)
+    fake.empty_like = lambda prototype, dtype=None: empty(np.shape(prototype),
+                                                          dtype or prototype.dtype)
     fake.arange = arange
     fake.RawModule = RawModule
     fake.kernels = kernels  # (not CuPy's) how launches run here
@@ -713,10 +800,10 @@ def _fake_cupy(launches, device_count=1, count_error=None, probe_error=None, ker
     fake.cuda = types.SimpleNamespace(
         Stream=FakeStream, get_current_stream=lambda: _streams[-1], Graph=FakeGraph,
         Event=FakeEvent, get_elapsed_time=get_elapsed_time,
-        MemoryPool=FakeMemoryPool, using_allocator=lambda malloc: contextlib.nullcontext(),
+        MemoryPool=FakeMemoryPool, using_allocator=lambda allocator=None: contextlib.nullcontext(),
         runtime=types.SimpleNamespace(
             getDeviceCount=get_device_count, getDevice=lambda: 0,
-            getDeviceProperties=lambda i: {
+            getDeviceProperties=lambda device: {
                 "name": b"Fake GPU", "totalGlobalMem": 80 * 2**30, "multiProcessorCount": 4,
             },
             memGetInfo=lambda: (2**30, 80 * 2**30),

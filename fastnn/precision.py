@@ -69,7 +69,14 @@ def apply_to_cupy() -> None:
         from cupy._core import _routines_linalg as linalg
 
         kind = linalg.COMPUTE_TYPE_TF32 if _precision == "tf32" else linalg.COMPUTE_TYPE_DEFAULT
-        linalg.set_compute_type(np.float32, kind)
+        try:
+            linalg.set_compute_type(np.float32, kind)
+        except Exception:
+            # The TF32 switch reads the device's compute capability. CuPy installed
+            # on a machine with no usable GPU runs no GEMM: nothing to switch (a
+            # CupyBackend, made only on a usable device, applies the policy then).
+            if _cupy_has_a_device():
+                raise
     except (ImportError, AttributeError) as exc:
         # CuPy moved its switch: exact float32 is CuPy's own default, so only a
         # request for TF32 must fail loudly.
@@ -78,6 +85,15 @@ def apply_to_cupy() -> None:
                 f"set_precision('tf32'): this CuPy has no compute-type switch ({exc}); "
                 "set CUPY_TF32=1 before the first GEMM instead"
             ) from exc
+
+
+def _cupy_has_a_device() -> bool:
+    import cupy
+
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount()) > 0
+    except Exception:  # no driver, or a driver too old for this CUDA runtime
+        return False
 
 
 # bfloat16 is the top 16 bits of a float32; these masks act on the uint32 view.

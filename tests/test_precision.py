@@ -93,3 +93,40 @@ def test_a_cupy_without_the_switch_only_fails_for_tf32(monkeypatch):
     with pytest.raises(NotImplementedError, match="CUPY_TF32=1"):
         fn.set_precision("tf32")
     assert fn.get_precision() == "float32"  # a refused switch changes nothing
+
+
+def test_cupy_installed_without_a_gpu_takes_every_mode(monkeypatch):
+    """CuPy on a laptop with no usable GPU: its TF32 switch fails (it reads the
+    device's compute capability), but no CuPy GEMM can run there, so
+    set_precision takes the mode; with a device, the same failure is raised."""
+
+    class CUDARuntimeError(RuntimeError):
+        pass
+
+    def set_compute_type(dtype, kind):
+        if kind == 7:
+            raise CUDARuntimeError("cudaErrorInsufficientDriver: CUDA driver version is "
+                                   "insufficient for CUDA runtime version")
+
+    def no_driver():
+        raise CUDARuntimeError("cudaErrorInsufficientDriver")
+
+    linalg = types.SimpleNamespace(COMPUTE_TYPE_DEFAULT=1, COMPUTE_TYPE_TF32=7,
+                                   set_compute_type=set_compute_type)
+    core = types.SimpleNamespace(_routines_linalg=linalg)
+    runtime = types.SimpleNamespace(getDeviceCount=no_driver)
+    monkeypatch.setitem(sys.modules, "cupy", types.SimpleNamespace(
+        _core=core, cuda=types.SimpleNamespace(runtime=runtime)))
+    monkeypatch.setitem(sys.modules, "cupy._core", core)
+    monkeypatch.setitem(sys.modules, "cupy._core._routines_linalg", linalg)
+    try:
+        for mode in ("tf32", "bf16", "float32", "tf32"):
+            fn.set_precision(mode)
+            assert fn.get_precision() == mode
+        fn.set_precision("float32")
+        runtime.getDeviceCount = lambda: 1  # a device there: its failure is the user's to see
+        with pytest.raises(CUDARuntimeError, match="InsufficientDriver"):
+            fn.set_precision("tf32")
+        assert fn.get_precision() == "float32"
+    finally:
+        fn.set_precision("float32")

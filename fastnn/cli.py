@@ -107,7 +107,8 @@ def _train(args) -> int:
     print(f"fastnn {fn.__version__} on {backend.name} ({backend.device}): "
           f"MLP {'-'.join(map(str, sizes))}, {type(opt).__name__} lr={args.lr}, "
           f"batch {args.batch_size}, {args.epochs} epochs, {len(X)} training samples"
-          + ("" if args.precision == "float32" else f", {args.precision} GEMMs"))
+          + ("" if args.precision == "float32" else f", {args.precision} GEMMs"
+             + ("" if backend.name == "cupy" else " (GPU only: exact float32 here)")))
     t0 = time.perf_counter()
     history = fn.fit(model, fn.CrossEntropyLoss(), opt, X, y, epochs=args.epochs,
                      batch_size=args.batch_size, seed=args.seed,
